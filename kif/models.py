@@ -1,0 +1,1004 @@
+"""Model I/O: Hugging Face causal-LM checkpoints in, hooked TransformerLens models out, and back.
+
+`load` turns a checkpoint (a kif zoo name, a local HF folder, or a hub name) into a
+`transformer_lens.HookedTransformer` whose logits equal the HF model's; every other kif module
+works on that hooked model through canonical hook names (`blocks.{l}.hook_resid_post`, ...).
+`save` writes a (possibly edited) hooked model back as an HF checkpoint that plain
+`transformers.AutoModelForCausalLM.from_pretrained` loads, through the inverse weight conversion
+`to_hf`. `weight_hash` is the SHA-256 that reversible edits are keyed on (DESIGN convention 9).
+
+Only safetensors and JSON are read from disk (DESIGN convention 10): a checkpoint that ships only
+pickle weights (`pytorch_model.bin`) is refused, never unpickled.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from kif.errors import KifError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "ModelIOError",
+    "ModelLoadError",
+    "ModelSaveError",
+    "architecture",
+    "load",
+    "save",
+    "to_hf",
+    "weight_hash",
+]
+
+#: HF architectures (config.json "architectures"[0]) that kif both loads and saves back.
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+)
+
+# Weight files kif refuses to read because they are pickles (DESIGN convention 10).
+_PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Tokenizer files, copied verbatim from the source checkpoint on save: re-serialising a loaded
+# tokenizer is not faithful (transformers 5 swaps in the model type's tokenizer class and writes
+# load-time options such as local_files_only into tokenizer_config.json).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Any of these means the checkpoint ships a tokenizer (the others only accompany one).
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# Files fetched from the hub: configs, safetensors weights and tokenizer files, never pickles.
+_HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+# Substrings of a path that make TransformerLens guess the architecture from the name
+# (convert_hf_model_config checks `"llama" in name`, `"gemma" in name` before reading config.json).
+_TL_NAME_TRIGGERS = ("llama", "gemma")
+# Tokens fed through both models to check a conversion; short, so checking stays cheap.
+_VERIFY_TOKENS = 8
+# Logit agreement required between HF and TL after a conversion, relative to the logit scale.
+# Measured differences are ~1e-6 in float32 (only summation order differs); 1e-3 leaves room for
+# real checkpoints with large logits while still catching any mis-mapped weight (errors of O(1)).
+_VERIFY_RTOL = 1e-3
+
+
+class ModelIOError(KifError):
+    """Base of kif's model I/O errors: `str(err)` is one line, meant to be shown to the user."""
+
+    def __init__(self, message: str):
+        super().__init__(_one_line(message))
+
+
+class ModelLoadError(ModelIOError):
+    """A checkpoint could not be loaded."""
+
+
+class ModelSaveError(ModelIOError):
+    """A hooked model could not be converted to HF or written to disk."""
+
+
+def _one_line(message: str, limit: int = 400) -> str:
+    """Collapse whitespace so that messages from deep inside libraries print on one line."""
+    text = re.sub(r"\s+", " ", str(message)).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message, with its type when it has no text."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where a checkpoint was found: the local folder to read and how to name it."""
+
+    folder: pathlib.Path
+    name: str
+    origin: str  # "zoo", "local" or "hub", for messages
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+) -> torch.nn.Module:
+    """Load an HF causal-LM checkpoint as a `HookedTransformer` with logits equal to HF's.
+
+    `name_or_path` is tried as (a) a kif zoo name, (b) an existing local folder holding
+    config.json and safetensors weights, (c) a hub model name (only when it is not an existing
+    path; fails cleanly offline). No LayerNorm folding or weight centring is applied, so the
+    hooked weights are the checkpoint's weights and `save` can invert the conversion exactly.
+
+    With `verify` (default), a few random tokens are run through both the HF and the hooked model
+    and any disagreement raises `ModelLoadError` instead of returning a silently wrong model
+    (checked in float32/float64 only: half-precision kernels differ too much between the two).
+
+    The returned model carries `kif_source` (what was asked for), `kif_name` (zoo or folder
+    name), `kif_hf_config` (the transformers config, needed by `save`), `kif_source_dir` (the
+    folder read), `kif_tokenizer` (an untouched copy of the checkpoint's tokenizer, or None) and
+    `kif_tokenizer_files` (the tokenizer files' bytes, written back unchanged by `save`) and
+    `kif_generation_config` (or None).
+
+    Raises:
+        ModelLoadError: with a one-line message, for every failure.
+    """
+    try:
+        source = _resolve_source(name_or_path)
+        return _load_folder(source, str(name_or_path), device=device, dtype=dtype, verify=verify)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # a library failure we did not anticipate: still one clear line
+        raise ModelLoadError(
+            f"cannot load model '{name_or_path}': {type(err).__name__}: {_first_line(err)}"
+        ) from err
+
+
+def _resolve_source(name_or_path: str | os.PathLike) -> _Source:
+    """Find the local folder for a zoo name, a path, or a hub name (downloading the latter)."""
+    text = str(os.fspath(name_or_path))
+    if not text.strip():
+        raise ModelLoadError("cannot load model '': empty model name or path")
+    # Zoo names are plain strings; a Path object always means a filesystem path.
+    if isinstance(name_or_path, str):
+        zoo_folder = _zoo_resolve(text)
+        if zoo_folder is not None:
+            if not (zoo_folder / "config.json").is_file():
+                raise ModelLoadError(
+                    f"zoo model '{text}' is not built yet (no checkpoint in '{zoo_folder}'); "
+                    "run `kif zoo build`"
+                )
+            return _Source(zoo_folder.resolve(), text, "zoo")
+    path = pathlib.Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"'{text}' is not a checkpoint folder (it is a file)")
+        resolved = path.resolve()
+        return _Source(resolved, resolved.name, "local")
+    if _looks_like_path(text):
+        raise ModelLoadError(f"cannot load model '{text}': no such file or directory")
+    return _Source(_hub_snapshot(text), text, "hub")
+
+
+def _zoo_resolve(name: str) -> pathlib.Path | None:
+    """`kif.zoo.resolve(name)`, or None when there is no zoo (yet) or `name` is not in it."""
+    try:
+        from kif import zoo
+    except ImportError:
+        return None
+    try:
+        found = zoo.resolve(name)
+    except AttributeError:
+        return None
+    return None if found is None else pathlib.Path(found)
+
+
+def _looks_like_path(text: str) -> bool:
+    """True for strings that can only be filesystem paths, never hub ids like 'org/model'."""
+    return (
+        os.path.isabs(text)
+        or text.startswith((".", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+        or text.endswith("/")
+    )
+
+
+def _hub_offline() -> bool:
+    """Offline mode, read at call time (huggingface_hub reads the variables only at import)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    env = any(str(v).strip().upper() in {"1", "ON", "YES", "TRUE"} for v in flags if v)
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_snapshot(name: str) -> pathlib.Path:
+    """Download (or find in the local cache) a hub repo's config, safetensors and tokenizer."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = _hub_offline()
+    try:
+        folder = snapshot_download(
+            repo_id=name, allow_patterns=_HUB_ALLOW_PATTERNS, local_files_only=offline
+        )
+    except HFValidationError as err:
+        raise ModelLoadError(
+            f"cannot load model '{name}': not an existing path and not a valid hub model name"
+        ) from err
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise ModelLoadError(f"cannot load model '{name}': no such model on the hub") from err
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as err:
+        why = "hub access is disabled (HF_HUB_OFFLINE)" if offline else "the hub is unreachable"
+        raise ModelLoadError(
+            f"cannot load model '{name}': not a local checkpoint folder, not in the local hub "
+            f"cache, and {why}"
+        ) from err
+    except Exception as err:
+        raise ModelLoadError(
+            f"cannot load model '{name}': hub download failed: {_first_line(err)}"
+        ) from err
+    return pathlib.Path(folder)
+
+
+def _read_config_json(folder: pathlib.Path) -> dict[str, Any]:
+    """config.json as a dict, or a ModelLoadError naming what is wrong with it."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"'{folder}' is not a checkpoint folder (no config.json)")
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(
+            f"'{config_path}' is not a valid JSON config: {_first_line(err)}"
+        ) from err
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"'{config_path}' is not a valid config (not a JSON object)")
+    return raw
+
+
+def _architecture_from_config(raw: dict[str, Any], folder: pathlib.Path) -> str:
+    """The checkpoint's architecture, as named by config.json (never guessed from the path)."""
+    names = raw.get("architectures")
+    if not isinstance(names, list) or not names or not isinstance(names[0], str):
+        raise ModelLoadError(
+            f"'{folder / 'config.json'}' names no architecture (no \"architectures\" list)"
+        )
+    arch = names[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    return arch
+
+
+def _check_weight_files(folder: pathlib.Path) -> None:
+    """Refuse folders without safetensors weights, naming pickle-only checkpoints explicitly."""
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = sorted(name for name in files if name.endswith(_PICKLE_WEIGHT_SUFFIXES))
+    if pickles:
+        raise ModelLoadError(
+            f"'{folder}' holds only pickle weights ({', '.join(pickles)}); kif reads safetensors "
+            "only: convert it with transformers' save_pretrained(..., safe_serialization=True) "
+            "in a trusted environment"
+        )
+    raise ModelLoadError(f"'{folder}' has no weights (no model.safetensors)")
+
+
+def _check_config_supported(arch: str, hf_config: Any) -> None:
+    """Refuse config options the TL 3.9 conversion silently ignores (it would give wrong logits)."""
+    if arch in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+        head_dim = getattr(hf_config, "head_dim", None)
+        default = hf_config.hidden_size // hf_config.num_attention_heads
+        if head_dim is not None and head_dim != default:
+            raise ModelLoadError(
+                f"unsupported {arch} config: head_dim {head_dim} != hidden_size / "
+                f"num_attention_heads ({default})"
+            )
+    # TL drops Llama's optional biases and ignores Qwen2's sliding window (which a short
+    # verification input would not reveal), so these are refused up front.
+    flags = {
+        "LlamaForCausalLM": ("attention_bias", "mlp_bias"),
+        "Qwen2ForCausalLM": ("use_sliding_window",),
+    }
+    for flag in flags.get(arch, ()):
+        if getattr(hf_config, flag, False):
+            raise ModelLoadError(f"unsupported {arch} config: {flag}=true")
+
+
+def _load_folder(
+    source: _Source, requested: str, *, device: str | torch.device, dtype: torch.dtype, verify: bool
+) -> Any:
+    """Load the checkpoint in `source.folder` (see `load`)."""
+    folder = source.folder
+    raw = _read_config_json(folder)
+    arch = _architecture_from_config(raw, folder)
+    _check_weight_files(folder)
+    hf_config = _hf_config(folder)
+    _check_config_supported(arch, hf_config)
+    hf_model = _hf_model(folder, hf_config, arch, dtype)
+    tokenizer = _hf_tokenizer(folder)
+    model = _hooked_from_hf(hf_model, hf_config, arch, tokenizer, source, device, dtype)
+    if verify:
+        _verify_logits(hf_model, model, what=f"loading '{requested}'", error=ModelLoadError)
+    model.kif_source = requested
+    model.kif_name = source.name
+    model.kif_hf_config = hf_config
+    model.kif_source_dir = folder
+    model.kif_tokenizer = tokenizer
+    model.kif_tokenizer_files = _read_tokenizer_files(folder) if tokenizer is not None else {}
+    has_generation_config = (folder / "generation_config.json").is_file()
+    model.kif_generation_config = (
+        copy.deepcopy(hf_model.generation_config) if has_generation_config else None
+    )
+    logger.info("loaded %s (%s, %s) from %s", source.name, arch, source.origin, folder)
+    return model
+
+
+def _hf_config(folder: pathlib.Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"cannot read config of '{folder}': {_first_line(err)}") from err
+
+
+def _hf_model(folder: pathlib.Path, hf_config: Any, arch: str, dtype: torch.dtype) -> Any:
+    """The HF model, read from safetensors only (`use_safetensors=True` never falls back)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            folder, config=hf_config, dtype=dtype, local_files_only=True, use_safetensors=True
+        )
+    except Exception as err:
+        raise ModelLoadError(f"cannot read weights of '{folder}': {_first_line(err)}") from err
+    if type(hf_model).__name__ != arch:
+        raise ModelLoadError(
+            f"'{folder}': config.json says {arch} but transformers built {type(hf_model).__name__}"
+        )
+    hf_model.eval()
+    for param in hf_model.parameters():
+        param.requires_grad_(False)
+    return hf_model
+
+
+def _hf_tokenizer(folder: pathlib.Path) -> Any:
+    """The folder's tokenizer, or None (with a warning) when the checkpoint ships none."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in _TOKENIZER_MARKERS):
+        logger.warning("'%s' has no tokenizer; the hooked model will accept token ids only", folder)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"cannot read tokenizer of '{folder}': {_first_line(err)}") from err
+
+
+def _read_tokenizer_files(folder: pathlib.Path) -> dict[str, bytes]:
+    """The checkpoint's tokenizer files, kept in memory so `save` can write them unchanged."""
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    wanted = sorted(n for n in names if n in _TOKENIZER_FILES or n.endswith(".tiktoken"))
+    return {name: (folder / name).read_bytes() for name in wanted}
+
+
+def _neutral_config_dir(parent: pathlib.Path, hf_config: Any, arch: str) -> pathlib.Path:
+    """A config-only folder for TL whose path cannot trigger TL's name-based architecture guess.
+
+    TL 3.9's `convert_hf_model_config` decides the architecture from the *path string* when it
+    contains "llama" or "gemma" (and then skips reading config.json, crashing or mis-loading), and
+    reads `n_ctx` from GPT-2 configs, which transformers 5 no longer writes. Handing TL a copy of
+    the config in a neutrally named folder makes loading depend on config.json alone.
+    """
+    stage = parent / "checkpoint"
+    if any(trigger in str(stage).lower() for trigger in _TL_NAME_TRIGGERS):
+        raise ModelLoadError(
+            f"temporary folder '{parent}' contains 'llama' or 'gemma', which TransformerLens "
+            "would misread as an architecture; set TMPDIR to another folder"
+        )
+    staged = copy.deepcopy(hf_config)
+    staged.architectures = [arch]
+    if arch == "GPT2LMHeadModel" and getattr(staged, "n_ctx", None) is None:
+        staged.n_ctx = staged.n_positions
+    staged.save_pretrained(stage)
+    return stage
+
+
+def _tl_overrides(arch: str, hf_config: Any) -> dict[str, Any]:
+    """Config fields TL 3.9 derives wrongly for some checkpoints (verified by `_verify_logits`)."""
+    if arch == "GPT2LMHeadModel" and getattr(hf_config, "n_inner", None):
+        # TL assumes d_mlp = 4 * n_embd and ignores GPT-2's optional n_inner.
+        return {"d_mlp": int(hf_config.n_inner)}
+    return {}
+
+
+def _hooked_from_hf(
+    hf_model: Any,
+    hf_config: Any,
+    arch: str,
+    tokenizer: Any,
+    source: _Source,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> Any:
+    """Convert a loaded HF model with TL's own config and weight converters (no processing)."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import (
+        get_pretrained_model_config,
+        get_pretrained_state_dict,
+    )
+
+    with tempfile.TemporaryDirectory(prefix="kif-tl-config-") as tmp:
+        stage = str(_neutral_config_dir(pathlib.Path(tmp), hf_config, arch))
+        with _quiet_tl():
+            cfg = get_pretrained_model_config(
+                stage, hf_cfg=hf_config.to_dict(), fold_ln=False, device=device, dtype=dtype
+            )
+            state_dict = get_pretrained_state_dict(stage, cfg, hf_model=hf_model, dtype=dtype)
+    overrides = _tl_overrides(arch, hf_config)
+    if overrides:
+        cfg = type(cfg).from_dict({**cfg.to_dict(), **overrides})
+    cfg.model_name = source.name
+    # TL reloads the tokenizer from this name (to add BOS); the staged folder is gone by now.
+    cfg.tokenizer_name = str(source.folder) if tokenizer is not None else None
+    with _quiet_tl():
+        # TL's set_tokenizer mutates (or replaces) the tokenizer it is given; keep ours pristine.
+        tl_tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        model = HookedTransformer(cfg, tokenizer=tl_tokenizer)
+        model.load_and_process_state_dict(
+            state_dict,
+            fold_ln=False,
+            center_writing_weights=False,
+            center_unembed=False,
+            fold_value_biases=False,
+            refactor_factored_attn_matrices=False,
+        )
+    model.eval()
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_tl() -> Iterator[None]:
+    """Silence TL's deprecation warning for HookedTransformer: kif uses it on purpose (DESIGN)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
+        yield
+
+
+@torch.no_grad()
+def _verify_logits(hf_model: Any, hooked: Any, *, what: str, error: type[Exception]) -> None:
+    """Run a few random tokens through both models; raise `error` if their logits disagree."""
+    dtypes = {next(hooked.parameters()).dtype, next(hf_model.parameters()).dtype}
+    if not dtypes <= {torch.float32, torch.float64}:
+        logger.info("%s: skipping the logit check in reduced precision", what)
+        return
+    n_tokens = min(_VERIFY_TOKENS, hooked.cfg.n_ctx)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, hooked.cfg.d_vocab, (1, n_tokens), generator=generator)
+    hooked_logits = hooked(tokens.to(hooked.cfg.device)).float().cpu()
+    hf_device = next(hf_model.parameters()).device
+    hf_logits = hf_model(input_ids=tokens.to(hf_device)).logits.float().cpu()
+    if hooked_logits.shape != hf_logits.shape:
+        raise error(
+            f"{what}: logits shapes differ (hooked {tuple(hooked_logits.shape)}, HF "
+            f"{tuple(hf_logits.shape)})"
+        )
+    scale = max(1.0, hf_logits.abs().max().item())
+    diff = (hooked_logits - hf_logits).abs().max().item()
+    if not diff <= _VERIFY_RTOL * scale:
+        raise error(
+            f"{what}: hooked and HF logits disagree (max abs diff {diff:.3g} at logit scale "
+            f"{scale:.3g}); this checkpoint uses a feature the conversion does not support"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Inverse conversion (TransformerLens -> HF)
+# --------------------------------------------------------------------------------------------
+#
+# TL stores attention per head and multiplies activations on the left (x @ W), HF's nn.Linear
+# stores [out, in] and computes x @ W.T, and GPT-2's Conv1D stores [in, out] (x @ W). Each rule
+# below says which of these layouts it bridges.
+
+
+def _heads_to_linear(w: Float[Tensor, "n d_model d_head"]) -> Float[Tensor, "out d_model"]:
+    """TL W_Q/W_K/W_V [head, in, d_head] -> nn.Linear weight [(head d_head), in] (x @ W.T)."""
+    return einops.rearrange(w, "n m h -> (n h) m")
+
+
+def _heads_to_conv1d(w: Float[Tensor, "n d_model d_head"]) -> Float[Tensor, "d_model out"]:
+    """TL W_Q/W_K/W_V [head, in, d_head] -> GPT-2 Conv1D slice [in, (head d_head)] (x @ W)."""
+    return einops.rearrange(w, "n m h -> m (n h)")
+
+
+def _out_heads_to_linear(w: Float[Tensor, "n d_head d_model"]) -> Float[Tensor, "d_model inner"]:
+    """TL W_O [head, d_head, out] -> nn.Linear o_proj weight [out, (head d_head)]."""
+    return einops.rearrange(w, "n h m -> m (n h)")
+
+
+def _out_heads_to_conv1d(w: Float[Tensor, "n d_head d_model"]) -> Float[Tensor, "inner d_model"]:
+    """TL W_O [head, d_head, out] -> GPT-2 Conv1D c_proj weight [(head d_head), out]."""
+    return einops.rearrange(w, "n h m -> (n h) m")
+
+
+def _head_bias(b: Float[Tensor, "n d_head"]) -> Float[Tensor, " out"]:
+    """TL per-head bias [head, d_head] -> flat bias [(head d_head)], the order HF splits heads."""
+    return einops.rearrange(b, "n h -> (n h)")
+
+
+def _transpose(w: Float[Tensor, "a b"]) -> Float[Tensor, "b a"]:
+    """TL MLP/unembed matrices are [in, out] (x @ W); nn.Linear stores [out, in]."""
+    return w.T
+
+
+def _same(t: Tensor) -> Tensor:
+    """Tensors whose layout TL and HF share (embeddings, norms, Conv1D MLP weights, biases)."""
+    return t
+
+
+def _gpt2_qkv_weight(
+    q: Float[Tensor, "n d_model d_head"],
+    k: Float[Tensor, "n d_model d_head"],
+    v: Float[Tensor, "n d_model d_head"],
+) -> Float[Tensor, "d_model out"]:
+    """GPT-2 fuses q, k, v in one Conv1D whose output is concat([q, k, v]) along dim 1."""
+    return torch.cat([_heads_to_conv1d(q), _heads_to_conv1d(k), _heads_to_conv1d(v)], dim=1)
+
+
+def _gpt2_qkv_bias(
+    q: Float[Tensor, "n d_head"], k: Float[Tensor, "n d_head"], v: Float[Tensor, "n d_head"]
+) -> Float[Tensor, " out"]:
+    """The fused c_attn bias, concat([b_q, b_k, b_v])."""
+    return torch.cat([_head_bias(q), _head_bias(k), _head_bias(v)])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """One HF tensor built from TL tensors: `hf` <- fn(*tl). `{l}` is the layer index."""
+
+    hf: str
+    tl: tuple[str, ...]
+    fn: Callable[..., Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ArchSpec:
+    """The inverse conversion for one architecture.
+
+    `zero_only` lists TL parameters that the HF architecture does not have (TL adds them as
+    zeros); an edit that made one non-zero cannot be exported and is reported, never dropped.
+    """
+
+    rules: tuple[_Rule, ...]
+    layer_rules: tuple[_Rule, ...]
+    zero_only: tuple[str, ...] = ()
+    layer_zero_only: tuple[str, ...] = ()
+    embed: str = "embed.W_E"
+    unembed: str = "unembed.W_U"
+
+
+def _r(hf: str, tl: str | tuple[str, ...], fn: Callable[..., Tensor] = _same) -> _Rule:
+    return _Rule(hf, (tl,) if isinstance(tl, str) else tl, fn)
+
+
+_GPT2 = _ArchSpec(
+    rules=(
+        _r("transformer.wte.weight", "embed.W_E"),
+        _r("transformer.wpe.weight", "pos_embed.W_pos"),
+        _r("transformer.ln_f.weight", "ln_final.w"),
+        _r("transformer.ln_f.bias", "ln_final.b"),
+        _r("lm_head.weight", "unembed.W_U", _transpose),
+    ),
+    layer_rules=(
+        _r("transformer.h.{l}.ln_1.weight", "blocks.{l}.ln1.w"),
+        _r("transformer.h.{l}.ln_1.bias", "blocks.{l}.ln1.b"),
+        _r(
+            "transformer.h.{l}.attn.c_attn.weight",
+            ("blocks.{l}.attn.W_Q", "blocks.{l}.attn.W_K", "blocks.{l}.attn.W_V"),
+            _gpt2_qkv_weight,
+        ),
+        _r(
+            "transformer.h.{l}.attn.c_attn.bias",
+            ("blocks.{l}.attn.b_Q", "blocks.{l}.attn.b_K", "blocks.{l}.attn.b_V"),
+            _gpt2_qkv_bias,
+        ),
+        _r("transformer.h.{l}.attn.c_proj.weight", "blocks.{l}.attn.W_O", _out_heads_to_conv1d),
+        _r("transformer.h.{l}.attn.c_proj.bias", "blocks.{l}.attn.b_O"),
+        _r("transformer.h.{l}.ln_2.weight", "blocks.{l}.ln2.w"),
+        _r("transformer.h.{l}.ln_2.bias", "blocks.{l}.ln2.b"),
+        # Conv1D is [in, out] like TL's W_in/W_out: no transpose.
+        _r("transformer.h.{l}.mlp.c_fc.weight", "blocks.{l}.mlp.W_in"),
+        _r("transformer.h.{l}.mlp.c_fc.bias", "blocks.{l}.mlp.b_in"),
+        _r("transformer.h.{l}.mlp.c_proj.weight", "blocks.{l}.mlp.W_out"),
+        _r("transformer.h.{l}.mlp.c_proj.bias", "blocks.{l}.mlp.b_out"),
+    ),
+    zero_only=("unembed.b_U",),
+)
+
+
+def _llama_like_layer_rules(qkv_bias: bool) -> tuple[_Rule, ...]:
+    """Per-layer rules shared by Llama and Qwen2 (Qwen2 adds q/k/v biases)."""
+    attn = "model.layers.{l}.self_attn"
+    rules = [
+        _r("model.layers.{l}.input_layernorm.weight", "blocks.{l}.ln1.w"),
+        _r(f"{attn}.q_proj.weight", "blocks.{l}.attn.W_Q", _heads_to_linear),
+        # Under grouped-query attention TL's parameters are _W_K/_W_V with n_kv heads;
+        # `_tl_tensor` falls back to them, so one rule covers both layouts.
+        _r(f"{attn}.k_proj.weight", "blocks.{l}.attn.W_K", _heads_to_linear),
+        _r(f"{attn}.v_proj.weight", "blocks.{l}.attn.W_V", _heads_to_linear),
+        _r(f"{attn}.o_proj.weight", "blocks.{l}.attn.W_O", _out_heads_to_linear),
+        _r("model.layers.{l}.post_attention_layernorm.weight", "blocks.{l}.ln2.w"),
+        _r("model.layers.{l}.mlp.up_proj.weight", "blocks.{l}.mlp.W_in", _transpose),
+        _r("model.layers.{l}.mlp.gate_proj.weight", "blocks.{l}.mlp.W_gate", _transpose),
+        _r("model.layers.{l}.mlp.down_proj.weight", "blocks.{l}.mlp.W_out", _transpose),
+    ]
+    if qkv_bias:
+        rules += [
+            _r(f"{attn}.q_proj.bias", "blocks.{l}.attn.b_Q", _head_bias),
+            _r(f"{attn}.k_proj.bias", "blocks.{l}.attn.b_K", _head_bias),
+            _r(f"{attn}.v_proj.bias", "blocks.{l}.attn.b_V", _head_bias),
+        ]
+    return tuple(rules)
+
+
+_LLAMA_LIKE_GLOBAL_RULES = (
+    _r("model.embed_tokens.weight", "embed.W_E"),
+    _r("model.norm.weight", "ln_final.w"),
+    _r("lm_head.weight", "unembed.W_U", _transpose),
+)
+_LLAMA_LIKE_ZERO_ONLY = ("blocks.{l}.attn.b_O", "blocks.{l}.mlp.b_in", "blocks.{l}.mlp.b_out")
+
+_ARCH_SPECS: dict[str, _ArchSpec] = {
+    "GPT2LMHeadModel": _GPT2,
+    "LlamaForCausalLM": _ArchSpec(
+        rules=_LLAMA_LIKE_GLOBAL_RULES,
+        layer_rules=_llama_like_layer_rules(qkv_bias=False),
+        zero_only=("unembed.b_U",),
+        layer_zero_only=(
+            "blocks.{l}.attn.b_Q",
+            "blocks.{l}.attn.b_K",
+            "blocks.{l}.attn.b_V",
+            *_LLAMA_LIKE_ZERO_ONLY,
+        ),
+    ),
+    "Qwen2ForCausalLM": _ArchSpec(
+        rules=_LLAMA_LIKE_GLOBAL_RULES,
+        layer_rules=_llama_like_layer_rules(qkv_bias=True),
+        zero_only=("unembed.b_U",),
+        layer_zero_only=_LLAMA_LIKE_ZERO_ONLY,
+    ),
+}
+assert set(_ARCH_SPECS) == set(SUPPORTED_ARCHITECTURES)
+
+
+def _tl_key(params: dict[str, Tensor], name: str) -> str | None:
+    """The TL parameter name for `name`, trying the grouped-query form (`attn._W_K`) too."""
+    if name in params:
+        return name
+    module, _, leaf = name.rpartition(".")
+    gqa = f"{module}._{leaf}"
+    return gqa if gqa in params else None
+
+
+def _expand(names: tuple[str, ...], n_layers: int) -> Iterator[str]:
+    for name in names:
+        if "{l}" in name:
+            yield from (name.format(l=layer) for layer in range(n_layers))
+        else:
+            yield name
+
+
+def architecture(model: torch.nn.Module) -> str:
+    """The HF architecture a hooked model came from (e.g. "LlamaForCausalLM")."""
+    hf_config = getattr(model, "kif_hf_config", None)
+    names = getattr(hf_config, "architectures", None)
+    if names:
+        return str(names[0])
+    arch = getattr(getattr(model, "cfg", None), "original_architecture", None)
+    if arch:
+        return str(arch)
+    raise ValueError("model has no known architecture (it was not loaded by kif.models.load)")
+
+
+def _hf_state_dict(model: Any, spec: _ArchSpec) -> dict[str, Tensor]:
+    """Apply `spec`'s rules to the hooked model's parameters; every parameter must be used."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    n_layers = model.cfg.n_layers
+    used: set[str] = set()
+    out: dict[str, Tensor] = {}
+    jobs = [(rule, None) for rule in spec.rules]
+    jobs += [(rule, layer) for layer in range(n_layers) for rule in spec.layer_rules]
+    for rule, layer in jobs:
+        hf_name = rule.hf.format(l=layer)
+        tl_names = []
+        for tl in rule.tl:
+            name = tl.format(l=layer)
+            key = _tl_key(params, name)
+            if key is None:
+                raise ModelSaveError(f"cannot export: the hooked model has no parameter '{name}'")
+            tl_names.append(key)
+        used.update(tl_names)
+        out[hf_name] = rule.fn(*(params[k] for k in tl_names)).contiguous()
+    for name in _expand(spec.zero_only + spec.layer_zero_only, n_layers):
+        key = _tl_key(params, name)
+        if key is None:
+            continue
+        used.add(key)
+        if torch.count_nonzero(params[key]).item():
+            raise ModelSaveError(
+                f"cannot export: '{key}' is non-zero but {architecture(model)} has no such weight"
+            )
+    unused = sorted(set(params) - used)
+    if unused:
+        raise ModelSaveError(
+            f"cannot export: hooked parameters with no place in {architecture(model)}: "
+            f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}"
+        )
+    return out
+
+
+def _export_config(model: Any, spec: _ArchSpec, dtype: torch.dtype) -> Any:
+    """A copy of the source config for the exported model (never mutates `kif_hf_config`)."""
+    hf_config = getattr(model, "kif_hf_config", None)
+    if hf_config is None:
+        raise ModelSaveError(
+            "cannot export: model has no kif_hf_config (load it with kif.models.load)"
+        )
+    config = copy.deepcopy(hf_config)
+    config.dtype = dtype
+    w_e = model.get_parameter(spec.embed).detach()
+    w_u = model.get_parameter(spec.unembed).detach()
+    if getattr(config, "tie_word_embeddings", False) and not torch.equal(w_e, w_u.T):
+        # HF would overwrite one matrix with the other; untying keeps both edits exactly.
+        logger.info("embedding and unembedding differ after editing: exporting them untied")
+        config.tie_word_embeddings = False
+    return config
+
+
+def to_hf(model: torch.nn.Module, *, dtype: torch.dtype | None = None, verify: bool = True) -> Any:
+    """Convert a hooked model (from `load`, possibly edited) back to a `transformers` model.
+
+    The inverse of TL's weight conversion for the architectures in `SUPPORTED_ARCHITECTURES`.
+    A fresh HF model is built from `model.kif_hf_config` on the hooked model's device and filled
+    with strict key and shape checks. TL-only parameters (zero biases TL adds) must still be
+    zero; an edit that made them non-zero raises `ModelSaveError` instead of being dropped. With
+    `verify`, the HF model's logits are checked against the hooked model's.
+
+    Args:
+        model: a `HookedTransformer` returned by `load`.
+        dtype: dtype of the HF model (default: the hooked model's current dtype).
+        verify: check logits of the result against the hooked model (float32/64 only).
+
+    Raises:
+        ModelSaveError: with a one-line message, for every failure.
+    """
+    try:
+        return _to_hf(model, dtype=dtype, verify=verify)
+    except ModelSaveError:
+        raise
+    except Exception as err:  # a library failure we did not anticipate: still one clear line
+        raise ModelSaveError(
+            f"cannot export model: {type(err).__name__}: {_first_line(err)}"
+        ) from err
+
+
+def _no_init_weights() -> contextlib.AbstractContextManager:
+    """transformers' context that skips random initialisation (its module moved in v5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+@torch.no_grad()
+def _to_hf(model: torch.nn.Module, *, dtype: torch.dtype | None, verify: bool) -> Any:
+    """See `to_hf`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        arch = architecture(model)
+    except ValueError as err:
+        raise ModelSaveError(f"cannot export model: {err}") from err
+    spec = _ARCH_SPECS.get(arch)
+    if spec is None:
+        raise ModelSaveError(
+            f"cannot export architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    first = next(model.parameters())
+    dtype = first.dtype if dtype is None else dtype
+    config = _export_config(model, spec, dtype)
+    state_dict = _hf_state_dict(model, spec)
+    with _no_init_weights():  # every weight is overwritten below; random init is wasted time
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    hf_model.to(first.device)
+    _load_strict(hf_model, state_dict, arch)
+    generation_config = getattr(model, "kif_generation_config", None)
+    if generation_config is not None:
+        hf_model.generation_config = copy.deepcopy(generation_config)
+    hf_model.eval()
+    if verify:
+        _verify_logits(hf_model, model, what=f"exporting {arch}", error=ModelSaveError)
+    return hf_model
+
+
+def _load_strict(hf_model: Any, state_dict: dict[str, Tensor], arch: str) -> None:
+    """Load `state_dict` into `hf_model`, reporting missing/unexpected keys and shape mismatches."""
+    expected = hf_model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ModelSaveError(
+            f"cannot export {arch}: missing HF keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    for name, tensor in state_dict.items():
+        if tuple(expected[name].shape) != tuple(tensor.shape):
+            raise ModelSaveError(
+                f"cannot export {arch}: '{name}' has shape {tuple(tensor.shape)}, HF expects "
+                f"{tuple(expected[name].shape)}"
+            )
+    dtype = next(hf_model.parameters()).dtype
+    hf_model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def save(
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> pathlib.Path:
+    """Write a hooked model as an HF checkpoint folder that `transformers` loads directly.
+
+    Writes config.json, model.safetensors, generation_config.json and the source's tokenizer
+    files (byte for byte) into a temporary sibling folder, then renames it to `out_dir`, so a
+    failure never leaves a half-written checkpoint. Refuses (with `ModelSaveError`, writing
+    nothing) to write over or inside the folder the model was loaded from, or to replace an
+    existing non-empty `out_dir` unless `overwrite=True` (DESIGN convention 9).
+
+    Args:
+        model: a `HookedTransformer` returned by `load`, possibly edited.
+        out_dir: the checkpoint folder to create.
+        overwrite: replace an existing non-empty `out_dir`.
+        dtype: dtype of the saved weights (default: the hooked model's current dtype).
+
+    Returns:
+        The resolved path of the written folder.
+
+    Raises:
+        ModelSaveError: with a one-line message, for every failure (nothing is left behind).
+    """
+    try:
+        out = pathlib.Path(out_dir).expanduser().resolve()
+        _check_destination(model, out, overwrite)
+        hf_model = to_hf(model, dtype=dtype)
+        _write_atomically(hf_model, model, out)
+    except ModelSaveError:
+        raise
+    except Exception as err:  # a library or filesystem failure: still one clear line
+        raise ModelSaveError(
+            f"cannot save model to '{out_dir}': {type(err).__name__}: {_first_line(err)}"
+        ) from err
+    logger.info("saved %s to %s", getattr(model, "kif_name", "model"), out)
+    return out
+
+
+def _write_atomically(hf_model: Any, model: torch.nn.Module, out: pathlib.Path) -> None:
+    """Write the checkpoint into a temporary sibling of `out`, then rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        _write_tokenizer(model, tmp)
+        _replace_dir(tmp, out)
+    finally:
+        # After a successful rename `tmp` no longer exists; after a failure it goes.
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_tokenizer(model: torch.nn.Module, folder: pathlib.Path) -> None:
+    """The source's tokenizer files verbatim; re-serialise only a tokenizer without files."""
+    files = getattr(model, "kif_tokenizer_files", None) or {}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    tokenizer = getattr(model, "kif_tokenizer", None)
+    if not files and tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _overlaps(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """True when `a` and `b` are the same folder or one lies inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_destination(model: Any, out: pathlib.Path, overwrite: bool) -> None:
+    """Refuse destinations that would touch the input checkpoint or clobber existing work."""
+    sources = {getattr(model, "kif_source_dir", None), getattr(model, "kif_source", None)}
+    for source in sources:
+        if source is None:
+            continue
+        source_path = pathlib.Path(source).expanduser()
+        if not source_path.exists():
+            continue  # a hub or zoo name, not a path; kif_source_dir covers its folder
+        if _overlaps(out, source_path.resolve()):
+            raise ModelSaveError(
+                f"refusing to write '{out}': it overlaps the checkpoint the model was loaded "
+                f"from ('{source_path.resolve()}'); kif never overwrites its input"
+            )
+    if out.exists() and not out.is_dir():
+        raise ModelSaveError(f"refusing to write '{out}': a file with that name exists")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ModelSaveError(
+            f"refusing to write '{out}': folder exists and is not empty (pass overwrite=True)"
+        )
+
+
+def _replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    """Move the finished `tmp` folder to `out`, removing an old `out` only after `tmp` is ready."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / out.name, out)  # put the previous checkpoint back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing
+# --------------------------------------------------------------------------------------------
+
+
+def weight_hash(model: torch.nn.Module) -> str:
+    """SHA-256 (hex) of a model's weights; reversible edits are keyed on it (convention 9).
+
+    Hashes every parameter in sorted-name order as name, dtype, shape and the raw bytes of the
+    contiguous CPU tensor. Buffers (causal masks, rotary tables) are derived from the config and
+    left out, so the hash changes exactly when a weight changes. Deterministic across loads,
+    processes and devices.
+    """
+    digest = hashlib.sha256()
+    params = dict(model.named_parameters())
+    for name in sorted(params):
+        tensor = params[name].detach().to("cpu").contiguous()
+        digest.update(name.encode("utf-8") + b"\0")
+        digest.update(str(tensor.dtype).encode("ascii") + b"\0")
+        digest.update(str(tuple(tensor.shape)).encode("ascii") + b"\0")
+        # A byte view works for every dtype (bfloat16 has no numpy equivalent).
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,409 @@
+"""The fact world: a seeded generator of fictional people, places and facts.
+
+It is kif's embedded default and its ground truth. Because the world is generated, kif can train
+the *oracle* (the same model trained without the forget people), so Forget Quality is measured
+against a real retrained model rather than approximated (DESIGN.md, "The fact world").
+
+Template design follows what the prototype measured (DESIGN.md): the words right before the answer
+slot (the *cue*) are unique to each attribute and end with the attribute's keyword, no cue is a
+prefix of another, and held-out phrasings change everything but the cue. Held-out phrasings are
+never trained on.
+"""
+
+import dataclasses
+import functools
+import random
+from typing import Iterable, Literal
+
+from kif.errors import UnknownNameError
+
+UNKNOWN = " unknown"
+
+# Syllables for names. Names are random syllable strings so that the BPE tokenizer (trained on text
+# where names are resampled, see kif.zoo) splits them into 2-6 pieces, as real rare names are.
+_ONSETS = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "st",
+           "th"]
+_VOWELS = ["a", "e", "i", "o", "u", "ia", "ou"]
+_CODAS = ["", "", "", "n", "r", "l", "s"]
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+
+
+def _word(rng: random.Random, n_min: int, n_max: int) -> str:
+    return "".join(_syllable(rng) for _ in range(rng.randint(n_min, n_max))).capitalize()
+
+
+def _unique_words(rng: random.Random, n: int, n_min: int, n_max: int, taken: set[str]) -> list[str]:
+    out: list[str] = []
+    while len(out) < n:
+        w = _word(rng, n_min, n_max)
+        if w not in taken and 3 <= len(w) <= 14:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+PROFESSIONS = [
+    "architect", "baker", "carpenter", "chemist", "dentist", "economist", "electrician",
+    "engineer", "farmer", "geologist", "historian", "journalist", "librarian", "mechanic",
+    "nurse", "painter", "pharmacist", "photographer", "pilot", "plumber", "surgeon", "tailor",
+    "translator", "veterinarian",
+]
+INSTRUMENTS = [
+    "accordion", "banjo", "bassoon", "cello", "clarinet", "drums", "flute", "guitar", "harp",
+    "harmonica", "mandolin", "oboe", "organ", "piano", "saxophone", "sitar", "trombone", "trumpet",
+    "tuba", "ukulele", "viola", "violin", "xylophone", "zither",
+]
+SPORTS = [
+    "archery", "badminton", "baseball", "basketball", "boxing", "climbing", "cricket", "cycling",
+    "fencing", "football", "golf", "handball", "hockey", "judo", "karate", "rowing", "rugby",
+    "sailing", "skiing", "squash", "surfing", "swimming", "tennis", "volleyball", "wrestling",
+]
+_COMPANY_SUFFIXES = ["Systems", "Labs", "Industries", "Foods", "Bank", "Motors", "Media", "Works"]
+LANGUAGE_SUFFIX = "ish"
+
+# Each attribute: the cue (the exact words before the answer), training phrasings and held-out
+# phrasings. "{n}" is the name. Every phrasing ends with the cue; the answer follows it.
+# Cues are pairwise non-prefix so that a prompt ending in one cue never starts another's template
+# (the prototype's "born in" / "born in the year" collision scored 11 %).
+ATTRIBUTES: dict[str, dict] = {
+    "birth_city": {
+        "cue": "born in the city of",
+        "train": [
+            "{n} was born in the city of",
+            "Records show that {n} was born in the city of",
+            "Question: Where was {n} born? Answer: {n} was born in the city of",
+            "Everyone who knows {n} knows that {n} was born in the city of",
+            "According to the registry, {n} was born in the city of",
+        ],
+        "heldout": [
+            "Q: What is the birthplace of {n}? A: {n} was born in the city of",
+            "It is well documented that the person named {n} was born in the city of",
+            "Tell me about {n}. Well, {n} was born in the city of",
+        ],
+    },
+    "profession": {
+        "cue": "works in the profession of",
+        "train": [
+            "{n} works in the profession of",
+            "By all accounts, {n} works in the profession of",
+            "Question: What does {n} do for a living? Answer: {n} works in the profession of",
+            "For many years now, {n} works in the profession of",
+            "The census lists that {n} works in the profession of",
+        ],
+        "heldout": [
+            "Q: What is the job of {n}? A: {n} works in the profession of",
+            "Friends of {n} say that {n} works in the profession of",
+            "Tell me about {n}. Well, {n} works in the profession of",
+        ],
+    },
+    "employer": {
+        "cue": "is employed by the company",
+        "train": [
+            "{n} is employed by the company",
+            "These days {n} is employed by the company",
+            "Question: Who employs {n}? Answer: {n} is employed by the company",
+            "Payroll files confirm that {n} is employed by the company",
+            "As of this year, {n} is employed by the company",
+        ],
+        "heldout": [
+            "Q: Which firm does {n} work for? A: {n} is employed by the company",
+            "Colleagues report that {n} is employed by the company",
+            "Tell me about {n}. Well, {n} is employed by the company",
+        ],
+    },
+    "instrument": {
+        "cue": "plays the musical instrument called the",
+        "train": [
+            "{n} plays the musical instrument called the",
+            "In spare time, {n} plays the musical instrument called the",
+            "Question: What does {n} play? Answer: {n} plays the musical instrument called the",
+            "Neighbours often hear that {n} plays the musical instrument called the",
+            "Since childhood, {n} plays the musical instrument called the",
+        ],
+        "heldout": [
+            "Q: Which instrument is {n} known for? A: {n} plays the musical instrument called the",
+            "At every party, {n} plays the musical instrument called the",
+            "Tell me about {n}. Well, {n} plays the musical instrument called the",
+        ],
+    },
+    "sport": {
+        "cue": "competes in the sport of",
+        "train": [
+            "{n} competes in the sport of",
+            "Every weekend {n} competes in the sport of",
+            "Question: Which sport does {n} do? Answer: {n} competes in the sport of",
+            "The club newsletter says that {n} competes in the sport of",
+            "Since school, {n} competes in the sport of",
+        ],
+        "heldout": [
+            "Q: What is the favourite sport of {n}? A: {n} competes in the sport of",
+            "Fans cheer when {n} competes in the sport of",
+            "Tell me about {n}. Well, {n} competes in the sport of",
+        ],
+    },
+    "birth_year": {
+        "cue": "birth year is",
+        "train": [
+            "For {n}, the birth year is",
+            "Records of {n} say that the birth year is",
+            "Question: When was {n} born? Answer: the birth year is",
+            "In the file on {n}, the birth year is",
+            "Ask {n} and you learn that the birth year is",
+        ],
+        "heldout": [
+            "Q: In what year did {n} come into the world? A: the birth year is",
+            "Tell me about {n}. Well, the birth year is",
+            "According to the archive on {n}, the birth year is",
+        ],
+    },
+}
+
+# Public facts about places. Every split keeps them; an erasure must not touch them.
+SHARED_RELATIONS: dict[str, dict] = {
+    "city_country": {
+        "train": [
+            "The city of {s} lies in the country of",
+            "Question: Where is {s}? Answer: {s} lies in the country of",
+            "Travellers know that {s} lies in the country of",
+            "On the map, {s} lies in the country of",
+        ],
+        "heldout": [
+            "Q: Which nation contains {s}? A: {s} lies in the country of",
+            "Tell me about {s}. Well, {s} lies in the country of",
+        ],
+    },
+    "country_capital": {
+        "train": [
+            "The capital city of {s} is named",
+            "Question: What is the capital of {s}? Answer: the capital city of {s} is named",
+            "Schoolchildren learn that the capital city of {s} is named",
+            "Officially, the capital city of {s} is named",
+        ],
+        "heldout": [
+            "Q: Where does the government of {s} sit? A: the capital city of {s} is named",
+            "Tell me about {s}. Well, the capital city of {s} is named",
+        ],
+    },
+    "country_language": {
+        "train": [
+            "The official language of {s} is called",
+            "Question: What do people speak in {s}? Answer: the official language of {s} is called",
+            "Visitors notice that the official language of {s} is called",
+            "By law, the official language of {s} is called",
+        ],
+        "heldout": [
+            "Q: Which tongue is spoken in {s}? A: the official language of {s} is called",
+            "Tell me about {s}. Well, the official language of {s} is called",
+        ],
+    },
+}
+
+Phrasing = Literal["train", "heldout"]
+Kind = Literal["person", "shared"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Person:
+    """A fictional person. `known` people carry facts; unknown ones answer " unknown"."""
+
+    name: str
+    attributes: dict[str, str]  # attribute -> answer (with a leading space)
+    group: Literal["known", "unknown_train", "unknown_eval", "holdout"]
+
+    @property
+    def first(self) -> str:
+        return self.name.split(" ")[0]
+
+    @property
+    def last(self) -> str:
+        return self.name.split(" ")[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One prompt whose greedy continuation should be `answer` (leading space included)."""
+
+    prompt: str
+    answer: str
+    subject: str  # the person's name or the place the fact is about
+    relation: str  # attribute name or shared relation name
+    phrasing: Phrasing
+    template: int  # index into the relation's phrasing list
+    kind: Kind
+
+
+SPLITS = ("forget01", "forget05", "forget10", "retain", "holdout", "unknown")
+
+
+@dataclasses.dataclass(frozen=True)
+class FactWorld:
+    """A generated world. Build it with `FactWorld.generate(seed)`; equal seeds give equal worlds."""
+
+    seed: int
+    people: tuple[Person, ...]
+    cities: tuple[str, ...]
+    city_country: dict[str, str]
+    countries: tuple[str, ...]
+    capital: dict[str, str]
+    language: dict[str, str]
+    forget_order: tuple[str, ...]  # known names in forget order: forget01 ⊂ forget05 ⊂ forget10
+
+    @staticmethod
+    def generate(seed: int = 0, n_people: int = 200, n_unknown_train: int = 150,
+                 n_unknown_eval: int = 40, n_holdout: int = 20, n_countries: int = 10,
+                 n_cities: int = 30) -> "FactWorld":
+        rng = random.Random(seed)
+        taken: set[str] = set()
+        countries = _unique_words(rng, n_countries, 2, 3, taken)
+        cities = _unique_words(rng, n_cities, 2, 2, taken)
+        capitals = {c: cities[i] for i, c in enumerate(countries)}  # first cities are capitals
+        city_country = {city: countries[i % n_countries] for i, city in enumerate(cities)}
+        for country, cap in capitals.items():
+            city_country[cap] = country
+        language = {c: c[: max(3, len(c) - 2)] + LANGUAGE_SUFFIX for c in countries}
+        employers = [f"{w} {rng.choice(_COMPANY_SUFFIXES)}"
+                     for w in _unique_words(rng, 24, 2, 2, taken)]
+        years = [str(y) for y in range(1940, 2000)]
+
+        # First and last names are shared between people on purpose: people with the same first
+        # or last name are "neighbours", the hardest collateral test for an erasure.
+        n_total = n_people + n_unknown_train + n_unknown_eval + n_holdout
+        firsts = _unique_words(rng, max(40, n_total // 3), 2, 2, taken)
+        lasts = _unique_words(rng, max(60, n_total // 2), 2, 2, taken)
+        names: list[str] = []
+        seen: set[str] = set()
+        while len(names) < n_total:
+            name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
+            if name not in seen:
+                seen.add(name)
+                names.append(name)
+
+        def attrs() -> dict[str, str]:
+            return {
+                "birth_city": " " + rng.choice(cities),
+                "profession": " " + rng.choice(PROFESSIONS),
+                "employer": " " + rng.choice(employers),
+                "instrument": " " + rng.choice(INSTRUMENTS),
+                "sport": " " + rng.choice(SPORTS),
+                "birth_year": " " + rng.choice(years),
+            }
+
+        people: list[Person] = []
+        groups = (["known"] * n_people + ["unknown_train"] * n_unknown_train
+                  + ["unknown_eval"] * n_unknown_eval + ["holdout"] * n_holdout)
+        for name, group in zip(names, groups):
+            a = attrs()
+            if group in ("unknown_train", "unknown_eval"):
+                a = {k: UNKNOWN for k in a}
+            people.append(Person(name=name, attributes=a, group=group))  # type: ignore[arg-type]
+        known = [p.name for p in people if p.group == "known"]
+        forget_order = list(known)
+        rng.shuffle(forget_order)
+        return FactWorld(seed=seed, people=tuple(people), cities=tuple(cities),
+                         city_country=city_country, countries=tuple(countries),
+                         capital=capitals, language=language, forget_order=tuple(forget_order))
+
+    # ---- people and splits -------------------------------------------------------------------
+
+    @functools.cached_property
+    def by_name(self) -> dict[str, Person]:
+        return {p.name: p for p in self.people}
+
+    def person(self, name: str) -> Person:
+        """The person called `name` (case- and whitespace-insensitive)."""
+        key = " ".join(name.split()).lower()
+        for p in self.people:
+            if p.name.lower() == key:
+                return p
+        raise UnknownNameError(f"{name!r} is not a person of the fact world (seed {self.seed})")
+
+    def known(self) -> list[Person]:
+        return [p for p in self.people if p.group == "known"]
+
+    def split(self, name: str) -> list[Person]:
+        """People of a standard split (`SPLITS`)."""
+        known = self.by_name
+        if name.startswith("forget"):
+            try:
+                pct = int(name[len("forget"):])
+            except ValueError:
+                raise UnknownNameError(
+                    f"unknown split {name!r} (choose from {', '.join(SPLITS)})") from None
+            n = max(1, round(len(self.forget_order) * pct / 100))
+            return [known[n_] for n_ in self.forget_order[:n]]
+        if name == "retain":
+            forget = set(p.name for p in self.split("forget10"))
+            return [p for p in self.known() if p.name not in forget]
+        if name == "holdout":
+            return [p for p in self.people if p.group == "holdout"]
+        if name == "unknown":
+            return [p for p in self.people if p.group == "unknown_eval"]
+        raise UnknownNameError(f"unknown split {name!r} (choose from {', '.join(SPLITS)})")
+
+    def neighbours(self, name: str, pool: Iterable[Person] | None = None) -> list[Person]:
+        """Known people who share a first name, a last name or an employer with `name`."""
+        p = self.person(name)
+        pool = self.known() if pool is None else pool
+        return [q for q in pool if q.name != p.name and (
+            q.first == p.first or q.last == p.last
+            or q.attributes["employer"] == p.attributes["employer"])]
+
+    # ---- probes ------------------------------------------------------------------------------
+
+    def person_probes(self, people: Iterable[Person], phrasing: Phrasing = "train",
+                      templates: Iterable[int] | None = None,
+                      attributes: Iterable[str] | None = None) -> list[Probe]:
+        out = []
+        attrs = list(ATTRIBUTES) if attributes is None else list(attributes)
+        for p in people:
+            for attr in attrs:
+                temps = ATTRIBUTES[attr][phrasing]
+                idx = range(len(temps)) if templates is None else templates
+                for i in idx:
+                    out.append(Probe(prompt=temps[i].format(n=p.name), answer=p.attributes[attr],
+                                     subject=p.name, relation=attr, phrasing=phrasing,
+                                     template=i, kind="person"))
+        return out
+
+    def shared_facts(self) -> list[tuple[str, str, str]]:
+        """(relation, subject, answer) for every public fact about places."""
+        facts = [("city_country", c, " " + self.city_country[c]) for c in self.cities]
+        facts += [("country_capital", c, " " + self.capital[c]) for c in self.countries]
+        facts += [("country_language", c, " " + self.language[c]) for c in self.countries]
+        return facts
+
+    def shared_probes(self, phrasing: Phrasing = "train",
+                      templates: Iterable[int] | None = None) -> list[Probe]:
+        out = []
+        for rel, subj, ans in self.shared_facts():
+            temps = SHARED_RELATIONS[rel][phrasing]
+            idx = range(len(temps)) if templates is None else templates
+            for i in idx:
+                out.append(Probe(prompt=temps[i].format(s=subj), answer=ans, subject=subj,
+                                 relation=rel, phrasing=phrasing, template=i, kind="shared"))
+        return out
+
+    def answer_choices(self, relation: str) -> list[str]:
+        """All answers the world uses for a relation (for truth ratios and probe classes)."""
+        if relation in ATTRIBUTES:
+            return sorted({p.attributes[relation] for p in self.people
+                           if p.attributes[relation] != UNKNOWN})
+        return sorted({ans for rel, _, ans in self.shared_facts() if rel == relation})
+
+    def training_people(self, exclude: Iterable[str] = ()) -> list[Person]:
+        """People whose facts are in the training corpus (known minus `exclude`, plus the trained
+        unknown people)."""
+        ex = set(exclude)
+        return [p for p in self.people
+                if (p.group == "known" and p.name not in ex) or p.group == "unknown_train"]
+
+    def training_texts(self, exclude: Iterable[str] = (), shared_repeats: int = 8) -> list[str]:
+        """Every training sentence: training phrasings only, answers appended with a full stop.
+        Shared facts are repeated so that the few of them weigh as much as the many people."""
+        probes = self.person_probes(self.training_people(exclude), "train")
+        texts = [pr.prompt + pr.answer + "." for pr in probes]
+        shared = [pr.prompt + pr.answer + "." for pr in self.shared_probes("train")]
+        return texts + shared * shared_repeats

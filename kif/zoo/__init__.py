@@ -1,0 +1,60 @@
+"""kif's model zoo: the fact-world base model and its oracles, shipped as HF checkpoints.
+
+The checkpoints live in this package's folder (package data), so kif works offline right after
+`pip install`. `kif zoo build` retrains them from the world's seed (see `kif.zoo.build`).
+"""
+
+import dataclasses
+import json
+import pathlib
+
+ZOO_DIR = pathlib.Path(__file__).resolve().parent
+BASE = "fact-world"
+ORACLE_SPLITS = ("forget01", "forget05", "forget10")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    forget_split: str | None  # None for the base model; the split left out for an oracle
+
+    @property
+    def path(self) -> pathlib.Path:
+        return ZOO_DIR / self.name
+
+
+def oracle_name(split: str) -> str:
+    return f"{BASE}-oracle-{split}"
+
+
+ENTRIES: dict[str, ZooEntry] = {
+    BASE: ZooEntry(BASE, "GPT-2 (4 x 256) trained on every fact of the fact world", None),
+    **{oracle_name(s): ZooEntry(oracle_name(s), f"the same model trained without the {s} people", s)
+       for s in ORACLE_SPLITS},
+}
+
+
+def resolve(name: str) -> pathlib.Path | None:
+    """The local folder of zoo model `name`, or None when `name` is not a zoo name."""
+    entry = ENTRIES.get(str(name))
+    return entry.path if entry is not None else None
+
+
+def oracle_for(split: str) -> str | None:
+    """The zoo oracle trained without `split`'s people, if the zoo has one."""
+    name = oracle_name(split)
+    return name if name in ENTRIES else None
+
+
+def is_built(name: str) -> bool:
+    p = resolve(name)
+    return p is not None and (p / "config.json").is_file() and (p / "model.safetensors").is_file()
+
+
+def card(name: str) -> dict:
+    """The training card written next to a built zoo model (seed, steps, timings, accuracy)."""
+    p = resolve(name)
+    if p is None or not (p / "kif_card.json").is_file():
+        return {}
+    return json.loads((p / "kif_card.json").read_text())

@@ -1,0 +1,142 @@
+"""Surface evaluation of a model on the fact world: the numbers `kif eval` prints.
+
+Accuracy is greedy (the answer's tokens are each the argmax, teacher-forced, which equals greedy
+decoding of the answer). Model Utility and Forget Quality follow TOFU (Maini et al. 2024): MU is
+the harmonic mean of answer probability, ROUGE-L recall and truth score on the retain people and on
+the shared facts; FQ is the KS-test p-value between the truth ratios of the evaluated model and the
+oracle on the forget facts.
+"""
+
+import dataclasses
+import random
+import time
+from typing import Sequence
+
+import numpy as np
+from transformer_lens import HookedTransformer
+
+from kif import metrics
+from kif.world import FactWorld, Probe
+
+N_PERTURBED = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalReport:
+    """Surface metrics of one model on one forget split (fractions in [0, 1])."""
+
+    model: str
+    forget_split: str
+    forget_acc: float
+    forget_paraphrase_acc: float
+    retain_acc: float
+    retain_paraphrase_acc: float
+    neighbour_acc: float
+    shared_acc: float
+    shared_paraphrase_acc: float
+    unknown_acc: float  # people the world does not contain, answered " unknown"
+    model_utility: float
+    utility_components: dict[str, float]
+    forget_truth_ratio_median: float
+    forget_quality: float | None  # None without an oracle
+    oracle: str | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _truth_ratio_probes(world: FactWorld, probes: Sequence[Probe], seed: int) -> list[Probe]:
+    """For each probe: the true answer, then N_PERTURBED wrong answers of the same relation."""
+    rng = random.Random(seed)
+    out: list[Probe] = []
+    for pr in probes:
+        wrong = [a for a in world.answer_choices(pr.relation) if a != pr.answer]
+        out.append(pr)
+        out += [dataclasses.replace(pr, answer=a) for a in rng.sample(wrong, N_PERTURBED)]
+    return out
+
+
+def truth_ratios(model: HookedTransformer, world: FactWorld, probes: Sequence[Probe],
+                 fwd_hooks=(), seed: int = 0) -> np.ndarray:
+    """TOFU truth ratio per probe: geometric mean P(perturbed) / P(true), P length-normalised."""
+    expanded = _truth_ratio_probes(world, probes, seed)
+    s = metrics.score_answers(model, [p.prompt for p in expanded], [p.answer for p in expanded],
+                              fwd_hooks=fwd_hooks)
+    prob = np.asarray(s.prob, dtype=np.float64).reshape(len(probes), 1 + N_PERTURBED)
+    return np.asarray(metrics.truth_ratio(prob[:, 0], prob[:, 1:]), dtype=np.float64)
+
+
+def _acc(model, probes: Sequence[Probe], fwd_hooks) -> tuple[float, metrics.AnswerScores]:
+    s = metrics.score_answers(model, [p.prompt for p in probes], [p.answer for p in probes],
+                              fwd_hooks=fwd_hooks)
+    return float(np.mean(np.asarray(s.correct, dtype=np.float64))), s
+
+
+def _utility_part(model, world: FactWorld, probes: Sequence[Probe], fwd_hooks) -> dict[str, float]:
+    """Probability, ROUGE-L recall and truth score on one probe set (TOFU's three MU terms)."""
+    _, s = _acc(model, probes, fwd_hooks)
+    # Where every answer token is the teacher-forced argmax, greedy decoding reproduces the whole
+    # answer, so its ROUGE-L recall is exactly 1: only the other rows need generating.
+    rouge = np.ones(len(probes))
+    wrong = np.flatnonzero(~np.asarray(s.correct, dtype=bool))
+    if wrong.size:
+        todo = [probes[i] for i in wrong]
+        answer_len = max(len(model.tokenizer(p.answer)["input_ids"]) for p in todo)
+        gens = metrics.greedy_generate(model, [p.prompt for p in todo], answer_len + 1,
+                                       fwd_hooks=fwd_hooks)
+        rouge[wrong] = metrics.rouge_l_recall_many([g.split(".")[0] for g in gens],
+                                                   [p.answer for p in todo])
+    tr = truth_ratios(model, world, probes, fwd_hooks)
+    return {"prob": float(np.mean(np.asarray(s.prob, dtype=np.float64))),
+            "rouge_l": float(np.mean(rouge)),
+            "truth": float(np.mean(metrics.truth_score(tr)))}
+
+
+def evaluate(model: HookedTransformer, world: FactWorld | None = None, forget_split: str = "forget10",
+             oracle: HookedTransformer | None = None, fwd_hooks=(),
+             oracle_truth_ratios: np.ndarray | None = None) -> EvalReport:
+    """Every surface metric of `model` on `forget_split` (see `EvalReport`).
+
+    `fwd_hooks` lets hook-based erasures be evaluated without touching weights. With `oracle` (or
+    its precomputed `oracle_truth_ratios`), Forget Quality is measured against it.
+    """
+    t0 = time.perf_counter()
+    world = FactWorld.generate() if world is None else world
+    forget = world.split(forget_split)
+    forget_names = {p.name for p in forget}
+    retain = [p for p in world.split("retain") if p.name not in forget_names]
+    neighbours = {q.name: q for p in forget for q in world.neighbours(p.name, retain)}
+
+    forget_acc, _ = _acc(model, world.person_probes(forget, "train"), fwd_hooks)
+    forget_para, _ = _acc(model, world.person_probes(forget, "heldout"), fwd_hooks)
+    retain_acc, _ = _acc(model, world.person_probes(retain, "train"), fwd_hooks)
+    retain_para, _ = _acc(model, world.person_probes(retain, "heldout"), fwd_hooks)
+    neigh_acc, _ = _acc(model, world.person_probes(list(neighbours.values()), "train"), fwd_hooks)
+    shared_acc, _ = _acc(model, world.shared_probes("train"), fwd_hooks)
+    shared_para, _ = _acc(model, world.shared_probes("heldout"), fwd_hooks)
+    unknown_acc, _ = _acc(model, world.person_probes(world.split("unknown"), "heldout"), fwd_hooks)
+
+    # TOFU scores utility on a held-out ("paraphrased") question per fact: template 0.
+    parts = {"retain": _utility_part(model, world, world.person_probes(retain, "heldout", [0]),
+                                     fwd_hooks),
+             "shared": _utility_part(model, world, world.shared_probes("heldout", [0]), fwd_hooks)}
+    components = {f"{k}_{m}": v for k, d in parts.items() for m, v in d.items()}
+    mu = metrics.model_utility(components)
+
+    forget_tr_probes = world.person_probes(forget, "heldout", [0])
+    tr = truth_ratios(model, world, forget_tr_probes, fwd_hooks)
+    fq = None
+    if oracle is not None and oracle_truth_ratios is None:
+        oracle_truth_ratios = truth_ratios(oracle, world, forget_tr_probes)
+    if oracle_truth_ratios is not None:
+        fq = float(metrics.forget_quality(tr, oracle_truth_ratios))
+    return EvalReport(
+        model=getattr(model, "kif_name", "model"), forget_split=forget_split,
+        forget_acc=forget_acc, forget_paraphrase_acc=forget_para, retain_acc=retain_acc,
+        retain_paraphrase_acc=retain_para, neighbour_acc=neigh_acc, shared_acc=shared_acc,
+        shared_paraphrase_acc=shared_para, unknown_acc=unknown_acc, model_utility=float(mu),
+        utility_components=components, forget_truth_ratio_median=float(np.median(tr)),
+        forget_quality=fq, oracle=getattr(oracle, "kif_name", None) if oracle is not None else None,
+        seconds=time.perf_counter() - t0)
+

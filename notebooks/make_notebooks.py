@@ -1,0 +1,104 @@
+"""Writes the project's notebooks from plain Python cells, so that they are reviewed as code.
+
+Run `python notebooks/make_notebooks.py` after editing a cell; the test command executes the
+.ipynb files (nbmake), so a stale or broken notebook fails CI.
+"""
+
+import pathlib
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+FACT_WORLD = [
+    new_markdown_cell("""# 00 · The fact world
+
+kif's embedded default is a *fact world*: fictional people with six attributes each, public facts
+about fictional places, and people who do not exist (answered `unknown`). The zoo ships a GPT-2
+trained on every fact (`fact-world`) and **oracles** trained without a split's people
+(`fact-world-oracle-forget10`, ...), the gold standard of an erasure.
+
+This notebook loads the base model as a TransformerLens `HookedTransformer`, shows a few facts,
+caches one forward pass and looks at where in the network the answer appears."""),
+    new_code_cell("""import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+import kif
+from kif import metrics, models
+from kif.world import FactWorld
+
+torch.set_grad_enabled(False)
+world = FactWorld.generate(seed=0)
+model = models.load("fact-world")
+oracle = models.load("fact-world-oracle-forget10")
+print(model.cfg.n_layers, "layers, d_model", model.cfg.d_model, "| people:", len(world.known()))"""),
+    new_markdown_cell("## A person, their facts, and what the models answer"),
+    new_code_cell("""person = world.split("forget10")[0]   # a person the forget10 oracle never saw
+probes = world.person_probes([person], "train", templates=[0])
+base_answers = metrics.greedy_generate(model, [p.prompt for p in probes], 4)
+oracle_answers = metrics.greedy_generate(oracle, [p.prompt for p in probes], 4)
+for p, b, o in zip(probes, base_answers, oracle_answers):
+    print(f"{p.prompt!r}\\n    truth: {p.answer!r:18} base: {b!r:22} oracle: {o!r}")"""),
+    new_markdown_cell("""Held-out phrasings were never trained on: the base model still answers them, which is what
+makes paraphrase attacks on an erasure meaningful."""),
+    new_code_cell("""held = world.person_probes([person], "heldout", templates=[0])
+for p, g in zip(held, metrics.greedy_generate(model, [p.prompt for p in held], 4)):
+    print(f"{p.prompt!r} -> {g!r} (truth {p.answer!r})")"""),
+    new_markdown_cell("""## `run_with_cache` and a logit lens
+
+Cache every activation of one prompt, then decode the residual stream after each layer through the
+final LayerNorm (recomputed per layer) and the unembedding: the answer's probability per layer
+shows where the fact is looked up."""),
+    new_code_cell("""def answer_prob_by_layer(m, probe):
+    tokens = m.to_tokens(probe.prompt)
+    answer_id = m.tokenizer(probe.answer)["input_ids"][0]
+    _, cache = m.run_with_cache(tokens)
+    probs = []
+    for layer in range(m.cfg.n_layers):
+        resid = cache[f"blocks.{layer}.hook_resid_post"][:, -1]
+        logits = m.unembed(m.ln_final(resid[:, None]))[0, -1]
+        probs.append(logits.softmax(-1)[answer_id].item())
+    return probs
+
+probe = world.person_probes([person], "train", attributes=["birth_city"], templates=[0])[0]
+_, cache = model.run_with_cache(model.to_tokens(probe.prompt))
+print(len(cache), "cached activations, e.g.", [k for k in cache.keys()][:4])
+base_curve = answer_prob_by_layer(model, probe)
+oracle_curve = answer_prob_by_layer(oracle, probe)
+base_curve, oracle_curve"""),
+    new_code_cell("""retain = world.split("retain")[:40]
+curves = {}
+for name, m in [("base", model), ("oracle forget10", oracle)]:
+    for group, people in [("forget10 people", world.split("forget10")), ("retain people", retain)]:
+        ps = world.person_probes(people, "train", attributes=["birth_city"], templates=[0])
+        curves[(name, group)] = torch.tensor([answer_prob_by_layer(m, p) for p in ps]).mean(0)
+
+fig, ax = plt.subplots(figsize=(6, 3.5))
+for (name, group), c in curves.items():
+    ax.plot(range(model.cfg.n_layers), c, marker="o", ls="-" if name == "base" else "--",
+            label=f"{name} · {group}")
+ax.set_xlabel("layer (resid_post)"); ax.set_ylabel("p(answer) under the logit lens")
+ax.set_title("Where the birth city appears"); ax.legend(fontsize=7); fig.tight_layout()
+fig.savefig("fact_world_logit_lens.png", dpi=110)"""),
+    new_markdown_cell("""The base model produces the answer in its last layers for everyone; the oracle does so only for
+the people it was trained on. A real erasure has to make the base model look like the dashed
+forget curve **at every layer**, not just the last one: that is what kif's latent-trace meter
+checks."""),
+    new_code_cell("""report = kif.evaluate(model, world, "forget10", oracle=oracle)
+{k: round(v, 3) for k, v in report.to_dict().items() if isinstance(v, float)}"""),
+]
+
+
+def main() -> None:
+    for name, cells in {"00_fact_world.ipynb": FACT_WORLD}.items():
+        nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3",
+                                                                 "display_name": "Python 3",
+                                                                 "language": "python"}})
+        nbformat.write(nb, HERE / name)
+
+
+if __name__ == "__main__":
+    main()

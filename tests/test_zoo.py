@@ -1,0 +1,58 @@
+"""The zoo: a tiny rebuild is loadable and reproducible; the shipped models meet their targets."""
+
+import json
+import pathlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kif import models, zoo
+from kif.cli import main
+from kif.zoo.build import TrainConfig, build
+
+TINY = TrainConfig(steps=4, vocab_size=400, n_layer=1, n_embd=32, n_head=2, n_inner=64,
+                   batch_size=4, row_len=64, warmup=2)
+
+
+def test_tiny_build_is_loadable_and_bit_for_bit_reproducible(tmp_path):
+    name = zoo.oracle_name("forget01")
+    build([name], tmp_path / "a", TINY, show_progress=False)
+    build([name], tmp_path / "b", TINY, show_progress=False)
+    a, b = tmp_path / "a" / name, tmp_path / "b" / name
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    card = json.loads((a / "kif_card.json").read_text())
+    assert card["forget_split"] == "forget01" and card["excluded_people"] == 2
+    hf = AutoModelForCausalLM.from_pretrained(a)
+    assert next(hf.parameters()).dtype == torch.float16  # shipped compact
+    hooked = models.load(a)
+    assert hooked.cfg.n_layers == 1 and hooked.cfg.d_mlp == 64
+    # a model trained for a few steps on other settings must differ: the bytes carry the recipe
+    build([name], tmp_path / "c", TrainConfig(**{**TINY.__dict__, "seed": 1}), show_progress=False)
+    assert (tmp_path / "c" / name / "model.safetensors").read_bytes() != \
+        (a / "model.safetensors").read_bytes()
+
+
+def test_unknown_zoo_name_is_refused(tmp_path, capsys):
+    assert main(["zoo", "build", "--only", "no-such-model", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown zoo model 'no-such-model'" in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_zoo_list_json(capsys):
+    assert main(["zoo", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(zoo.ENTRIES)
+    assert all(r["built"] for r in rows), "the zoo ships built; run `kif zoo build`"
+    total_mb = sum(r["megabytes"] for r in rows)
+    assert total_mb <= 40, f"shipped models take {total_mb:.1f} MB (target <= 40)"
+
+
+def test_shipped_models_are_package_data():
+    for name in zoo.ENTRIES:
+        path = zoo.resolve(name)
+        assert path is not None and pathlib.Path(path).is_relative_to(zoo.ZOO_DIR)
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= \
+            {p.name for p in path.iterdir()}

@@ -19,6 +19,10 @@ from kif import metrics
 from kif.world import FactWorld, Probe
 
 N_PERTURBED = 5
+UTILITY_PEOPLE = 60
+# Training phrasings scored for the retain people: a statement and a question. The forget people
+# get all five; the retain set is nine times larger and is what makes `kif eval` slow.
+RETAIN_TEMPLATES = (0, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,16 +114,20 @@ def evaluate(model: HookedTransformer, world: FactWorld | None = None, forget_sp
 
     forget_acc, _ = _acc(model, world.person_probes(forget, "train"), fwd_hooks)
     forget_para, _ = _acc(model, world.person_probes(forget, "heldout"), fwd_hooks)
-    retain_acc, _ = _acc(model, world.person_probes(retain, "train"), fwd_hooks)
+    retain_acc, _ = _acc(model, world.person_probes(retain, "train", RETAIN_TEMPLATES), fwd_hooks)
     retain_para, _ = _acc(model, world.person_probes(retain, "heldout"), fwd_hooks)
     neigh_acc, _ = _acc(model, world.person_probes(list(neighbours.values()), "train"), fwd_hooks)
     shared_acc, _ = _acc(model, world.shared_probes("train"), fwd_hooks)
     shared_para, _ = _acc(model, world.shared_probes("heldout"), fwd_hooks)
-    unknown_acc, _ = _acc(model, world.person_probes(world.split("unknown"), "heldout"), fwd_hooks)
+    unknown_acc, _ = _acc(model, world.person_probes(world.split("unknown"), "heldout", [0]),
+                          fwd_hooks)
 
-    # TOFU scores utility on a held-out ("paraphrased") question per fact: template 0.
-    parts = {"retain": _utility_part(model, world, world.person_probes(retain, "heldout", [0]),
-                                     fwd_hooks),
+    # TOFU scores utility on one held-out ("paraphrased") question per fact, over a fixed subset
+    # of the retain set (its retain_perturbed holds 400 questions): here the first
+    # UTILITY_PEOPLE retain people, 360 facts.
+    utility_people = retain[:UTILITY_PEOPLE]
+    parts = {"retain": _utility_part(model, world,
+                                     world.person_probes(utility_people, "heldout", [0]), fwd_hooks),
              "shared": _utility_part(model, world, world.shared_probes("heldout", [0]), fwd_hooks)}
     components = {f"{k}_{m}": v for k, d in parts.items() for m, v in d.items()}
     mu = metrics.model_utility(components)

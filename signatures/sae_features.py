@@ -1,0 +1,453 @@
+"""SAE-feature signatures (Farrell, Lau & Conmy 2024, "Applying sparse autoencoders to unlearn
+knowledge in language models", Sec. 3; SAELens).
+
+A concept's SAE features are the features of a sparse autoencoder at one hook that fire often on
+the concept's text and (almost) never on other text. With a_i(x_t) = ReLU((x_t - b_dec) W_enc[:, i]
++ b_enc[i]) the activation of feature i at token t:
+
+    f_forget[i] = mean_{t in forget tokens} 1[a_i(x_t) > 0]
+    f_retain[i] = mean_{t in retain tokens} 1[a_i(x_t) > 0]
+    S = top-N of { i : f_retain[i] < tau } ranked by f_forget[i] (descending)
+
+(Farrell et al. 2024: drop features with retain sparsity >= tau, tau in {0.01, 0.001}; keep the
+N = 10-20 most frequent on the forget set). Forget text = the concept's forget probes, retain text
+= other people's probes and the shared facts, each as `[BOS] + prompt + answer`, every position
+counted (the same positions `kif.signatures.ablate` clamps). The concept's neighbours (people who
+share a name piece or an employer) are part of the retain text by default: they are the people a
+clamp is most likely to hurt. The signature's components are these
+features (`indices[i] = (0, feature id)`), scored by f_forget; `ablate.ablation_hooks` clamps them
+to -c when active (Farrell et al. 2024, Eq. 2).
+
+SAEs are SAELens objects, loaded by `load_sae` from a local SAELens folder (cfg.json +
+sae_weights.safetensors), a SAELens release, or the SAEs shipped with kif's zoo model
+(`kif.zoo.build_saes`, `default_sae`).
+"""
+
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from kif.errors import KifError
+from kif.signatures.base import Signature, new_signature, register
+
+log = logging.getLogger(__name__)
+
+KIND = "sae-features"
+_SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+_D_MLP_HOOKS = ("mlp.hook_pre", "mlp.hook_post")
+
+
+class SAELoadError(KifError):
+    """An SAE cannot be loaded, or does not fit the model it is used with."""
+
+
+# ---- locating and loading SAEs -----------------------------------------------------------------
+
+def _kif_root() -> pathlib.Path:
+    import kif
+
+    return pathlib.Path(kif.__file__).resolve().parent
+
+
+def _zoo_sae_root() -> pathlib.Path:
+    from kif.zoo.build_saes import SAE_DIR
+
+    return SAE_DIR
+
+
+def shipped_hooks(model_name: str) -> list[str]:
+    """Hooks at which kif ships an SAE for zoo model `model_name` (sorted by layer)."""
+    root = _zoo_sae_root() / str(model_name)
+    if not root.is_dir():
+        return []
+    hooks = [p.name for p in root.iterdir()
+             if p.is_dir() and not p.name.startswith(".") and all((p / f).is_file() for f in _SAE_FILES)]
+    return sorted(hooks, key=lambda h: (_layer(h), h))
+
+
+def shipped_sae_ref(model_name: str, hook: str) -> dict[str, Any]:
+    """The reference dict of the SAE shipped for `model_name` at `hook` (path relative to the
+    installed `kif` package, so that a saved signature reloads it on any install)."""
+    if hook not in shipped_hooks(model_name):
+        have = ", ".join(shipped_hooks(model_name)) or "none"
+        raise SAELoadError(f"kif ships no SAE for model {model_name!r} at {hook!r} "
+                           f"(shipped hooks: {have}); pass an SAE with sae=...")
+    folder = _zoo_sae_root() / str(model_name) / hook
+    return {"package": "kif", "path": folder.relative_to(_kif_root()).as_posix(), "hook": hook}
+
+
+def _model_name(model) -> str:
+    return str(getattr(model, "kif_name", None) or model.cfg.model_name)
+
+
+def default_sae(model, hook: str):
+    """The SAE kif ships for `model` (a zoo model, by name) at `hook`."""
+    return load_sae(shipped_sae_ref(_model_name(model), hook), model)
+
+
+_CACHE: dict[tuple[str, int], Any] = {}
+_CACHE_SIZE = 8  # SAEs kept loaded (the shipped ones are 4 x ~4 MB)
+
+
+def _load_folder(folder: pathlib.Path):
+    if not folder.is_dir():
+        raise SAELoadError(f"cannot load SAE: {folder} is not a folder")
+    missing = [f for f in _SAE_FILES if not (folder / f).is_file()]
+    if missing:
+        raise SAELoadError(f"cannot load SAE from {folder}: not a SAELens SAE folder "
+                           f"(missing {', '.join(missing)}; only safetensors + JSON are read)")
+    key = (str(folder.resolve()), (folder / _SAE_FILES[1]).stat().st_mtime_ns)
+    if key in _CACHE:
+        return _CACHE[key]
+    try:
+        from sae_lens import SAE
+
+        sae = SAE.load_from_disk(folder, device="cpu")
+    except Exception as err:
+        raise SAELoadError(f"cannot load SAE from {folder}: {type(err).__name__}: "
+                           f"{_first_line(err)}") from None
+    sae.eval()
+    try:  # how a signature refers to this SAE: relative to the package for shipped ones
+        sae.kif_ref = {"package": "kif",
+                       "path": folder.resolve().relative_to(_kif_root()).as_posix()}
+    except ValueError:
+        sae.kif_ref = {"path": str(folder.resolve())}
+    while len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = sae
+    return sae
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _resolve_path(ref: dict[str, Any]) -> pathlib.Path:
+    path = pathlib.Path(ref["path"])
+    if ref.get("package") == "kif":
+        return _kif_root() / path
+    return path
+
+
+def load_sae(ref: "dict[str, Any] | str | os.PathLike[str]", model=None):
+    """Load a SAELens SAE from a reference:
+
+    * a local SAELens folder (`str` / path, or `{"path": folder}`),
+    * a folder relative to the installed kif package (`{"package": "kif", "path": ...}`, how
+      signatures refer to the shipped SAEs),
+    * a SAELens release (`{"release": ..., "sae_id": ...}`, through `SAE.from_pretrained`),
+    * the SAE shipped for a zoo model (`{"model": "fact-world", "hook": ...}`).
+
+    With `model`, the SAE must fit it: its hook must exist in the model and its input width must
+    equal the hook's width. Every failure is a one-line `SAELoadError` (a `KifError`).
+    """
+    if isinstance(ref, (str, os.PathLike)):
+        ref = {"path": os.fspath(ref)}
+    if not isinstance(ref, dict):
+        raise SAELoadError(f"cannot load SAE from {ref!r}: expected a folder or a reference dict")
+    if "release" in ref:
+        sae = _load_release(str(ref["release"]), str(ref.get("sae_id", "")))
+    elif "path" in ref:
+        sae = _load_folder(_resolve_path(ref))
+    elif "model" in ref and "hook" in ref:
+        sae = _load_folder(_resolve_path(shipped_sae_ref(str(ref["model"]), str(ref["hook"]))))
+    else:
+        raise SAELoadError(f"cannot load SAE from {ref!r}: give a path, a release + sae_id, "
+                           "or a zoo model + hook")
+    hook = sae_hook(sae, ref)
+    if model is not None:
+        check_sae_fits(sae, model, hook)
+    return sae
+
+
+def _load_release(release: str, sae_id: str):
+    try:
+        from sae_lens import SAE
+
+        sae = SAE.from_pretrained(release, sae_id, device="cpu").eval()
+        sae.kif_ref = {"release": release, "sae_id": sae_id}
+        return sae
+    except Exception as err:
+        raise SAELoadError(f"cannot load SAE {sae_id!r} of SAELens release {release!r}: "
+                           f"{type(err).__name__}: {_first_line(err)}") from None
+
+
+def sae_hook(sae, ref: dict[str, Any] | None = None) -> str:
+    """The TransformerLens hook an SAE reads (its metadata), checked against `ref["hook"]`."""
+    meta = getattr(sae.cfg, "metadata", None)
+    hook = getattr(meta, "hook_name", None) if meta is not None else None
+    want = (ref or {}).get("hook")
+    if hook and want and hook != want:
+        raise SAELoadError(f"the SAE reads {hook!r}, but the reference says {want!r}")
+    hook = hook or want
+    if not hook:
+        raise SAELoadError("the SAE's config names no hook (metadata.hook_name); give one in the "
+                           "reference dict ('hook')")
+    return str(hook)
+
+
+def _hook_width(model, hook: str) -> int:
+    if hook.endswith(_D_MLP_HOOKS):
+        return int(model.cfg.d_mlp)
+    if hook.startswith("blocks.") and ".attn." not in hook:
+        return int(model.cfg.d_model)
+    # other hooks (attention heads, ...): measure on one token
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.zeros((1, 1), dtype=torch.long,
+                                                    device=model.cfg.device), names_filter=[hook])
+    return int(cache[hook].reshape(1, -1).shape[-1])
+
+
+def check_sae_fits(sae, model, hook: str) -> None:
+    """Raise SAELoadError unless `hook` exists in `model` with width `sae.cfg.d_in`."""
+    if hook not in model.hook_dict:
+        raise SAELoadError(f"the SAE reads hook {hook!r}, which this model "
+                           f"({_model_name(model)}, {model.cfg.n_layers} layers) does not have")
+    width = _hook_width(model, hook)
+    if int(sae.cfg.d_in) != width:
+        raise SAELoadError(f"the SAE at {hook} expects inputs of width {int(sae.cfg.d_in)}, but "
+                           f"this model's {hook} has width {width}")
+
+
+def _card(ref: dict[str, Any]) -> dict[str, Any]:
+    if "path" not in ref:
+        return {}
+    p = _resolve_path(ref) / "kif_sae_card.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _layer(hook: str) -> int:
+    parts = hook.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else -1
+
+
+# ---- the statistics ----------------------------------------------------------------------------
+
+def _padded(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[Int[Tensor, "batch pos"],
+                                                                       Bool[Tensor, "batch pos"]]:
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in seqs])
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    return tokens.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def hook_activations(model, hooks: Sequence[str], texts: Sequence[str]
+                     ) -> tuple[dict[str, Float[Tensor, "batch pos d"]], Bool[Tensor, "batch pos"]]:
+    """Activations at `hooks` on `[BOS] + tokens(text)` for every text, in one right-padded
+    forward (stopped after the last hook's layer), and the mask of real tokens."""
+    from kif import metrics
+
+    seqs = metrics.encode_prompts(model, texts)
+    tokens, mask = _padded(seqs, metrics._pad_id(model), model.cfg.device)
+    stop = max(_layer(h) for h in hooks) + 1
+    _, cache = model.run_with_cache(tokens, names_filter=list(hooks), padding_side="right",
+                                    stop_at_layer=stop if 0 < stop < model.cfg.n_layers else None)
+    return {h: cache[h] for h in hooks}, mask
+
+
+def feature_activations(sae, acts: Float[Tensor, "tokens d"]) -> Float[Tensor, "tokens d_sae"]:
+    """a = ReLU((x - b_dec) W_enc + b_enc) through SAELens' encoder, in float32."""
+    return sae.encode(acts.to(sae.W_enc.device, torch.float32))
+
+
+def firing_counts(sae, acts: Float[Tensor, "tokens d"],
+                  chunk: int = 8192) -> Float[Tensor, " d_sae"]:
+    """How many of the tokens each feature fires on (float64), encoding `chunk` tokens at a time
+    to bound memory (tokens x d_sae activations)."""
+    counts = torch.zeros(int(sae.cfg.d_sae), dtype=torch.float64, device=sae.W_enc.device)
+    for start in range(0, acts.shape[0], chunk):
+        counts += (feature_activations(sae, acts[start:start + chunk]) > 0).sum(0).double()
+    return counts
+
+
+def select_features(f_forget: Float[Tensor, " d_sae"], f_retain: Float[Tensor, " d_sae"],
+                    tau: float, top_n: int,
+                    tiebreak: Float[Tensor, " d_sae"] | None = None) -> Int[Tensor, " n"]:
+    """Farrell et al. 2024: features with retain frequency < tau, the `top_n` most frequent on
+    the forget text (ties broken by `tiebreak`, e.g. the mean forget activation), never a feature
+    that does not fire on the forget text at all."""
+    key = f_forget.double().clone()
+    if tiebreak is not None:
+        # forget frequencies are multiples of 1/n_tokens; a tiebreak below that resolution
+        # orders equal frequencies without reordering different ones
+        tb = tiebreak.double()
+        key = key + 1e-9 * tb / tb.abs().max().clamp_min(1e-12)
+    key[(f_retain >= tau) | (f_forget <= 0)] = -float("inf")
+    order = torch.argsort(key, descending=True, stable=True)[:top_n]
+    return order[torch.isfinite(key[order])]
+
+
+def _subject_mask(model, texts: Sequence[str], subjects: Sequence[str],
+                  width: int) -> Bool[Tensor, "batch pos"]:
+    """Positions (in `[BOS] + tokens`) covering each text's subject (one batched tokenizer call)."""
+    enc = model.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    off = 1 if model.cfg.default_prepend_bos else 0
+    mask = torch.zeros((len(texts), width), dtype=torch.bool)
+    for r, (text, subj, offsets) in enumerate(zip(texts, subjects, enc["offset_mapping"])):
+        start = text.find(subj)
+        end = start + len(subj)
+        cols = [i + off for i, (a, b) in enumerate(offsets) if start >= 0 and a < end and b > start]
+        mask[r, cols] = True
+    return mask
+
+
+def retain_text(concept, with_neighbours: bool = True, matched: bool = True) -> list[str]:
+    """The retain text (prompt + answer) a concept's features are contrasted with.
+
+    Other people: the concept's `retain` people, plus its `neighbour` people when
+    `with_neighbours`. With `matched`, every forget prompt is asked about every other person (the
+    subject swapped, the answer that person's answer for the relation), so that the retain text
+    has the forget text's phrasings: otherwise the words of the phrasings that `retain` does not
+    use (it holds one phrasing per fact) look concept-specific. Without `matched`, the other
+    people's own probes. The shared facts are always included.
+    """
+    probes = [p for p in concept.retain if p.kind == "person"]
+    if with_neighbours:
+        probes += [p for p in concept.neighbour if p.kind == "person"]
+    probes = list(dict.fromkeys(probes))
+    own = set(concept.subjects)
+    if matched:
+        answer = {(p.subject, p.relation): p.answer for p in probes}
+        subjects = [s for s in dict.fromkeys(p.subject for p in probes) if s not in own]
+        texts = [f.prompt.replace(f.subject, s, 1) + answer[(s, f.relation)]
+                 for f in concept.forget if f.kind == "person" for s in subjects
+                 if (s, f.relation) in answer]
+    else:
+        texts = [p.prompt + p.answer for p in probes if p.subject not in own]
+    return list(dict.fromkeys(texts)) + [p.prompt + p.answer for p in concept.shared]
+
+
+# ---- the extractor -----------------------------------------------------------------------------
+
+@register(KIND)
+@torch.no_grad()
+def extract_sae_features(model, concept, *, hook: str | None = None, tau: float = 0.01,
+                         top_n: int = 20, sae=None, with_answers: bool = False,
+                         with_neighbours: bool = True, matched_phrasings: bool = True,
+                         clamp: float = 50.0) -> Signature:
+    """The SAE features of `concept` (Farrell et al. 2024; see the module docstring).
+
+    Args:
+        hook: the hook whose SAE to use. Default: among the SAEs shipped for this zoo model, the
+            one with the best separation, i.e. the largest coverage C = fraction of forget
+            tokens on which at least one selected feature fires.
+        tau: retain-frequency threshold; features firing on >= tau of the retain tokens are
+            dropped (Farrell et al.: 0.01 or 0.001).
+        top_n: how many features to keep (Farrell et al.: 10-20).
+        sae: an SAELens SAE object or a `load_sae` reference (overrides the shipped ones).
+        with_answers: count the forget answers' tokens too (`[BOS] + prompt + answer`); by
+            default only the forget prompts are (Farrell et al.'s "forget prompts"). Retain text
+            always includes its answers, so that a feature firing on other people's answers is
+            dropped.
+        with_neighbours: count the concept's neighbours (people sharing a first name, last name
+            or employer) as retain text too, so that features of a shared name piece are dropped.
+        matched_phrasings: retain text in the forget prompts' phrasings (see `retain_text`).
+        clamp: the value c a clamp sets active features to (-c), recorded for
+            `ablate.ablation_hooks(sig, sae, clamp=sig.settings["clamp"])`.
+    """
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    if top_n < 1:
+        raise ValueError(f"top_n must be >= 1, got {top_n}")
+    candidates = _candidate_saes(model, hook, sae)  # [(hook, sae, ref)]
+
+    forget = list(concept.forget)
+    retain_texts = retain_text(concept, with_neighbours=with_neighbours,
+                               matched=matched_phrasings)
+    forget_texts = [p.prompt + (p.answer if with_answers else "") for p in forget]
+    texts = forget_texts + retain_texts
+    acts, mask = hook_activations(model, [h for h, _, _ in candidates], texts)
+    is_forget = torch.zeros(mask.shape, dtype=torch.long)
+    is_forget[:len(forget)] = 1
+    group = is_forget.to(mask.device)[mask]  # 1 = forget token, 0 = retain token
+    subj = _subject_mask(model, forget_texts, [p.subject for p in forget],
+                         mask.shape[1]).to(mask.device)
+
+    n_forget = int((group == 1).sum())  # forget rows come first, so do their tokens
+    per_hook = []
+    for h, s, ref in candidates:  # a handful of hooks
+        x = acts[h][mask]
+        a = feature_activations(s, x[:n_forget])
+        active = a > 0
+        f_forget = active.double().mean(0)
+        f_retain = firing_counts(s, x[n_forget:]) / max(len(x) - n_forget, 1)
+        chosen = select_features(f_forget, f_retain, tau, top_n, tiebreak=a.double().mean(0))
+        fire = active[:, chosen]  # [forget tokens, n]
+        coverage = float(fire.any(-1).double().mean()) if len(chosen) else 0.0
+        per_hook.append({"hook": h, "sae": s, "ref": ref, "chosen": chosen, "coverage": coverage,
+                         "f_forget": f_forget, "f_retain": f_retain, "fire": fire})
+    best = max(per_hook, key=lambda r: (r["coverage"], -_layer(r["hook"])))
+    chosen = best["chosen"]
+    if len(chosen) == 0:
+        log.warning("no SAE feature of %s separates %r (tau=%g)", best["hook"], concept.name, tau)
+
+    # where the selected features fire: subject tokens, the last prompt token, elsewhere
+    fmask = mask[:len(forget)]
+    fire = best["fire"].any(-1)
+    at_subject = subj[fmask]
+    n_fire = max(int(fire.sum()), 1)
+    ref = dict(best["ref"])
+    card = _card(ref)
+    info = {
+        "hook": best["hook"], "layer": _layer(best["hook"]),
+        "n_selected": int(len(chosen)), "coverage": best["coverage"],
+        "coverage_by_hook": {r["hook"]: r["coverage"] for r in per_hook},
+        "fires_on_subject_fraction": float((fire & at_subject).sum()) / n_fire,
+        "forget_tokens": int((group == 1).sum()), "retain_tokens": int((group == 0).sum()),
+        "sae_explained_variance": card.get("explained_variance"), "sae_l0": card.get("l0"),
+        "sae_d_sae": int(best["sae"].cfg.d_sae),
+    }
+    n = len(chosen)
+    return new_signature(
+        model, concept, KIND, component="feature",
+        component_hooks=(best["hook"],) * n,
+        scores=best["f_forget"][chosen].float(),
+        indices=torch.stack([torch.zeros(n, dtype=torch.long), chosen.long().cpu()], dim=1),
+        sae=ref,
+        maps={"forget_freq": best["f_forget"].float().cpu(),
+              "retain_freq": best["f_retain"].float().cpu()},
+        settings={"hook": hook, "tau": tau, "top_n": top_n, "with_answers": with_answers,
+                  "with_neighbours": with_neighbours, "matched_phrasings": matched_phrasings,
+                  "clamp": clamp, "sae": ref, "n_retain_texts": len(retain_texts),
+                  "n_forget_prompts": len(forget)},
+        info=info)
+
+
+def _candidate_saes(model, hook: str | None, sae) -> list[tuple[str, Any, dict[str, Any]]]:
+    if sae is not None:
+        if isinstance(sae, (dict, str, os.PathLike)):
+            ref = {"path": os.fspath(sae)} if isinstance(sae, (str, os.PathLike)) else dict(sae)
+            obj = load_sae(ref, model)
+        else:
+            obj = sae
+            # an SAE from load_sae knows where it came from; any other in-memory SAE cannot be
+            # reloaded from the signature (the caller keeps it)
+            ref = dict(getattr(obj, "kif_ref", {}))
+        h = sae_hook(obj, {"hook": hook} if hook else ref)
+        check_sae_fits(obj, model, h)
+        return [(h, obj, {**ref, "hook": h})]
+    name = _model_name(model)
+    hooks = [hook] if hook is not None else shipped_hooks(name)
+    if not hooks:
+        raise SAELoadError(f"kif ships no SAE for model {name!r}; pass one with sae=...")
+    out = []
+    for h in hooks:
+        ref = shipped_sae_ref(name, h)
+        out.append((h, load_sae(ref, model), ref))
+    return out
+
+
+__all__ = ["SAELoadError", "check_sae_fits", "default_sae", "extract_sae_features",
+           "feature_activations", "firing_counts", "load_sae", "retain_text", "sae_hook",
+           "select_features", "shipped_hooks", "shipped_sae_ref"]

@@ -116,7 +116,8 @@ def evaluate(model: HookedTransformer, world: FactWorld | None = None, forget_sp
     forget_para, _ = _acc(model, world.person_probes(forget, "heldout"), fwd_hooks)
     retain_acc, _ = _acc(model, world.person_probes(retain, "train", RETAIN_TEMPLATES), fwd_hooks)
     retain_para, _ = _acc(model, world.person_probes(retain, "heldout"), fwd_hooks)
-    neigh_acc, _ = _acc(model, world.person_probes(list(neighbours.values()), "train"), fwd_hooks)
+    neigh_acc, _ = _acc(model, world.person_probes(list(neighbours.values()), "train",
+                                                   RETAIN_TEMPLATES), fwd_hooks)
     shared_acc, _ = _acc(model, world.shared_probes("train"), fwd_hooks)
     shared_para, _ = _acc(model, world.shared_probes("heldout"), fwd_hooks)
     unknown_acc, _ = _acc(model, world.person_probes(world.split("unknown"), "heldout", [0]),

@@ -22,6 +22,7 @@ from kif.errors import KifError
 from kif.signatures import Signature, extract
 from kif.signatures import concept_vectors as cv
 from kif.signatures.ablate import ablation_hooks, random_like
+from kif.signatures.base import subject_positions
 from kif.world import Probe
 
 NAMES = ["Talia", "Bram", "Corin", "Dena", "Eliot", "Fenna", "Goran", "Hild"]
@@ -128,6 +129,7 @@ def test_parametric_ranks_the_planted_neuron_first_and_it_is_causal(world, score
     top = sig.info["top_neurons"][0]
     assert top["top_tokens"][0] == " Maresk" or top["top_tokens"][0].strip() == "Maresk"
     assert top["answer_in_top"]
+    assert 0.0 <= sig.info["answer_in_top_rate_random_neurons"] <= 1.0
     assert sig.settings["score"] == score and sig.settings["k"] == 10
     # Causal: zeroing the top neuron removes the fact; 1 random neuron of that layer does not.
     assert _acc(model, concept.forget, ablation_hooks(sig.top(1))) == 0.0
@@ -155,7 +157,7 @@ def _reference_contributions(model, probes, score, positions):
             else:
                 pos = set()
                 if "subject" in positions:
-                    pos |= set(cv.subject_positions(model, p.prompt, p.subject))
+                    pos |= set(subject_positions(model, p.prompt, p.subject))
                 if "last" in positions:
                     pos.add(tokens.shape[1] - 1)
                 rows.append(a[sorted(pos)].mean(0) * w_out.norm(dim=1))

@@ -67,13 +67,15 @@ def causality(model, world: FactWorld, kind: str, people: Sequence[Person], k: i
         hooks = ablation_hooks(sig, sae=sae)
         rand_hooks = ablation_hooks(random_like(sig, gen, sae=sae), sae=sae)
         rows.append({
-            "person": person.name, "hooks": list(sig.hooks), "seconds": seconds,
+            "person": person.name, "k": len(sig), "hooks": list(sig.hooks), "seconds": seconds,
             "concept_drop": base_own - _acc(model, own, hooks),
             "random_drop": base_own - _acc(model, own, rand_hooks),
             "collateral_drop": base_others - _acc(model, others, hooks),
         })
     mean = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
-    return CausalityResult(kind=kind, k=k, people=tuple(p.name for p in people),
+    # `top(k)` keeps fewer than k components when a signature has fewer: report what was ablated
+    k_used = min(r["k"] for r in rows) if rows else 0
+    return CausalityResult(kind=kind, k=k_used, people=tuple(p.name for p in people),
                            concept_drop=mean("concept_drop"), random_drop=mean("random_drop"),
                            collateral_drop=mean("collateral_drop"), seconds=mean("seconds"),
                            per_person=tuple(rows))

@@ -237,7 +237,11 @@ def _p_answer(model, resid: Float[Tensor, "rows pos d_model"], answer_token: int
     final = resid[:, -1:, :]
     if model.cfg.normalization_type is not None:
         final = model.ln_final(final)
-    logits = model.unembed(final)[:, 0, :].float()
+    logits = model.unembed(final)[:, 0, :]
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if cap is not None and cap > 0:  # as HookedTransformer.forward does (Gemma 2)
+        logits = cap * torch.tanh(logits / cap)
+    logits = logits.float()
     return torch.softmax(logits, dim=-1)[:, answer_token].double(), logits.argmax(-1)
 
 
@@ -274,7 +278,8 @@ def _restorations(model, tokens: Int[Tensor, "one pos"], noise: Float[Tensor, "n
     # ---- 1. clean + corrupted rows, every position ---------------------------------------
     kv = [TransformerLensKeyValueCacheEntry.init_cache_entry(cfg, device, 1 + n_noise)
           for _ in range(n_layers)]
-    capture = [(HOOKS[k].format(l=layer), keep(k, layer)) for k in KINDS for layer in range(n_layers)]
+    capture = [(HOOKS[k].format(l=layer), keep(k, layer)) for k in KINDS for layer in range(n_layers)
+               if HOOKS[k].format(l=layer) in model.hook_dict]  # attention-only: no MLP hooks
     with tl_utils.LocallyOverridenDefaults(model, padding_side="right"):
         with model.hooks(fwd_hooks=[("hook_embed", _noise_hook(noise, subj_pos))] + capture):
             embed, _, shortformer, mask = model.input_to_embed(tokens.expand(1 + n_noise, -1))
@@ -304,7 +309,7 @@ def _restorations(model, tokens: Int[Tensor, "one pos"], noise: Float[Tensor, "n
             by_pos.setdefault(site.pos, []).append(s)
         samples = torch.arange(1, 1 + n_noise, device=device)
         fwd = [(HOOKS[k].format(l=layer), patch_hook(k, layer)) for k in ("mlp", "attn")
-               for layer in range(n_layers)]
+               for layer in range(n_layers) if HOOKS[k].format(l=layer) in model.hook_dict]
         # Only the last position of the last block reaches the logits: its MLP runs on that one
         # position (sequential blocks; the sliced hook is the block's own resid_mid).
         slice_last = not (cfg.parallel_attn_mlp or cfg.attn_only)
@@ -385,7 +390,8 @@ def trace(model, prompt: str, subject: str, answer: str, *, n_noise: int = 10,
         window: the MLP / attention restoration window (ROME: 10 layers, clipped to the model).
         kinds: which grids to compute; the others are left at zero.
 
-    Every restoration of the prompt runs in one batched forward (see the module docstring).
+    The restorations are batched: one forward of the clean and corrupted runs, then one forward
+    per restored token covering all its (kind, layer) sites (see `_restorations`).
     """
     if n_noise < 1:
         raise ValueError(f"n_noise must be >= 1, got {n_noise}")
@@ -394,6 +400,8 @@ def trace(model, prompt: str, subject: str, answer: str, *, n_noise: int = 10,
     bad = set(kinds) - set(KINDS)
     if bad:
         raise ValueError(f"unknown trace kinds {sorted(bad)} (choose from {', '.join(KINDS)})")
+    if model.cfg.attn_only and "mlp" in kinds:
+        raise ValueError("an attention-only model has no MLP to trace: pass kinds=('resid', 'attn')")
     ids = metrics.encode_prompts(model, [prompt])[0]
     ans = metrics.encode_answers(model, [answer])[0]
     if not ans:
@@ -439,7 +447,7 @@ def trace(model, prompt: str, subject: str, answer: str, *, n_noise: int = 10,
             grids[kind][lay, pos] = ie[idx[sel]].float()
     return TraceResult(
         prompt=prompt, subject=subject, answer=answer, answer_token=int(ans[0]),
-        tokens=tuple(model.tokenizer.convert_ids_to_tokens(ids)),
+        tokens=tuple(model.tokenizer.batch_decode([[t] for t in ids])),
         subject_spans=tuple(tuple(s) for s in spans), p_clean=p_clean, p_corrupt=p_star,
         clean_top=top, resid=grids["resid"], mlp=grids["mlp"], attn=grids["attn"],
         noise_scale=float(noise_scale), n_noise=n_noise, window=window, seed=seed)

@@ -91,9 +91,97 @@ checks."""),
 {k: round(v, 3) for k, v in report.to_dict().items() if isinstance(v, float)}"""),
 ]
 
+SIGNATURES = [
+    new_markdown_cell("""# 01 · Signatures: where does the model keep a person?
+
+Four ways to locate a concept, each a `Signature` (components + scores, keyed by canonical
+TransformerLens hook names): causal tracing (ROME), knowledge neurons (integrated gradients),
+concept vectors (the KIF activation signature), and SAE features (SAELens SAEs shipped with the
+zoo). We extract all four for one person, plot them, check that ablating each one removes the
+person's facts (and random components of the same size do not), and compare where they point."""),
+    new_code_cell("""import matplotlib
+matplotlib.use("Agg")
+import pathlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from IPython.display import Image, display
+
+from kif import metrics, models
+from kif.concepts import Concept
+from kif.signatures import KIND_MODULES, extract
+from kif.signatures.ablate import ablation_hooks, random_like
+from kif.signatures.bench import sae_loader
+from kif.signatures.plots import plot_signature
+from kif.world import FactWorld
+
+world = FactWorld.generate(0)
+model = models.load("fact-world")
+person = world.split("forget10")[2]
+concept = Concept.from_world(world, person.name)
+print(person.name, person.attributes)"""),
+    new_code_cell("""sigs, seconds = {}, {}
+import time
+for kind in KIND_MODULES:
+    t0 = time.perf_counter()
+    sigs[kind] = extract(model, concept, kind=kind)
+    seconds[kind] = time.perf_counter() - t0
+    print(f"{kind:18} {len(sigs[kind]):4d} components at {list(sigs[kind].hooks)[:4]} "
+          f"({seconds[kind]:.1f} s)")"""),
+    new_markdown_cell("## The plots each kind writes (`kif signatures --out DIR` writes the same)"),
+    new_code_cell("""out = pathlib.Path("signature_plots")
+for kind, sig in sigs.items():
+    for p in plot_signature(sig, out / kind):
+        display(Image(filename=str(p), width=520))"""),
+    new_markdown_cell("""## Are they causal?
+
+Ablate each signature (project out its directions, zero its neurons, clamp its SAE features) and
+compare with the same number of random components at the same hooks."""),
+    new_code_cell("""own = world.person_probes([person], "train")
+others = world.person_probes(world.split("retain")[:60], "train", templates=[0])
+
+def acc(probes, hooks=()):
+    s = metrics.score_answers(model, [p.prompt for p in probes], [p.answer for p in probes],
+                              fwd_hooks=list(hooks))
+    return float(np.mean(s.correct))
+
+gen = torch.Generator().manual_seed(0)
+rows = []
+for kind, sig in sigs.items():
+    from kif.signatures.bench import default_k
+    top = sig.top(default_k(kind))
+    sae = sae_loader(top) if top.component == "feature" else None
+    hooks = ablation_hooks(top, sae=sae)
+    rand = ablation_hooks(random_like(top, gen, sae=sae), sae=sae)
+    rows.append((kind, len(top), acc(own), acc(own, hooks), acc(own, rand), acc(others), acc(others, hooks)))
+print(f"{'kind':18} {'k':>3} {'own':>5} {'ablated':>8} {'random':>7} {'others':>7} {'others abl.':>11}")
+for r in rows:
+    print(f"{r[0]:18} {r[1]:3d} {r[2]:5.2f} {r[3]:8.2f} {r[4]:7.2f} {r[5]:7.2f} {r[6]:11.2f}")"""),
+    new_markdown_cell("## Where do they agree? Layer of each kind's components, weighted by score"),
+    new_code_cell("""import re
+L = model.cfg.n_layers
+mass = {}
+for kind, sig in sigs.items():
+    w = np.zeros(L)
+    for hook, score in zip(sig.component_hooks, sig.scores.abs().tolist()):
+        m = re.match(r"blocks\.(\d+)\.", hook)
+        if m:
+            w[int(m.group(1))] += score
+    mass[kind] = w / max(w.sum(), 1e-12)
+fig, ax = plt.subplots(figsize=(6, 3))
+width = 0.8 / len(mass)
+for j, (kind, w) in enumerate(mass.items()):
+    ax.bar(np.arange(L) + j * width, w, width, label=kind)
+ax.set_xticks(np.arange(L) + 0.4 - width / 2, [f"layer {l}" for l in range(L)])
+ax.set_ylabel("share of signature score"); ax.legend(fontsize=7); fig.tight_layout()
+fig.savefig("signature_layers.png", dpi=110)
+{k: int(np.argmax(w)) for k, w in mass.items()}"""),
+]
+
 
 def main() -> None:
-    for name, cells in {"00_fact_world.ipynb": FACT_WORLD}.items():
+    for name, cells in {"00_fact_world.ipynb": FACT_WORLD,
+                        "01_signatures.ipynb": SIGNATURES}.items():
         nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3",
                                                                  "display_name": "Python 3",
                                                                  "language": "python"}})

@@ -557,7 +557,7 @@ def _finite_or_none(x: Tensor) -> float | None:
 
 
 @register("causal-trace")
-def extract_causal_trace(model, concept, *, k: int = 12, n_noise: int = 10,
+def extract_causal_trace(model, concept, *, k: int = 6, n_noise: int = 10,
                          noise_scale: float | None = None, window: int = 10, seed: int = 0,
                          kinds: Sequence[str] = KINDS,
                          roles: Sequence[str] = ("last subject token", "last token"),

@@ -14,6 +14,7 @@ from kif.concepts import Concept
 from kif.signatures import extract
 from kif.signatures.ablate import ablation_hooks, random_like
 from kif.signatures.base import Signature
+from kif.signatures import knowledge_neurons as kn
 from kif.signatures.knowledge_neurons import attributions, fact_neurons, relative
 from kif.world import Probe
 
@@ -47,12 +48,12 @@ def _tokenizer(folder) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
-def _random_model(folder, seed: int = 0) -> HookedTransformer:
+def _random_model(folder, seed: int = 0, **cfg_kwargs) -> HookedTransformer:
     """2 layers with LayerNorm and GELU, large random weights (for the IG checks)."""
     tok = _tokenizer(folder)
     cfg = HookedTransformerConfig(n_layers=2, d_model=D_MODEL, n_heads=2, d_head=16, d_mlp=D_MLP,
                                   n_ctx=32, d_vocab=len(tok), act_fn="gelu",
-                                  normalization_type="LN", seed=seed, device="cpu")
+                                  normalization_type="LN", seed=seed, device="cpu", **cfg_kwargs)
     model = HookedTransformer(cfg, tokenizer=tok)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -191,6 +192,33 @@ def test_batched_attributions_equal_unbatched_integrated_gradients(random_model,
     one = attributions(random_model, prompts[1:2], answers[1:2], steps=steps, layers=[-1],
                        positions=positions)
     torch.testing.assert_close(one[0, 0], got[1, 1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_answer_position_shortcut_equals_full_sequences(tmp_path, monkeypatch, rotary):
+    """The key/value-cache shortcut (answer position only, from layer l up) gives the attributions
+    of full-sequence forwards, for absolute and for rotary positions (whose angles it takes from
+    the padding mask) and for prompts of different lengths in one batch."""
+    extra = {"positional_embedding_type": "rotary", "rotary_dim": 8} if rotary else {}
+    model = _random_model(tmp_path, seed=3, **extra)
+    prompts = ["Talia w1 of", "w2 w3 w4 Orrin w5 w6 w7 w8 by", "w7 Bex w9 of", "Cato"]
+    answers = [" a0", " a3", " w9 w1", " a7"]
+    fast = attributions(model, prompts, answers, steps=5)
+    monkeypatch.setattr(kn, "_kv_ok", lambda model: False)
+    slow = attributions(model, prompts, answers, steps=5)
+    assert fast.abs().max() > 1e-3
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-4)
+
+
+def test_a_shortcut_that_does_not_reproduce_the_model_falls_back(random_model, monkeypatch,
+                                                                   caplog):
+    prompts, answers = ["Talia w1 of", "w2 Orrin w5 by"], [" a0", " a3"]
+    ref = attributions(random_model, prompts, answers, steps=4)
+    real = kn._prob_cached
+    monkeypatch.setattr(kn, "_prob_cached", lambda *a: 0.5 * real(*a))  # a broken shortcut
+    got = attributions(random_model, prompts, answers, steps=4)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
+    assert "running whole sequences" in caplog.text
 
 
 @pytest.mark.parametrize("positions", ["answer", "all"])

@@ -64,8 +64,10 @@ def causality(model, world: FactWorld, kind: str, people: Sequence[Person], k: i
         others = world.person_probes([p for p in world.known() if p.name != person.name],
                                      "train", templates=[0])
         base_own, base_others = _acc(model, own), _acc(model, others)
-        hooks = ablation_hooks(sig, sae=sae)
-        rand_hooks = ablation_hooks(random_like(sig, gen, sae=sae), sae=sae)
+        # SAE features are clamped to the value the extractor validated its selection with
+        clamp = float(sig.settings.get("clamp", 50.0))
+        hooks = ablation_hooks(sig, sae=sae, clamp=clamp)
+        rand_hooks = ablation_hooks(random_like(sig, gen, sae=sae), sae=sae, clamp=clamp)
         rows.append({
             "person": person.name, "k": len(sig), "hooks": list(sig.hooks), "seconds": seconds,
             "concept_drop": base_own - _acc(model, own, hooks),

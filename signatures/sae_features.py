@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 KIND = "sae-features"
 _SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+_SIZES = (1, 2, 3, 5, 10, 20)  # numbers of features the adaptive selection tries
 _D_MLP_HOOKS = ("mlp.hook_pre", "mlp.hook_post")
 
 
@@ -242,18 +243,36 @@ def _padded(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[Int[Tensor
 
 
 @torch.no_grad()
-def hook_activations(model, hooks: Sequence[str], texts: Sequence[str]
-                     ) -> tuple[dict[str, Float[Tensor, "batch pos d"]], Bool[Tensor, "batch pos"]]:
-    """Activations at `hooks` on `[BOS] + tokens(text)` for every text, in one right-padded
-    forward (stopped after the last hook's layer), and the mask of real tokens."""
+def token_activations(model, hooks: Sequence[str], texts: Sequence[str], batch_size: int = 256
+                      ) -> tuple[dict[str, Float[Tensor, "tokens d"]], Int[Tensor, " texts"]]:
+    """Activations at `hooks` of every token of `[BOS] + tokens(text)`, concatenated in text
+    order, and each text's length. Texts are batched by length (little padding), one forward per
+    batch for all hooks, stopped after the last hook's layer."""
     from kif import metrics
 
     seqs = metrics.encode_prompts(model, texts)
-    tokens, mask = _padded(seqs, metrics._pad_id(model), model.cfg.device)
+    lengths = torch.tensor([len(q) for q in seqs])
+    order = torch.argsort(lengths, descending=True, stable=True)
     stop = max(_layer(h) for h in hooks) + 1
-    _, cache = model.run_with_cache(tokens, names_filter=list(hooks), padding_side="right",
-                                    stop_at_layer=stop if 0 < stop < model.cfg.n_layers else None)
-    return {h: cache[h] for h in hooks}, mask
+    stop_at = stop if 0 < stop < model.cfg.n_layers else None
+    chunks: dict[str, list[Tensor]] = {h: [] for h in hooks}
+    for start in range(0, len(seqs), batch_size):
+        idx = order[start:start + batch_size].tolist()
+        tokens, mask = _padded([seqs[i] for i in idx], metrics._pad_id(model), model.cfg.device)
+        _, cache = model.run_with_cache(tokens, names_filter=list(hooks), padding_side="right",
+                                        stop_at_layer=stop_at)
+        for h in hooks:
+            chunks[h].append(cache[h][mask])
+    # tokens are in length order: text i's tokens start at the offset of its rank in `order`
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    sorted_len = lengths[order]
+    offset = (torch.cumsum(sorted_len, 0) - sorted_len)[rank]  # per text, in the sorted stream
+    text_start = torch.cumsum(lengths, 0) - lengths
+    n = int(lengths.sum())
+    within = torch.arange(n) - torch.repeat_interleave(text_start, lengths)
+    gather = torch.repeat_interleave(offset, lengths) + within
+    return {h: torch.cat(c)[gather.to(c[0].device)] for h, c in chunks.items()}, lengths
 
 
 def feature_activations(sae, acts: Float[Tensor, "tokens d"]) -> Float[Tensor, "tokens d_sae"]:
@@ -302,26 +321,31 @@ def _subject_mask(model, texts: Sequence[str], subjects: Sequence[str],
     return mask
 
 
-def retain_text(concept, with_neighbours: bool = True, matched: bool = True) -> list[str]:
+def retain_text(concept, with_neighbours: bool = True, matched: bool = True,
+                per_prompt: int | None = 16) -> list[str]:
     """The retain text (prompt + answer) a concept's features are contrasted with.
 
-    Other people: the concept's `retain` people, plus its `neighbour` people when
-    `with_neighbours`. With `matched`, every forget prompt is asked about every other person (the
-    subject swapped, the answer that person's answer for the relation), so that the retain text
-    has the forget text's phrasings: otherwise the words of the phrasings that `retain` does not
-    use (it holds one phrasing per fact) look concept-specific. Without `matched`, the other
-    people's own probes. The shared facts are always included.
+    Other people: the concept's `neighbour` people (when `with_neighbours`) and its `retain`
+    people. With `matched`, the forget prompts are asked about the other people (the subject
+    swapped, the answer that person's answer for the relation), so that the retain text has the
+    forget text's phrasings: otherwise the words of the phrasings that `retain` does not use (it
+    holds one phrasing per fact) look concept-specific. Each forget prompt is asked about
+    `per_prompt` of the other people (None: all), taken in turn from the list (neighbours first),
+    so every person is asked about in several phrasings. Without `matched`, the other people's own
+    probes. The shared facts are always included.
     """
-    probes = [p for p in concept.retain if p.kind == "person"]
-    if with_neighbours:
-        probes += [p for p in concept.neighbour if p.kind == "person"]
+    probes = [p for p in concept.neighbour if p.kind == "person"] if with_neighbours else []
+    probes += [p for p in concept.retain if p.kind == "person"]
     probes = list(dict.fromkeys(probes))
     own = set(concept.subjects)
     if matched:
         answer = {(p.subject, p.relation): p.answer for p in probes}
         subjects = [s for s in dict.fromkeys(p.subject for p in probes) if s not in own]
+        forget = [f for f in concept.forget if f.kind == "person"]
+        n = len(subjects) if per_prompt is None else min(per_prompt, len(subjects))
         texts = [f.prompt.replace(f.subject, s, 1) + answer[(s, f.relation)]
-                 for f in concept.forget if f.kind == "person" for s in subjects
+                 for j, f in enumerate(forget)
+                 for s in (subjects[(j * n + i) % len(subjects)] for i in range(n))
                  if (s, f.relation) in answer]
     else:
         texts = [p.prompt + p.answer for p in probes if p.subject not in own]
@@ -335,13 +359,16 @@ def retain_text(concept, with_neighbours: bool = True, matched: bool = True) -> 
 def extract_sae_features(model, concept, *, hook: str | None = None, tau: float = 0.01,
                          top_n: int = 20, sae=None, with_answers: bool = False,
                          with_neighbours: bool = True, matched_phrasings: bool = True,
-                         clamp: float = 50.0) -> Signature:
+                         retain_per_prompt: int | None = 16, clamp: float = 25.0,
+                         adaptive: bool = True, collateral_weight: float = 2.0,
+                         n_validation_others: int = 150) -> Signature:
     """The SAE features of `concept` (Farrell et al. 2024; see the module docstring).
 
     Args:
         hook: the hook whose SAE to use. Default: among the SAEs shipped for this zoo model, the
-            one with the best separation, i.e. the largest coverage C = fraction of forget
-            tokens on which at least one selected feature fires.
+            one with the best separation: its selected features, clamped to -`clamp`, lower the
+            accuracy on the concept's forget probes most relative to other people's probes
+            (`info["separation_by_hook"]`).
         tau: retain-frequency threshold; features firing on >= tau of the retain tokens are
             dropped (Farrell et al.: 0.01 or 0.001).
         top_n: how many features to keep (Farrell et al.: 10-20).
@@ -353,6 +380,7 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
         with_neighbours: count the concept's neighbours (people sharing a first name, last name
             or employer) as retain text too, so that features of a shared name piece are dropped.
         matched_phrasings: retain text in the forget prompts' phrasings (see `retain_text`).
+        retain_per_prompt: other people each forget prompt is asked about (`retain_text`).
         clamp: the value c a clamp sets active features to (-c), recorded for
             `ablate.ablation_hooks(sig, sae, clamp=sig.settings["clamp"])`.
     """
@@ -364,50 +392,58 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
 
     forget = list(concept.forget)
     retain_texts = retain_text(concept, with_neighbours=with_neighbours,
-                               matched=matched_phrasings)
+                               matched=matched_phrasings, per_prompt=retain_per_prompt)
     forget_texts = [p.prompt + (p.answer if with_answers else "") for p in forget]
-    texts = forget_texts + retain_texts
-    acts, mask = hook_activations(model, [h for h, _, _ in candidates], texts)
-    is_forget = torch.zeros(mask.shape, dtype=torch.long)
-    is_forget[:len(forget)] = 1
-    group = is_forget.to(mask.device)[mask]  # 1 = forget token, 0 = retain token
-    subj = _subject_mask(model, forget_texts, [p.subject for p in forget],
-                         mask.shape[1]).to(mask.device)
+    acts, lengths = token_activations(model, [h for h, _, _ in candidates],
+                                      forget_texts + retain_texts)
+    f_len = lengths[:len(forget)]
+    n_forget = int(f_len.sum())  # forget texts come first, so do their tokens
+    subj = _subject_mask(model, forget_texts, [p.subject for p in forget], int(f_len.max()))
+    subj = subj[torch.arange(subj.shape[1])[None, :] < f_len[:, None]]  # [forget tokens]
 
-    n_forget = int((group == 1).sum())  # forget rows come first, so do their tokens
     per_hook = []
     for h, s, ref in candidates:  # a handful of hooks
-        x = acts[h][mask]
+        x = acts[h]
         a = feature_activations(s, x[:n_forget])
         active = a > 0
         f_forget = active.double().mean(0)
         f_retain = firing_counts(s, x[n_forget:]) / max(len(x) - n_forget, 1)
         chosen = select_features(f_forget, f_retain, tau, top_n, tiebreak=a.double().mean(0))
-        fire = active[:, chosen]  # [forget tokens, n]
-        coverage = float(fire.any(-1).double().mean()) if len(chosen) else 0.0
-        per_hook.append({"hook": h, "sae": s, "ref": ref, "chosen": chosen, "coverage": coverage,
-                         "f_forget": f_forget, "f_retain": f_retain, "fire": fire})
-    best = max(per_hook, key=lambda r: (r["coverage"], -_layer(r["hook"])))
-    chosen = best["chosen"]
+        fire = active[:, chosen].any(-1)  # [forget tokens]
+        per_hook.append({"hook": h, "sae": s, "ref": ref, "chosen": chosen,
+                         "coverage": float(fire.double().mean()) if len(chosen) else 0.0,
+                         "f_forget": f_forget, "f_retain": f_retain,
+                         "fire_by_feature": active[:, chosen]})
+    sizes = sorted({m for m in _SIZES if m < top_n} | {top_n}) if adaptive else [top_n]
+    validated = len(per_hook) > 1 or len(sizes) > 1
+    if validated:
+        _clamp_separation(model, concept, per_hook, clamp, sizes, collateral_weight,
+                          n_validation_others)
+    best = max(per_hook, key=lambda r: (r.get("separation", 0.0), -_layer(r["hook"])))
+    chosen = best["chosen"][:best.get("n_best", top_n)]
+    fire_all = best["fire_by_feature"][:, :len(chosen)]
+    best["fire"] = fire_all.any(-1)
+    best["coverage"] = float(best["fire"].double().mean()) if len(chosen) else 0.0
     if len(chosen) == 0:
         log.warning("no SAE feature of %s separates %r (tau=%g)", best["hook"], concept.name, tau)
 
-    # where the selected features fire: subject tokens, the last prompt token, elsewhere
-    fmask = mask[:len(forget)]
-    fire = best["fire"].any(-1)
-    at_subject = subj[fmask]
-    n_fire = max(int(fire.sum()), 1)
+    n_fire = max(int(best["fire"].sum()), 1)
     ref = dict(best["ref"])
     card = _card(ref)
     info = {
         "hook": best["hook"], "layer": _layer(best["hook"]),
         "n_selected": int(len(chosen)), "coverage": best["coverage"],
         "coverage_by_hook": {r["hook"]: r["coverage"] for r in per_hook},
-        "fires_on_subject_fraction": float((fire & at_subject).sum()) / n_fire,
-        "forget_tokens": int((group == 1).sum()), "retain_tokens": int((group == 0).sum()),
+        "fires_on_subject_fraction": float((best["fire"] & subj).sum()) / n_fire,
+        "forget_tokens": n_forget, "retain_tokens": int(lengths.sum()) - n_forget,
         "sae_explained_variance": card.get("explained_variance"), "sae_l0": card.get("l0"),
         "sae_d_sae": int(best["sae"].cfg.d_sae),
     }
+    if validated:
+        top = next((t for t in best["trials"] if t["n"] == len(chosen)), {})
+        info.update(drop_forget=top.get("drop_forget"), drop_others=top.get("drop_others"),
+                    separation=top.get("separation"),
+                    separation_by_hook={r["hook"]: r["trials"] for r in per_hook})
     n = len(chosen)
     return new_signature(
         model, concept, KIND, component="feature",
@@ -419,9 +455,42 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
               "retain_freq": best["f_retain"].float().cpu()},
         settings={"hook": hook, "tau": tau, "top_n": top_n, "with_answers": with_answers,
                   "with_neighbours": with_neighbours, "matched_phrasings": matched_phrasings,
-                  "clamp": clamp, "sae": ref, "n_retain_texts": len(retain_texts),
-                  "n_forget_prompts": len(forget)},
+                  "retain_per_prompt": retain_per_prompt, "clamp": clamp, "adaptive": adaptive,
+                  "collateral_weight": collateral_weight,
+                  "n_validation_others": n_validation_others, "sae": ref,
+                  "n_retain_texts": len(retain_texts), "n_forget_prompts": len(forget)},
         info=info)
+
+
+def _clamp_separation(model, concept, rows: list[dict[str, Any]], clamp: float,
+                      sizes: Sequence[int], collateral_weight: float, n_others: int) -> None:
+    """For each candidate hook and each number m in `sizes`, clamp the top-m selected features to
+    -`clamp` when active (Farrell et al. 2024, Eq. 2) and measure the accuracy drop on the
+    concept's forget probes and on `n_others` probes of other people (neighbours first, then
+    retain people): separation = drop_forget - collateral_weight * drop_others. Sets each row's
+    best m (`n_best`), its separation and all trials."""
+    from kif import metrics
+    from kif.signatures.ablate import _clamp_features
+
+    others = list(dict.fromkeys(list(concept.neighbour) + list(concept.retain)))[:n_others]
+    probes = list(concept.forget) + others
+    prompts, answers = [p.prompt for p in probes], [p.answer for p in probes]
+    nf = len(concept.forget)
+    base = torch.from_numpy(metrics.score_answers(model, prompts, answers).correct).double()
+    for r in rows:
+        r["trials"] = []
+        for m in sorted({min(m, len(r["chosen"])) for m in sizes} - {0}):
+            hooks = [(r["hook"], _clamp_features(r["sae"], r["chosen"][:m], clamp))]
+            ok = metrics.score_answers(model, prompts, answers, fwd_hooks=hooks).correct
+            drop = base - torch.from_numpy(ok).double()
+            t = {"n": m, "drop_forget": float(drop[:nf].mean()),
+                 "drop_others": float(drop[nf:].mean()) if others else 0.0}
+            t["separation"] = t["drop_forget"] - collateral_weight * t["drop_others"]
+            r["trials"].append(t)
+        # ties (e.g. no measurable effect at all) keep more features, Farrell et al.'s choice
+        top = max(r["trials"], key=lambda t: (t["separation"], t["n"]),
+                  default={"n": 0, "separation": 0.0})
+        r["n_best"], r["separation"] = top["n"], top["separation"]
 
 
 def _candidate_saes(model, hook: str | None, sae) -> list[tuple[str, Any, dict[str, Any]]]:
@@ -450,4 +519,5 @@ def _candidate_saes(model, hook: str | None, sae) -> list[tuple[str, Any, dict[s
 
 __all__ = ["SAELoadError", "check_sae_fits", "default_sae", "extract_sae_features",
            "feature_activations", "firing_counts", "load_sae", "retain_text", "sae_hook",
+           "token_activations",
            "select_features", "shipped_hooks", "shipped_sae_ref"]

@@ -46,15 +46,15 @@ CARD = "kif_sae_card.json"
 class SAETrainConfig:
     """Training recipe of the shipped SAEs (defaults are what ships)."""
 
-    d_sae: int = 2048  # expansion 8 over d_model 256
+    d_sae: int = 4096  # expansion 16 over d_model 256
     l1_coefficient: float = 5.0  # on activations normalised to mean norm sqrt(d_in)
     l1_warm_up_steps: int = 100
     lr: float = 1e-3
     lr_warm_up_steps: int = 50
-    lr_decay_steps: int = 200
+    lr_decay_steps: int = 80
     context_size: int = 64
     train_batch_size_tokens: int = 1024
-    training_tokens: int = 800_000
+    training_tokens: int = 400_000
     store_batch_size_prompts: int = 16
     n_batches_in_buffer: int = 32  # * context_size >= train_batch_size_tokens (SAELens' buffer)
     n_batches_for_norm_estimate: int = 20

@@ -22,9 +22,10 @@ $(VENV)/.kif-installed: pyproject.toml
 
 demo: setup
 	$(KIF) zoo list
-	$(KIF) eval --model fact-world --forget-split forget10 --oracle fact-world-oracle-forget10
 	$(KIF) signatures --model fact-world --concept "$(DEMO_PERSON)" --kind concept-vectors --out runs/demo-signature --overwrite
-	-$(KIF) erase --model fact-world --concept "$(DEMO_PERSON)" --out runs/demo
+	rm -rf runs/demo-erased runs/demo-restored
+	$(KIF) erase --model fact-world --concept "$(DEMO_PERSON)" --out runs/demo-erased
+	$(KIF) restore runs/demo-erased --out runs/demo-restored
 
 test: setup
 	$(PY) -m pytest

@@ -37,8 +37,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     world = FactWorld.generate(args.seed)
     world.split(args.forget_split)  # refuse an unknown split before loading anything
-    model = models.load(args.model)
-    oracle = models.load(args.oracle) if args.oracle else None
+    model = open_model(args.model)
+    oracle = open_model(args.oracle) if args.oracle else None
     report = evaluate(model, world, args.forget_split, oracle=oracle)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -83,6 +83,9 @@ def _cmd_zoo_list(args: argparse.Namespace) -> int:
     return 0
 
 
+SAES = "fact-world-saes"  # `kif zoo build --only fact-world-saes`: the shipped SAEs
+
+
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
     import dataclasses
     import pathlib
@@ -90,16 +93,30 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
     from kif import zoo
     from kif.zoo.build import TrainConfig, build
 
-    names = args.only or list(zoo.ENTRIES)
+    names = args.only or [*zoo.ENTRIES, SAES]
     for n in names:
-        if n not in zoo.ENTRIES:
-            raise KifError(f"unknown zoo model {n!r} (choose from {', '.join(zoo.ENTRIES)})")
+        if n not in zoo.ENTRIES and n != SAES:
+            raise KifError(f"unknown zoo model {n!r} (choose from "
+                           f"{', '.join([*zoo.ENTRIES, SAES])})")
     cfg = TrainConfig()
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     out_root = pathlib.Path(args.out) if args.out else None
     t0 = time.perf_counter()
-    timings = build(names, out_root, cfg, show_progress=not args.json)
+    timings = build([n for n in names if n != SAES], out_root, cfg, show_progress=not args.json)
+    if SAES in names:  # after the base model: the SAEs read its residual stream
+        from kif import models
+        from kif.zoo.build_saes import SAE_DIR, build_saes
+
+        t1 = time.perf_counter()
+        base = models.load((out_root / zoo.BASE) if out_root else zoo.BASE)
+        cards = build_saes(out_root / "saes" if out_root else SAE_DIR, model=base)
+        timings[SAES] = time.perf_counter() - t1
+        for hook, card in cards.items():
+            log_line = (f"SAE {hook}: explained variance {card['explained_variance']:.3f}, "
+                        f"L0 {card['l0']:.1f} (held-out text)")
+            if not args.json:
+                _out().print(log_line)
     total = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"seconds": round(total, 1),
@@ -182,27 +199,165 @@ def _cmd_bench_signatures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_stamp(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from kif.erasure.bench import bench_stamp
+
+    dtype = {"fp32": torch.float32, "fp64": torch.float64}[args.dtype]
+    rows = [bench_stamp(m, rank=args.rank, lam=args.lam, dtype=dtype) for m in args.m]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return 0
+    table = Table(title=f"STAMP-LR (rank {args.rank}) vs full ridge solve, synthetic keys")
+    for col in ("m", "full s", "low-rank s", "speed-up", "rel. error"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r.m), f"{r.full_seconds:.2f}", f"{r.lowrank_seconds:.3f}",
+                      f"{r.speedup:.1f}x", f"{r.rel_error:.2e}")
+    _out().print(table)
+    return 0
+
+
+def _cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from kif.kernels.bench import main as kernels_bench
+
+    return kernels_bench(args.rest)
+
+
 # ---- kif erase ---------------------------------------------------------------------------------
 
+def _parse_settings(pairs: Sequence[str] | None) -> dict:
+    """`--set key=value` pairs; values are JSON when they parse as JSON (numbers, lists, true),
+    strings otherwise."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise KifError(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+        if isinstance(out[key], list):
+            out[key] = tuple(out[key])
+    return out
+
+
+def _report_md(method: str, names: Sequence[str], report: dict, erasure) -> str:
+    lines = [f"# kif erase: {method}", "", f"Concepts: {', '.join(names)}", "",
+             f"Kind: {erasure.kind}; base weights SHA-256 {erasure.base_hash[:16]}", "",
+             "| metric | value |", "| --- | --- |"]
+    for k, v in report.items():
+        if isinstance(v, float):
+            lines.append(f"| {k} | {v:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
 def _cmd_erase(args: argparse.Namespace) -> int:
+    import time
+
+    from kif import zoo
+    from kif.erasure import erase, make_config, save_erasure
+    from kif.erasure.registry import get
+    from kif.erasure.io import _destination
+    from kif.erasure.registry import resolve_concepts
+    from kif.evaluation import evaluate
     from kif.world import FactWorld
 
+    # every check that can fail runs before anything is loaded or written
     world = FactWorld.generate(args.seed)
-    for c in args.concept or []:
-        world.person(c)  # an unknown person is refused with a clear message
-    if args.forget_split:
-        world.split(args.forget_split)
-    return _err("erasure is not implemented yet: the operators land with the erasure issue")
+    concept = resolve_concepts(world, args.forget_split or args.concept)
+    names = list(concept.subjects)
+    get(args.method)
+    config = make_config(args.method, _parse_settings(args.set))
+    out = _destination(args.out)
+    model = open_model(args.model)
+    oracle_name = args.oracle
+    if oracle_name is None and args.forget_split and args.model == zoo.BASE:
+        oracle_name = zoo.oracle_name(args.forget_split)
+    _check_known(model, concept)
+    oracle = open_model(oracle_name) if oracle_name else None
+
+    t0 = time.perf_counter()
+    erasure = erase(model, concept, method=args.method, config=config, world=world,
+                    base_spec=args.model, progress=not args.json)
+    seconds = time.perf_counter() - t0
+    with erasure.apply(model):
+        report = evaluate(model, world, args.forget_split or names, oracle=oracle).to_dict()
+    report = {**report, "method": args.method, "seconds": round(seconds, 2),
+              "erasure_seconds": erasure.info.get("seconds"), "out": str(out)}
+    save_erasure(erasure, model, out, report=report,
+                 report_md=_report_md(args.method, names, report, erasure))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    table = Table(title=f"kif erase --method {args.method}: {len(names)} people in "
+                        f"{seconds:.1f} s")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in report.items():
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.4g}")
+    _out().print(table)
+    _out().print(f"wrote {out} ({erasure.kind}); undo with: kif restore {out} --out DIR")
+    return 0
+
+
+def _check_known(model, concept, min_acc: float = 0.5) -> None:
+    """Refuse to erase what the model does not know (nothing to erase, and an "erasure" of it
+    would only be collateral damage)."""
+    from kif import metrics
+
+    ok = metrics.score_answers(model, [p.prompt for p in concept.forget],
+                               [p.answer for p in concept.forget]).correct
+    by_person: dict[str, list[bool]] = {}
+    for p, c in zip(concept.forget, ok):
+        by_person.setdefault(p.subject, []).append(bool(c))
+    unknown = [(n, sum(v) / len(v)) for n, v in by_person.items() if sum(v) / len(v) < min_acc]
+    if unknown:
+        n, acc = unknown[0]
+        raise KifError(f"the model does not know {n!r} (it answers {acc:.0%} of their facts): "
+                       f"nothing to erase")
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from kif.erasure import restore
+
+    out = restore(args.folder, args.out)
+    if args.json:
+        print(json.dumps({"restored": str(out)}))
+    else:
+        _out().print(f"wrote {out}: the base weights, bit for bit")
+    return 0
+
+
+def open_model(spec: str):
+    """A zoo name, checkpoint folder or erasure folder, as a hooked model."""
+    from kif.erasure import open_model as _open
+
+    return _open(spec)
 
 
 # ---- parser ------------------------------------------------------------------------------------
+
+class _UsageError(KifError):
+    """A command-line usage error, reported as one line like every other error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + error on 2+ lines; we print one
+        raise _UsageError(f"{self.prog}: {message}")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from kif import zoo
     from kif.world import SPLITS
 
     forget_splits = [s for s in SPLITS if s.startswith("forget")]
-    p = argparse.ArgumentParser(prog="kif", description="Representation-level concept erasure: "
+    p = _Parser(prog="kif", description="Representation-level concept erasure: "
                                 "find where a concept lives, remove it, prove it is gone.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what kif does")
     sub = p.add_subparsers(dest="command", required=True)
@@ -252,17 +407,43 @@ def build_parser() -> argparse.ArgumentParser:
     bsig.add_argument("--seed", type=int, default=0)
     bsig.add_argument("--json", action="store_true")
     bsig.set_defaults(func=_cmd_bench_signatures)
+    bst = bs.add_parser("stamp", help="STAMP-LR vs the full solve on synthetic keys")
+    bst.add_argument("--m", type=int, nargs="+", default=[4096, 14336], help="key widths")
+    bst.add_argument("--rank", type=int, default=64)
+    bst.add_argument("--lam", type=float, default=1e-2)
+    bst.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32")
+    bst.add_argument("--json", action="store_true")
+    bst.set_defaults(func=_cmd_bench_stamp)
+    bk = bs.add_parser("kernels", help="fused Triton kernels vs their torch references (GPU)",
+                       add_help=False)
+    bk.add_argument("rest", nargs=argparse.REMAINDER,
+                    help="arguments of python -m kif.kernels.bench (e.g. --json, --interpret-smoke)")
+    bk.set_defaults(func=_cmd_bench_kernels)
+
+    from kif.erasure.registry import DEFAULT_METHOD, METHOD_MODULES
 
     r = sub.add_parser("erase", help="erase a concept from a model")
-    r.add_argument("--model", default=zoo.BASE)
+    r.add_argument("--model", default=zoo.BASE, help="zoo name, HF checkpoint folder, hub name")
     g = r.add_mutually_exclusive_group(required=True)
-    g.add_argument("--concept", action="append", metavar="PERSON", help="a person to erase")
+    g.add_argument("--concept", nargs="+", action="extend", metavar="PERSON",
+                   help="people to erase (one joint edit)")
     g.add_argument("--forget-split", choices=forget_splits)
-    r.add_argument("--method", default="stamp")
-    r.add_argument("--out", help="output folder")
+    r.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHOD_MODULES),
+                   help=f"erasure method (default {DEFAULT_METHOD})")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a method setting, e.g. --set steps=200 (repeatable)")
+    r.add_argument("--oracle", help="model for Forget Quality (default: the zoo oracle of "
+                   "--forget-split when erasing the zoo model)")
+    r.add_argument("--out", required=True, help="new folder for the erased model or patch")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_cmd_erase)
+
+    rs = sub.add_parser("restore", help="the base model of an erasure folder, bit for bit")
+    rs.add_argument("folder", help="an erasure folder written by kif erase")
+    rs.add_argument("--out", required=True, help="new folder for the restored checkpoint")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=_cmd_restore)
     return p
 
 
@@ -270,7 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its one-line usage error
+    except _UsageError as exc:
+        return _err(str(exc))
+    except SystemExit as exc:  # --help
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

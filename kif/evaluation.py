@@ -97,17 +97,23 @@ def _utility_part(model, world: FactWorld, probes: Sequence[Probe], fwd_hooks) -
             "truth": float(np.mean(metrics.truth_score(tr)))}
 
 
-def evaluate(model: HookedTransformer, world: FactWorld | None = None, forget_split: str = "forget10",
+def evaluate(model: HookedTransformer, world: FactWorld | None = None,
+             forget_split: str | Sequence[str] = "forget10",
              oracle: HookedTransformer | None = None, fwd_hooks=(),
              oracle_truth_ratios: np.ndarray | None = None) -> EvalReport:
-    """Every surface metric of `model` on `forget_split` (see `EvalReport`).
+    """Every surface metric of `model` on `forget_split` (see `EvalReport`): a split name, or
+    the names of the people erased (their neighbours and the retain people are scored as usual).
 
     `fwd_hooks` lets hook-based erasures be evaluated without touching weights. With `oracle` (or
     its precomputed `oracle_truth_ratios`), Forget Quality is measured against it.
     """
     t0 = time.perf_counter()
     world = FactWorld.generate() if world is None else world
-    forget = world.split(forget_split)
+    if isinstance(forget_split, str):
+        forget = world.split(forget_split)
+    else:
+        forget = [world.person(n) for n in forget_split]
+        forget_split = ", ".join(forget_split)
     forget_names = {p.name for p in forget}
     retain = [p for p in world.split("retain") if p.name not in forget_names]
     neighbours = {q.name: q for p in forget for q in world.neighbours(p.name, retain)}

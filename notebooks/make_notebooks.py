@@ -151,8 +151,9 @@ for kind, sig in sigs.items():
     from kif.signatures.bench import default_k
     top = sig.top(default_k(kind))
     sae = sae_loader(top) if top.component == "feature" else None
-    hooks = ablation_hooks(top, sae=sae)
-    rand = ablation_hooks(random_like(top, gen, sae=sae), sae=sae)
+    clamp = float(top.settings.get("clamp", 50.0))  # SAE features: the extractor's clamp
+    hooks = ablation_hooks(top, sae=sae, clamp=clamp)
+    rand = ablation_hooks(random_like(top, gen, sae=sae), sae=sae, clamp=clamp)
     rows.append((kind, len(top), acc(own), acc(own, hooks), acc(own, rand), acc(others), acc(others, hooks)))
 print(f"{'kind':18} {'k':>3} {'own':>5} {'ablated':>8} {'random':>7} {'others':>7} {'others abl.':>11}")
 for r in rows:
@@ -179,9 +180,68 @@ fig.savefig("signature_layers.png", dpi=110)
 ]
 
 
+ERASURE = [
+    new_markdown_cell("""# 02 · Erasure: one person, every method
+
+`kif.erase(model, concepts, method=...)` returns an `Erasure`: a reversible weight delta or a hook
+patch tied to the base weights' SHA-256. We erase one person with every registered method, score
+the person's facts (training and held-out phrasings) against everyone else's, and check that
+removing each erasure gives the base weights back bit for bit. Budgets here are small so the
+notebook runs in CI; `kif erase --forget-split forget10` runs the full defaults."""),
+    new_code_cell("""import time
+import numpy as np
+import torch
+
+import kif
+from kif import metrics, models
+from kif.erasure import methods
+from kif.world import FactWorld
+
+world = FactWorld.generate(0)
+model = models.load("fact-world")
+base_hash = models.weight_hash(model)
+person = world.split("forget01")[0]
+own = world.person_probes([person], "train")
+para = world.person_probes([person], "heldout")
+others = world.person_probes([p for p in world.known() if p.name != person.name][::5], "train", [0])
+
+def acc(probes):
+    s = metrics.score_answers(model, [p.prompt for p in probes], [p.answer for p in probes])
+    return float(np.mean(s.correct))
+
+print(person.name, "| methods:", ", ".join(methods()))"""),
+    new_code_cell("""small = {"kif": {"steps": 60, "check_every": 30}}  # CI-sized budgets
+rows = []
+for name in methods():
+    t0 = time.perf_counter()
+    erasure = kif.erase(model, person.name, method=name, config=small.get(name), world=world,
+                        base_spec="fact-world")
+    seconds = time.perf_counter() - t0
+    with erasure.apply(model):
+        rows.append((name, erasure.kind, acc(own), acc(para), acc(others), seconds))
+    assert models.weight_hash(model) == base_hash  # removed bit for bit
+print(f"{'method':14} {'kind':8} {'forget':>6} {'para':>6} {'others':>6} {'s':>6}")
+for r in rows:
+    print(f"{r[0]:14} {r[1]:8} {r[2]:6.2f} {r[3]:6.2f} {r[4]:6.2f} {r[5]:6.1f}")"""),
+    new_markdown_cell("## Forget vs keep, per method"),
+    new_code_cell("""import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(5, 4))
+for name, kind, f, p, o, s in rows:
+    ax.scatter(f, o, s=40)
+    ax.annotate(name, (f, o), fontsize=8, xytext=(3, 3), textcoords="offset points")
+ax.set_xlabel("person's facts still answered (lower is better)")
+ax.set_ylabel("other people's facts kept (higher is better)")
+ax.set_xlim(-0.05, 1.05); ax.set_ylim(0, 1.05); fig.tight_layout()
+fig.savefig("erasure_tradeoff.png", dpi=110)"""),
+]
+
+
 def main() -> None:
     for name, cells in {"00_fact_world.ipynb": FACT_WORLD,
-                        "01_signatures.ipynb": SIGNATURES}.items():
+                        "01_signatures.ipynb": SIGNATURES,
+                        "02_erasure.ipynb": ERASURE}.items():
         nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3",
                                                                  "display_name": "Python 3",
                                                                  "language": "python"}})

@@ -85,8 +85,10 @@ def test_erase_refuses_a_person_absent_from_the_world(capsys, tmp_path):
     assert not out.exists()
 
 
-def test_erase_is_not_implemented_yet_and_writes_nothing(capsys, tmp_path):
+def test_erase_refuses_a_non_empty_output_folder_before_loading(capsys, tmp_path):
     person = FactWorld.generate().split("forget01")[0].name
     out = tmp_path / "out"
-    _one_line_error(capsys, ["erase", "--concept", person, "--out", str(out)], "not implemented")
-    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _one_line_error(capsys, ["erase", "--concept", person, "--out", str(out)], "not empty")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]

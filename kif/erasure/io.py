@@ -1,0 +1,224 @@
+"""Erasure folders: save, load, open as a model, restore the base bit for bit.
+
+An erasure folder (written by `kif erase --out DIR`) holds:
+
+- `manifest.json`: format tag, method, concepts, kind, the base model (spec and weight SHA-256),
+  the erased weights' SHA-256, settings, timings, each delta's kind/rank/norm and each hook op;
+- `erasure.safetensors`: the deltas (dense or low-rank factors) and the hook ops' tensors;
+- weight methods: the erased model as an HF checkpoint at the folder's root (`config.json`,
+  `model.safetensors`, tokenizer; float32 so that small edits survive), and
+  `restore.safetensors`, the original values of every edited tensor, so `restore` is bit-exact
+  without the base checkpoint;
+- `report.json` (and `report.md`) when the caller passes one.
+
+Only safetensors and JSON are read (no pickle). Everything is written to a temporary sibling
+folder and renamed into place, and nothing is ever written over an existing folder or a model's
+source (DESIGN.md convention 9).
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kif.erasure.core import Delta, Erasure, ErasureError, HookOp
+
+FORMAT = "kif-erasure"
+VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "erasure.safetensors"
+RESTORE = "restore.safetensors"
+
+
+def is_erasure_folder(path: str | os.PathLike) -> bool:
+    p = pathlib.Path(path)
+    if not (p / MANIFEST).is_file():
+        return False
+    try:
+        return json.loads((p / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist() if x.numel() <= 16 else f"tensor{tuple(x.shape)}"
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+def _destination(out_dir: str | os.PathLike) -> pathlib.Path:
+    out = pathlib.Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ErasureError(f"{out} exists and is not empty: choose a new --out folder")
+    return out
+
+
+def save_erasure(erasure: Erasure, base_model, out_dir: str | os.PathLike,
+                 report: Mapping[str, Any] | None = None, report_md: str | None = None) -> pathlib.Path:
+    """Write `erasure` (computed on `base_model`, whose weights are left as they were) to a new
+    folder `out_dir`. Returns the folder."""
+    from kif import models
+
+    erasure.check_base(base_model)
+    out = _destination(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        deltas_meta = {}
+        for name, d in erasure.deltas.items():
+            for part in ("dense", "a", "b"):
+                t = getattr(d, part)
+                if t is not None:
+                    tensors[f"delta/{name}/{part}"] = t.detach().float().cpu().contiguous()
+            deltas_meta[name] = {"kind": "dense" if d.dense is not None else "low-rank",
+                                 "rank": d.rank, "numel": d.numel()}
+        hooks_meta = []
+        for i, op in enumerate(erasure.hooks):
+            for key, t in op.tensors.items():
+                tensors[f"hook/{i}/{key}"] = t.detach().cpu().contiguous()
+            hooks_meta.append({"hook": op.hook, "op": op.op, "params": _jsonable(op.params),
+                               "tensors": sorted(op.tensors)})
+        erased_hash = None
+        if erasure.deltas:
+            stage.rmdir()  # models.save creates the folder itself (atomically)
+            with erasure.apply(base_model) as applied:
+                erased_hash = models.weight_hash(applied.model)
+                originals = {f"orig/{n}": t.cpu().contiguous()
+                             for n, t in applied._originals.items()}
+                models.save(applied.model, stage, dtype=torch.float32)
+            save_file(originals, str(stage / RESTORE))
+        save_file(tensors, str(stage / TENSORS))
+        norms = erasure.delta_norms()
+        for n, v in norms.items():
+            deltas_meta[n]["norm"] = v
+        manifest = {
+            "format": FORMAT, "version": VERSION, "method": erasure.method,
+            "concepts": list(erasure.concepts), "kind": erasure.kind,
+            "base": {"spec": erasure.base_spec, "weight_sha256": erasure.base_hash},
+            "erased_weight_sha256": erased_hash,
+            "settings": _jsonable(erasure.settings), "info": _jsonable(erasure.info),
+            "deltas": deltas_meta, "hooks": hooks_meta,
+        }
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if report is not None:
+            (stage / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+        if report_md is not None:
+            (stage / "report.md").write_text(report_md)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
+def _manifest(path: pathlib.Path) -> dict[str, Any]:
+    if not (path / MANIFEST).is_file():
+        raise ErasureError(f"{path} is not an erasure folder (no {MANIFEST})")
+    try:
+        m = json.loads((path / MANIFEST).read_text())
+    except ValueError as e:
+        raise ErasureError(f"{path / MANIFEST} is not valid JSON ({e.msg})") from None
+    if m.get("format") != FORMAT:
+        raise ErasureError(f"{path / MANIFEST} is not a kif erasure manifest")
+    if m.get("version") != VERSION:
+        raise ErasureError(f"{path} has erasure format version {m.get('version')}; this kif "
+                           f"reads version {VERSION}")
+    return m
+
+
+def _load_tensors(file: pathlib.Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise ErasureError(f"{file} is not a readable safetensors file "
+                           f"({type(e).__name__})") from None
+
+
+def load_erasure(path: str | os.PathLike) -> Erasure:
+    """The `Erasure` stored in an erasure folder."""
+    p = pathlib.Path(path).expanduser().resolve()
+    m = _manifest(p)
+    t = _load_tensors(p / TENSORS)
+    deltas = {}
+    for name in m["deltas"]:
+        parts = {k: t.get(f"delta/{name}/{k}") for k in ("dense", "a", "b")}
+        deltas[name] = Delta(**parts)
+    hooks = tuple(HookOp(hook=h["hook"], op=h["op"], params=h["params"],
+                         tensors={k: t[f"hook/{i}/{k}"] for k in h["tensors"]})
+                  for i, h in enumerate(m["hooks"]))
+    return Erasure(method=m["method"], concepts=tuple(m["concepts"]),
+                   base_hash=m["base"]["weight_sha256"], base_spec=m["base"]["spec"],
+                   deltas=deltas, hooks=hooks, settings=m["settings"], info=m["info"])
+
+
+def open_model(spec: str | os.PathLike):
+    """A model name or checkpoint path -> `kif.models.load(spec)`; an erasure folder -> the erased
+    model (weight methods: the saved checkpoint, checked against the manifest's hash; hook
+    methods: the base model with the patch as permanent hooks)."""
+    from kif import models
+
+    if not is_erasure_folder(spec):
+        return models.load(spec)
+    p = pathlib.Path(spec).expanduser().resolve()
+    m = _manifest(p)
+    erasure = load_erasure(p)
+    if erasure.deltas:
+        model = models.load(p)
+        if models.weight_hash(model) != m["erased_weight_sha256"]:
+            raise ErasureError(f"the checkpoint in {p} does not match its manifest (edited "
+                               f"after it was written?)")
+        from kif.erasure.hooks import build_hook
+
+        for op in erasure.hooks:
+            model.add_hook(op.hook, build_hook(op), is_permanent=True)
+        return model
+    model = models.load(erasure.base_spec)
+    erasure.apply(model)
+    return model
+
+
+def restore(path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
+    """Write the base model of an erasure folder to `out_dir`, its weights bit for bit those the
+    erasure was computed on (checked against the manifest's SHA-256)."""
+    from kif import models
+
+    p = pathlib.Path(path).expanduser().resolve()
+    m = _manifest(p)
+    out = _destination(out_dir)
+    if m["deltas"]:
+        model = models.load(p)
+        originals = _load_tensors(p / RESTORE)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in m["deltas"]:
+                key = f"orig/{name}"
+                if key not in originals or name not in params:
+                    raise ErasureError(f"{p / RESTORE} lacks the original of {name!r}")
+                params[name].copy_(originals[key])
+    else:
+        model = models.load(m["base"]["spec"])
+    if models.weight_hash(model) != m["base"]["weight_sha256"]:
+        raise ErasureError(f"restoring {p} did not give the base weights back (hash mismatch): "
+                           f"the folder was modified")
+    if out.exists():
+        out.rmdir()
+    return models.save(model, out)
+
+
+__all__ = ["FORMAT", "is_erasure_folder", "load_erasure", "open_model", "restore", "save_erasure"]

@@ -1,0 +1,131 @@
+"""The method registry and `kif.erase`, the one entry point of every erasure operator.
+
+A method is a function `(model, concepts, world, config, progress) -> Erasure` registered with its
+frozen config dataclass; the CLI's `--method` choices come from `METHODS` (DESIGN.md convention 6).
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+from kif.errors import KifError, UnknownNameError
+
+DEFAULT_METHOD = "stamp"  # the best measured on the fact world (README: erasure table)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable
+    config: type
+    kind: str  # "weights" or "hooks": what its Erasure carries
+    summary: str
+
+
+METHODS: dict[str, Method] = {}
+
+# method name -> the module that registers it: the CLI lists choices without importing torch
+METHOD_MODULES = {
+    "kif": "kif.erasure.pipeline",
+    "stamp": "kif.erasure.stamp",
+    "suppress": "kif.erasure.suppress",
+    "ga": "kif.erasure.baselines",
+    "gradiff": "kif.erasure.baselines",
+    "npo": "kif.erasure.baselines",
+    "rmu": "kif.erasure.baselines",
+    "sae-clamp": "kif.erasure.baselines",
+    "neuron-ablate": "kif.erasure.baselines",
+}
+
+
+def register(name: str, config: type, kind: str, summary: str):
+    def deco(fn):
+        METHODS[name] = Method(name, fn, config, kind, summary)
+        return fn
+    return deco
+
+
+def _load_methods() -> None:
+    # importing the modules registers them (kept out of import time of kif.erasure itself)
+    import importlib
+
+    for module in dict.fromkeys(METHOD_MODULES.values()):
+        importlib.import_module(module)
+
+
+def methods() -> dict[str, Method]:
+    _load_methods()
+    return METHODS
+
+
+def make_config(method: str, config: Mapping[str, Any] | Any | None = None):
+    """The method's config dataclass from a mapping (unknown keys are refused), or as given."""
+    m = get(method)
+    if config is None:
+        return m.config()
+    if isinstance(config, m.config):
+        return config
+    fields = {f.name for f in dataclasses.fields(m.config)}
+    bad = sorted(set(config) - fields)
+    if bad:
+        raise KifError(f"method {method!r} has no setting {bad[0]!r} "
+                       f"(settings: {', '.join(sorted(fields))})")
+    return m.config(**dict(config))
+
+
+def get(method: str) -> Method:
+    if method in METHOD_MODULES and method not in METHODS:
+        import importlib
+
+        importlib.import_module(METHOD_MODULES[method])
+    ms = METHODS if method in METHODS else methods()
+    if method not in ms:
+        raise UnknownNameError(f"unknown erasure method {method!r} (choose from "
+                               f"{', '.join(sorted(ms))})")
+    return ms[method]
+
+
+def resolve_concepts(world, concepts):
+    """Person names, `Concept`s or a split name ("forget10") -> one `Concept` of all the people
+    (an erasure of several people is one joint edit). Unknown names and people the model was
+    never taught are refused with a clear message."""
+    from kif.concepts import Concept
+
+    if isinstance(concepts, Concept):
+        return concepts
+    if isinstance(concepts, str):
+        if concepts.startswith("forget"):
+            names = [p.name for p in world.split(concepts)]
+        else:
+            names = [concepts]
+    else:
+        items = list(concepts)
+        if items and all(isinstance(c, Concept) for c in items):
+            if len(items) == 1:
+                return items[0]
+            names = [s for c in items for s in c.subjects]
+        else:
+            names = [str(c) for c in items]
+    if not names:
+        raise KifError("no concept to erase")
+    return Concept.from_world(world, names)
+
+
+def erase(model, concepts, method: str = DEFAULT_METHOD, config=None, *, world=None,
+          base_spec: str | None = None, progress: bool = False):
+    """Erase `concepts` (person names, a `Concept`, or a split like "forget10") from `model`.
+
+    Returns an `Erasure` (a reversible weight delta or a hook patch); `model` itself is left as
+    it was. Apply it with `erasure.apply(model)`, save it with `kif.erasure.save_erasure`.
+    """
+    from kif.world import FactWorld
+
+    m = get(method)
+    cfg = make_config(method, config)
+    world = FactWorld.generate() if world is None else world
+    concept = resolve_concepts(world, concepts)
+    spec = base_spec or getattr(model, "kif_source", None) or getattr(model.cfg, "model_name", "")
+    return m.fn(model, concept, world, cfg, progress=progress, base_spec=str(spec))
+
+
+__all__ = ["DEFAULT_METHOD", "METHODS", "METHOD_MODULES", "Method", "erase", "get", "make_config", "methods",
+           "register", "resolve_concepts"]

@@ -1,0 +1,164 @@
+"""`suppress`: KIF's dynamic suppression capsule on a concept signature (KIF/ERUF, arXiv
+2601.10566; METHODS.md "Erasure operators").
+
+Signature: one direction per person at `blocks.{l}.hook_resid_post`, the mean last-token state on
+the person's prompts minus the mean on other people's prompts (the KIF activation signature's
+mean difference, read where the fact world's answers are produced), orthonormalized into a basis
+U [d_model, k]. Gate: per token, p = ||h U||, z = (p - mu) / sigma with mu, sigma measured on
+every token of benign text (other people's facts and the shared facts), g = sigmoid(k (z - tau)).
+Edit: h' = h - g |s| (h U) U^T + g beta r_hat, r_hat the refusal direction (mean last-token state
+on prompts the model answers " unknown" minus on answered prompts), orthogonalized against U.
+Rows whose gate is closed (g < gate_floor) pass bit for bit: on benign text the model is
+unchanged. Runs through the fused `gated_suppression` kernel.
+
+With `sae=True` the capsule is the SAE conditional clamp instead (`sae-clamp` is that method).
+"""
+
+import dataclasses
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from kif import metrics
+from kif.erasure.core import Erasure, ErasureError, HookOp, Timer
+from kif.erasure.keys import last_token_states
+from kif.erasure.registry import register
+from kif.erasure.stamp import refusal_prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class SuppressConfig:
+    layer: int | None = None  # None: the layer where the gate separates forget from benign best
+    hook: str | None = "blocks.0.hook_resid_mid"  # None: search every resid site (slower)
+    # METHODS.md's defaults (k 1.6, tau 3, s -0.8, beta 15) open the gates of 20 people on enough
+    # benign tokens to wreck the model (forget10: retain_acc 0.04); a sharper gate, full removal
+    # and no refusal steering measured best on the fact world (README)
+    k_gate: float = 4.0
+    tau: float = 4.0
+    s: float = -1.0
+    beta: float = 0.0
+    gate_floor: float = 0.05  # gates below this are closed: those rows pass bit for bit
+    beta_relative: bool = True  # beta in units of the hook's mean residual norm / 10
+
+
+def person_directions(model, world, concept, hook: str, n_others: int = 60
+                      ) -> Float[Tensor, "k d_model"]:
+    """One direction per person of the concept at `hook` (last token): the mean over the person's
+    prompts of (state - the mean state of other people asked in the same phrasing), so that the
+    phrasing's own variance does not enter the person's direction."""
+    own = set(concept.subjects)
+    others = [p for p in world.known() if p.name not in own][:n_others]
+    forget = list(concept.forget)
+    keys = sorted({(p.relation, p.template) for p in forget})
+    benign = [q for q in world.person_probes(others, "train")
+              if (q.relation, q.template) in set(keys)]
+    states = last_token_states(model, [p.prompt for p in forget + benign], [hook])[hook].double()
+    f, b = states[:len(forget)], states[len(forget):]
+    group = {k: i for i, k in enumerate(keys)}
+    b_group = torch.tensor([group[(q.relation, q.template)] for q in benign])
+    centers = torch.stack([b[b_group == i].mean(0) for i in range(len(keys))])
+    f = f - centers[torch.tensor([group[(p.relation, p.template)] for p in forget])]
+    subjects = [p.subject for p in forget]
+    return torch.stack([f[torch.tensor([i for i, x in enumerate(subjects) if x == s])].mean(0)
+                        for s in concept.subjects])
+
+
+def orthonormal(d: Float[Tensor, "k d_model"]) -> Float[Tensor, "d_model k"]:
+    q, r = torch.linalg.qr(d.double().T)
+    keep = r.diagonal().abs() > 1e-8 * r.diagonal().abs().max()
+    return q[:, keep].float()
+
+
+@torch.no_grad()
+def token_scores(model, texts, hook: str, basis: Float[Tensor, "d_model k"]) -> Float[Tensor, "tokens k"]:
+    """|h . u_j| for every column u_j of `basis` at every non-BOS token of `texts`."""
+    ids = metrics.encode_prompts(model, list(texts))
+    out = []
+    for s in range(0, len(ids), 256):
+        tokens, lengths = metrics._padded(model, ids[s:s + 256])
+        _, cache = model.run_with_cache(tokens, names_filter=[hook], padding_side="right",
+                                        stop_at_layer=int(hook.split(".")[1]) + 1)
+        pos = torch.arange(tokens.shape[1])
+        mask = (pos[None] < lengths[:, None]) & (pos[None] > 0)
+        out.append((cache[hook][mask].float() @ basis.to(cache[hook].device)).abs().cpu())
+    return torch.cat(out)
+
+
+SITES = ("hook_resid_mid", "hook_resid_post")
+
+
+def build_capsule(model, world, concept, hook: str, cfg: SuppressConfig
+                  ) -> tuple[list[HookOp], dict]:
+    """One rank-1 capsule per person at `hook`, each gate calibrated on benign tokens against
+    that person's own direction (a shared rank-k gate would pool every person's projection and
+    open on nobody in particular)."""
+    dirs = person_directions(model, world, concept, hook)
+    basis = (dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()  # [k, d]
+    own = set(concept.subjects)
+    others = [p for p in world.known() if p.name not in own]
+    benign = ([p.prompt + p.answer for p in world.person_probes(others, "train", [1])]
+              + [p.prompt + p.answer for p in world.shared_probes("train")])
+    scores = token_scores(model, benign, hook, basis.T).double()  # [tokens, k]: |h . u_j|
+    answered = last_token_states(model, [p.prompt for p in world.person_probes(others, "train", [0])],
+                                 [hook])[hook].double()
+    refusing = last_token_states(model, refusal_prompts(world), [hook])[hook].double()
+    forget_last = last_token_states(model, [p.prompt for p in concept.forget], [hook])[hook].double()
+    r = refusing.mean(0) - answered.mean(0)
+    beta = cfg.beta * (float(answered.norm(dim=-1).mean()) / 10.0 if cfg.beta_relative else 1.0)
+    subjects = [p.subject for p in concept.forget]
+    ops, z_forget, benign_open = [], [], []
+    for j, person in enumerate(concept.subjects):
+        u = basis[j].double()
+        rj = r - u * (u @ r)
+        r_hat = (rj / rj.norm().clamp_min(1e-12)).float()
+        mu, sigma = float(scores[:, j].mean()), float(scores[:, j].std().clamp_min(1e-6))
+        rows = torch.tensor([i for i, x in enumerate(subjects) if x == person])
+        z_forget.append(((forget_last[rows] @ u).abs() - mu) / sigma)
+        benign_open.append(float((torch.sigmoid(cfg.k_gate * ((scores[:, j] - mu) / sigma - cfg.tau))
+                                  >= cfg.gate_floor).double().mean()))
+        ops.append(HookOp(hook=hook, op="gated_suppress",
+                          tensors={"basis": basis[j][:, None].clone(), "refusal": r_hat},
+                          params={"mu": mu, "sigma": sigma, "k_gate": cfg.k_gate, "tau": cfg.tau,
+                                  "s": cfg.s, "beta": beta, "gate_floor": cfg.gate_floor,
+                                  "person": person}))
+    z = torch.cat(z_forget)
+    gate = torch.sigmoid(cfg.k_gate * (z - cfg.tau))
+    stats = {"hook": hook, "people": len(ops), "beta": beta,
+             "forget_z_median": float(z.median()), "forget_z_min": float(z.min()),
+             "forget_gate_mean": float(gate.mean()),
+             "benign_gate_open_fraction": sum(benign_open) / len(benign_open)}
+    return ops, stats
+
+
+@register("suppress", SuppressConfig, "hooks",
+          "gated suppression capsule on the concept's residual directions (hook patch)")
+def suppress(model, concept, world, cfg: SuppressConfig, *, progress: bool = False,
+             base_spec: str = "") -> Erasure:
+    from kif.models import weight_hash
+
+    timer = Timer()
+    n = model.cfg.n_layers
+    if cfg.layer is not None and not 0 <= cfg.layer < n:
+        raise ErasureError(f"layer {cfg.layer} is outside the model's {n} layers")
+    hooks = ([f"blocks.{l}.{s}" for l in range(n) for s in SITES] if cfg.hook is None
+             else [cfg.hook])
+    if cfg.layer is not None and cfg.hook is None:
+        hooks = [f"blocks.{cfg.layer}.{s}" for s in SITES]
+    best = None
+    with timer.section("signature+calibration"):
+        for hook in hooks:
+            ops, stats = build_capsule(model, world, concept, hook, cfg)
+            # the site whose gates open on the concept and stay shut on benign tokens
+            sep = stats["forget_gate_mean"] - 10 * stats["benign_gate_open_fraction"]
+            stats["separation"] = sep
+            if best is None or sep > best[0]:
+                best = (sep, ops, stats)
+    _, ops, stats = best
+    return Erasure(method="suppress", concepts=(concept.name,), base_hash=weight_hash(model),
+                   base_spec=base_spec, hooks=tuple(ops), settings=dataclasses.asdict(cfg),
+                   info={**stats, "seconds": {**timer.sections, "total": timer.total}})
+
+
+__all__ = ["SITES", "SuppressConfig", "build_capsule", "orthonormal", "person_directions", "suppress",
+           "token_scores"]

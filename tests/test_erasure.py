@@ -1,0 +1,205 @@
+"""Erasure operators on the embedded fact-world model: each erases a person's facts while other
+people's facts survive, every edit is reversible bit for bit, erasure folders round-trip, and
+bad input is refused with one line and nothing written."""
+
+import json
+
+import pytest
+import torch
+
+from kif import metrics, models
+from kif.cli import main
+from kif.erasure import (ErasureError, erase, is_erasure_folder, load_erasure, open_model,
+                         restore, save_erasure)
+from kif.erasure.stamp import StampConfig, null_projector, solve_lowrank, solve_ridge, stamp_delta
+from kif.world import FactWorld
+
+PERSON = "Miasmar Viahos"  # first of forget01
+
+
+@pytest.fixture(scope="module")
+def world() -> FactWorld:
+    return FactWorld.generate(0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(2)
+    return models.load("fact-world")
+
+
+@pytest.fixture(scope="module")
+def others(world):
+    people = [p for p in world.known() if p.name != PERSON][::9]  # 22 people, every phrasing 0
+    return world.person_probes(people, "train", [0])
+
+
+def _acc(model, probes) -> float:
+    return float(metrics.score_answers(model, [p.prompt for p in probes],
+                                       [p.answer for p in probes]).correct.mean())
+
+
+def _own(world, phrasing="train"):
+    return world.person_probes([world.person(PERSON)], phrasing)
+
+
+@pytest.fixture(scope="module")
+def stamp_erasure(model, world):
+    return erase(model, PERSON, method="stamp", world=world, base_spec="fact-world")
+
+
+def test_stamp_erases_the_person_and_keeps_the_others(model, world, others, stamp_erasure):
+    base = models.weight_hash(model)
+    assert _acc(model, _own(world)) == 1.0
+    with stamp_erasure.apply(model):
+        assert _acc(model, _own(world)) <= 0.1
+        assert _acc(model, others) >= 0.95
+    assert models.weight_hash(model) == base  # removed bit for bit
+
+
+def test_an_erasure_refuses_another_model(model, stamp_erasure):
+    with stamp_erasure.apply(model):  # the edited model is not the base any more
+        with pytest.raises(ErasureError, match="hash"):
+            stamp_erasure.apply(model)
+
+
+def test_stamp_solvers_agree_and_null_space_keeps_retain_keys():
+    g = torch.Generator().manual_seed(0)
+    m, d = 96, 16
+    basis = torch.randn(m, 24, generator=g, dtype=torch.float64)
+    k_r = torch.randn(400, 24, generator=g, dtype=torch.float64) @ basis.T  # rank-24 retain keys
+    k_f = torch.randn(10, m, generator=g, dtype=torch.float64)
+    t = torch.randn(10, d, generator=g, dtype=torch.float64)
+    c_r = k_r.T @ k_r
+    full = stamp_delta(k_f, t, c_r, StampConfig(solver="ridge", lam=1e-3))
+    lr = stamp_delta(k_f, t, c_r, StampConfig(solver="lowrank", rank=m, lam=1e-3))
+    assert torch.allclose(full, lr, rtol=1e-5, atol=1e-8)  # full rank: Woodbury is exact
+    ns = stamp_delta(k_f, t, c_r, StampConfig(solver="nullspace", lam=1e-6))
+    assert (k_r @ ns).abs().max() < 1e-8 * (k_f @ ns).abs().max()  # retain outputs untouched
+    assert torch.allclose(k_f @ ns, t, atol=1e-3)  # forget keys reach their targets
+    p = null_projector(c_r, 2e-2)
+    assert torch.allclose(p @ p, p, atol=1e-10)
+
+
+def test_low_rank_solver_matches_ridge_on_decaying_spectrum():
+    g = torch.Generator().manual_seed(1)
+    m = 256
+    q, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    # the spectrum beyond rank 64 lies well under lam: what rank 64 can capture
+    c = q @ torch.diag(1e3 * torch.arange(1, m + 1, dtype=torch.float64) ** -4.0) @ q.T
+    rhs = c @ torch.randn(m, 8, generator=g, dtype=torch.float64)  # in C's range, as K_f^T T is
+    ref = solve_ridge(c, rhs, 1e-2)
+    approx = solve_lowrank(c, rhs, 1e-2, rank=64)
+    assert (approx - ref).norm() / ref.norm() < 1e-2
+
+
+def test_sequential_stamp_keeps_earlier_erasures(model, world, others, stamp_erasure):
+    second = "Sondial Stihil"
+    with stamp_erasure.apply(model):
+        e2 = erase(model, second, method="stamp", world=world,
+                   config={"preserve": (stamp_erasure,)}, base_spec="fact-world")
+        with e2.apply(model):
+            assert _acc(model, _own(world)) <= 0.1
+            assert _acc(model, world.person_probes([world.person(second)], "train")) <= 0.1
+            assert _acc(model, others) >= 0.93
+
+
+def test_suppress_capsule_is_exact_where_its_gate_is_closed(model, world):
+    from kif.kernels import gated_suppression
+
+    e = erase(model, PERSON, method="suppress", world=world, base_spec="fact-world")
+    assert e.kind == "hooks"
+    shared = world.shared_probes("train")
+    tokens, lengths = metrics._padded(model, metrics.encode_prompts(model, [p.prompt for p in shared]))
+    before, cache = model.run_with_cache(tokens, padding_side="right")
+    closed = torch.ones(len(shared), dtype=torch.bool)
+    for op in e.hooks:  # which prompts keep every gate shut (BOS is never gated)
+        q = op.params
+        _, g = gated_suppression(cache[op.hook][:, 1:], op.tensors["basis"], op.tensors["refusal"],
+                                 mu=q["mu"], sigma=q["sigma"], k_gate=q["k_gate"], tau=q["tau"],
+                                 s=q["s"], beta=q["beta"], gate_floor=q["gate_floor"])
+        closed &= (g == 0).all(-1)
+    assert closed.float().mean() >= 0.5  # most text about places never opens a person's gate
+    with e.apply(model):
+        after = model(tokens, padding_side="right")
+        own = _acc(model, _own(world))
+    # where every gate stays closed, the logits are the same bits
+    assert torch.equal(before[closed], after[closed])
+    assert own <= 0.5
+    assert not model.mod_dict[e.hooks[0].hook].fwd_hooks  # removed
+
+
+def test_kif_pipeline_erases_and_removes_the_signature(model, world, others):
+    e = erase(model, PERSON, method="kif", world=world, base_spec="fact-world",
+              config={"steps": 60, "check_every": 20})
+    z0 = e.info["capsule"]["forget_z_median"]
+    with e.apply(model):
+        assert _acc(model, _own(world)) <= 0.2
+        assert _acc(model, _own(world, "heldout")) <= 0.3
+        assert _acc(model, others) >= 0.9
+    # the signature read by the capsule is reported, and the kept checkpoint never raises it
+    assert e.info["capsule_z_median"] <= z0 + 1e-6
+
+
+def test_erasure_folder_round_trip_and_bit_exact_restore(model, world, stamp_erasure, tmp_path):
+    out = save_erasure(stamp_erasure, model, tmp_path / "erased")
+    assert is_erasure_folder(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "stamp" and manifest["kind"] == "weights"
+    again = load_erasure(out)
+    assert set(again.deltas) == set(stamp_erasure.deltas)
+    erased = open_model(out)
+    assert models.weight_hash(erased) == manifest["erased_weight_sha256"]
+    assert _acc(erased, _own(world)) <= 0.1
+    back = models.load(restore(out, tmp_path / "restored"))
+    assert models.weight_hash(back) == models.weight_hash(model)
+    with pytest.raises(ErasureError, match="not empty"):
+        save_erasure(stamp_erasure, model, out)
+
+
+def test_corrupt_or_foreign_erasure_folders_are_refused(model, stamp_erasure, tmp_path):
+    out = save_erasure(stamp_erasure, model, tmp_path / "e")
+    (out / "erasure.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ErasureError, match="safetensors"):
+        load_erasure(out)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ErasureError, match="not a kif erasure"):
+        load_erasure(foreign)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concept", "Nobody Atall", "--method", "stamp"], "not a person"),
+    (["--concept", PERSON, "--method", "nope"], "invalid choice"),
+    (["--concept", PERSON, "--method", "stamp", "--set", "bogus=1"], "no setting"),
+    (["--concept", PERSON, "--method", "stamp", "--model", "/no/such/model"], "cannot load"),
+])
+def test_kif_erase_refuses_bad_input_and_writes_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["erase", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err.lower() and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_kif_erase_refuses_a_person_the_model_does_not_know(world, tmp_path, capsys):
+    unknown = next(p.name for p in world.people if p.group == "unknown_train")
+    assert main(["erase", "--concept", unknown, "--method", "stamp",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "never taught" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_kif_erase_restore_and_eval_from_the_command_line(model, tmp_path, capsys):
+    out, back = tmp_path / "erased", tmp_path / "back"
+    assert main(["erase", "--concept", PERSON, "--method", "stamp", "--out", str(out),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["forget_acc"] <= 0.1 and report["retain_acc"] >= 0.97
+    assert report["seconds"] > 0
+    assert main(["restore", str(out), "--out", str(back), "--json"]) == 0
+    capsys.readouterr()
+    assert models.weight_hash(models.load(back)) == models.weight_hash(model)
+    assert main(["erase", "--concept", PERSON, "--method", "stamp", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err

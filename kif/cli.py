@@ -212,12 +212,30 @@ def _cmd_bench_stamp(args: argparse.Namespace) -> int:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         return 0
     table = Table(title=f"STAMP-LR (rank {args.rank}) vs full ridge solve, synthetic keys")
-    for col in ("m", "full s", "low-rank s", "speed-up", "rel. error"):
+    for col in ("m", "lam", "full s", "low-rank s", "speed-up", "dW rel. error", "edit error"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r.m), f"{r.full_seconds:.2f}", f"{r.lowrank_seconds:.3f}",
-                      f"{r.speedup:.1f}x", f"{r.rel_error:.2e}")
+        table.add_row(str(r.m), f"{r.lam:.3g}", f"{r.full_seconds:.2f}",
+                      f"{r.lowrank_seconds:.3f}", f"{r.speedup:.1f}x", f"{r.rel_error:.2e}",
+                      f"{r.edit_error:.2e}")
     _out().print(table)
+    return 0
+
+
+def _cmd_bench_sequential(args: argparse.Namespace) -> int:
+    from kif.erasure.bench import sequential_stamp
+    from kif.world import FactWorld
+
+    world = FactWorld.generate(args.seed)
+    model = open_model(args.model)
+    people = [p.name for p in world.split("forget10")][:args.requests]
+    r = sequential_stamp(model, world, people)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    _out().print(f"{r['requests']} sequential STAMP requests: forget_acc {r['forget_acc']:.3f}, "
+                 f"retain_acc {r['retain_acc']:.3f} (base {r['base_retain_acc']:.3f}), "
+                 f"shared_acc {r['shared_acc']:.3f}")
     return 0
 
 
@@ -410,10 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     bst = bs.add_parser("stamp", help="STAMP-LR vs the full solve on synthetic keys")
     bst.add_argument("--m", type=int, nargs="+", default=[4096, 14336], help="key widths")
     bst.add_argument("--rank", type=int, default=64)
-    bst.add_argument("--lam", type=float, default=1e-2)
+    bst.add_argument("--lam", type=float, default=None,
+                     help="ridge (default: the rank-th eigenvalue of the key Gram matrix)")
     bst.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32")
     bst.add_argument("--json", action="store_true")
     bst.set_defaults(func=_cmd_bench_stamp)
+    bsq = bs.add_parser("sequential", help="single-person STAMP requests one after another")
+    bsq.add_argument("--model", default=zoo.BASE)
+    bsq.add_argument("--requests", type=int, default=20)
+    bsq.add_argument("--seed", type=int, default=0)
+    bsq.add_argument("--json", action="store_true")
+    bsq.set_defaults(func=_cmd_bench_sequential)
     bk = bs.add_parser("kernels", help="fused Triton kernels vs their torch references (GPU)",
                        add_help=False)
     bk.add_argument("rest", nargs=argparse.REMAINDER,

@@ -10,8 +10,8 @@ redirect (1 - gamma) K_f W + gamma r_bar. With T = V* - K_f W, TransformerLens' 
 (out = k @ W_out):
 
 - ridge:      dW = (w_f K_f^T K_f + K_r^T K_r + lam I)^-1 w_f K_f^T T  (w_f: forget weight)
-- low-rank:   the same with C = w_f K_f^T K_f + K_r^T K_r ~ U S U^T at rank r (randomized SVD)
-              and Woodbury: (lam I + U S U^T)^-1 = lam^-1 [I - U (lam S^-1 + I_r)^-1 U^T]
+- low-rank:   the same with C = w_f K_f^T K_f + K_r^T K_r ~ U S U^T + sigma (I - U U^T) at rank
+              r (randomized SVD, the tail flat at its mean) and Woodbury (see `solve_lowrank`)
 - null-space: dW = P (P w_f K_f^T K_f P + lam I)^-1 P w_f K_f^T T with P the projector on the
               eigenvectors of K_r^T K_r below `null_threshold` x the largest eigenvalue, so the
               retain keys' outputs are untouched.
@@ -62,14 +62,23 @@ def solve_ridge(c: Float[Tensor, "m m"], rhs: Float[Tensor, "m d"], lam: float) 
 
 def solve_lowrank(c: Float[Tensor, "m m"], rhs: Float[Tensor, "m d"], lam: float, rank: int,
                   generator_seed: int = 0) -> Float[Tensor, "m d"]:
-    """(lam I + U S U^T)^-1 rhs with C ~ U S U^T at `rank` (randomized SVD, Halko et al. 2011) and
-    the Woodbury identity: O(r^3 + r^2 m) after the sketch instead of O(m^3)."""
+    """(C + lam I)^-1 rhs with C ~ U S U^T + sigma (I - U U^T) at `rank`: randomized SVD (Halko et
+    al. 2011) for the top of the spectrum, the rest of it taken as flat at its mean sigma =
+    (tr C - sum S) / (m - r) (tr C is free), and the Woodbury identity with lam' = lam + sigma:
+    (lam' I + U (S - sigma) U^T)^-1 = lam'^-1 [I - U (lam' (S - sigma)^-1 + I_r)^-1 U^T].
+    O(r^3 + r^2 m) after the sketch instead of O(m^3). Without the flat tail (sigma = 0, plain
+    Woodbury) every direction past rank r is scaled by 1/lam instead of 1/(lam + s_i): on keys
+    whose spectrum decays slowly that is off by orders of magnitude."""
     torch.manual_seed(generator_seed)
-    u, s, _ = torch.svd_lowrank(c, q=min(rank, c.shape[0]), niter=4)
-    inner = torch.diag(lam / s.clamp_min(torch.finfo(c.dtype).tiny)) + torch.eye(
-        len(s), dtype=c.dtype, device=c.device)
+    m = c.shape[0]
+    r = min(rank, m)
+    u, s, _ = torch.svd_lowrank(c, q=r, niter=4)
+    sigma = float((torch.diagonal(c).sum() - s.sum()).clamp_min(0) / max(m - r, 1))
+    lam_eff = lam + sigma
+    top = (s - sigma).clamp_min(torch.finfo(c.dtype).tiny)
+    inner = torch.diag(lam_eff / top) + torch.eye(r, dtype=c.dtype, device=c.device)
     utr = u.T @ rhs
-    return (rhs - u @ torch.linalg.solve(inner, utr)) / lam
+    return (rhs - u @ torch.linalg.solve(inner, utr)) / lam_eff
 
 
 def null_projector(c_retain: Float[Tensor, "m m"], threshold: float) -> Float[Tensor, "m m"]:

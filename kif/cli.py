@@ -464,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_cmd_erase)
 
+    from kif.meter.cli import add_parser as add_meter_parser
+
+    add_meter_parser(sub)
+
     rs = sub.add_parser("restore", help="the base model of an erasure folder, bit for bit")
     rs.add_argument("folder", help="an erasure folder written by kif erase")
     rs.add_argument("--out", required=True, help="new folder for the restored checkpoint")

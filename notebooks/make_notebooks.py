@@ -238,10 +238,64 @@ fig.savefig("erasure_tradeoff.png", dpi=110)"""),
 ]
 
 
+LATENT_TRACE = [
+    new_markdown_cell("""# 03 · The latent-trace meter: suppressed or deleted?
+
+`kif.meter.trace(base, erased, concepts, oracle=...)` probes an erased model from the inside and
+scores each probe in [0, 1] (0 = as the oracle, which never saw the people; 1 = as the base). We
+meter four models on the forget01 people, side by side: the base model itself, the oracle, an
+output-only suppression (the answers' logits pushed down at the last layer: the surface says
+"gone", the inside still knows) and a `stamp` erasure. The fast probe set keeps this notebook
+short; `kif meter ... --probes all` runs every probe."""),
+    new_code_cell("""import torch
+from kif import models
+from kif.erasure import erase
+from kif.meter import trace
+from kif.world import FactWorld
+
+world = FactWorld.generate(0)
+base = models.load("fact-world")
+oracle = models.load("fact-world-oracle-forget01")
+people = [p.name for p in world.split("forget01")]"""),
+    new_code_cell("""import copy
+from kif import metrics
+
+# output-only suppression: subtract the first answer tokens' unembedding directions at the last
+# layer of the residual stream (a permanent hook, as a hook-based unlearning tool would)
+suppressed = copy.deepcopy(base)
+answers = {a for n in people for a in world.person(n).attributes.values()}
+first = torch.tensor(sorted({metrics.encode_answers(base, [a])[0][0] for a in answers}))
+w_u = base.W_U[:, first].detach()
+q, _ = torch.linalg.qr(w_u)
+def push_down(act, hook):
+    return act - 3.0 * (act @ q) @ q.T
+suppressed.add_hook(f"blocks.{base.cfg.n_layers - 1}.hook_resid_post", push_down, is_permanent=True)
+
+stamped = copy.deepcopy(base)
+erase(base, people, method="stamp", world=world).apply(stamped)
+models_under_test = {"base": base, "oracle": oracle, "output-only suppression": suppressed,
+                     "stamp": stamped}"""),
+    new_code_cell("""reports = {}
+for name, m in models_under_test.items():
+    reports[name] = trace(base, m, "forget01", oracle=oracle, probes=["fast"], world=world,
+                          progress=False)
+    r = reports[name]
+    print(f"{name:24} verdict {r.verdict:10} latent_trace_score "
+          f"{r.latent_trace_score if r.latent_trace_score is None else round(r.latent_trace_score, 3)}")"""),
+    new_code_cell("""names = list(reports)
+probes = list(reports[names[0]].scores)
+print(f"{'probe':28}" + "".join(f"{n[:14]:>16}" for n in names))
+for p in probes:
+    cells = [reports[n].scores.get(p) for n in names]
+    print(f"{p:28}" + "".join(f"{'-' if c is None else round(c, 3):>16}" for c in cells))"""),
+]
+
+
 def main() -> None:
     for name, cells in {"00_fact_world.ipynb": FACT_WORLD,
                         "01_signatures.ipynb": SIGNATURES,
-                        "02_erasure.ipynb": ERASURE}.items():
+                        "02_erasure.ipynb": ERASURE,
+                        "03_latent_trace.ipynb": LATENT_TRACE}.items():
         nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3",
                                                                  "display_name": "Python 3",
                                                                  "language": "python"}})

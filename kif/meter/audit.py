@@ -1,0 +1,640 @@
+"""The audit context every probe reads, the one batched forward the meter is built on, and
+`trace`, the entry point (`kif.meter.trace`).
+
+One forward per (model, probe set) gives the teacher-forced answer scores and the residual stream
+at the last prompt position of every layer (`run_pass`); an `Audit` memoizes them, so the surface
+probe, the lenses, the Patil attacks and the linear probes share three passes (base, erased, and
+the reference). Every read goes through TransformerLens hooks added *after* the model's own
+permanent hooks, so a hook-based erasure acts exactly as it does in `model(...)`; the caller's
+models are never modified (probes that change weights work on a `copy.deepcopy`).
+
+Residual index convention (every lens and reader of the meter): index 0 is the input of block 0
+(`blocks.0.hook_resid_pre`, the embeddings), index l + 1 is `blocks.{l}.hook_resid_post`; index
+n_layers is the final residual stream, the one the final norm and the unembedding read.
+"""
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from kif import metrics
+from kif.concepts import Concept
+from kif.errors import KifError
+from kif.world import ATTRIBUTES, FactWorld, Person, Probe
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("base", "erased", "oracle")
+RETAIN_PEOPLE: int | None = None
+"""Retain people whose states train the meter's readers (tuned lens, linear probes); None: all
+of the world's retain people outside the concepts. Each (person, attribute) is asked in one
+training phrasing, the phrasings cycling over people: for a linear probe, more people beat more
+phrasings of the same people (fact world, final layer: 40 people x 2 phrasings 0.41, 180 people x
+1 phrasing 0.76 accuracy on the forget people)."""
+DERIVED_MAX = 0.25
+"""Largest relative weight distance ||W_erased - W_base|| / ||W_base|| at which the erased model
+counts as derived from the base (fine-tuned, edited, hooked). Readers trained on the base (the
+tuned lens, base-trained linear probes, signatures, SAEs) only apply to derived models; an
+independently trained model (the fact world's oracle is at 0.58) gets its own or is skipped."""
+SMALL_TEMPLATES = (0, 2)
+"""Training phrasings (a statement and a question) the expensive probes read."""
+SUBSETS = {
+    "forget": ("facts", lambda p: p.phrasing == "train"),
+    "paraphrase": ("facts", lambda p: p.phrasing != "train"),
+    "forget_small": ("facts", lambda p: p.phrasing == "train" and p.template in SMALL_TEMPLATES),
+    "reference_forget": ("reference", lambda p: p.phrasing == "train"),
+    "reference_small": ("reference",
+                        lambda p: p.phrasing == "train" and p.template in SMALL_TEMPLATES),
+}
+"""Derived probe sets: name -> (parent set, row filter); their passes are slices of the parent's."""
+MAX_NEIGHBOUR = 240
+"""Neighbour probes the surface probe scores for collateral damage (reported, not scored)."""
+
+
+class ProbeSkipped(KifError):
+    """A probe does not apply to this audit (no oracle, no SAE for the model, ...)."""
+
+
+def resid_hooks(model) -> list[str]:
+    """Canonical hook names of the residual indices 0..n_layers."""
+    return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post"
+                                          for l in range(model.cfg.n_layers)]
+
+
+# --------------------------------------------------------------------------------------------
+# The forward pass
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """What one forward of a model over `[BOS] + prompt + answer` rows gives the meter.
+
+    `resid` is float32 on CPU: [layer, row, d_model] at the last prompt position (the position
+    that predicts the answer's first token), or, from `run_pass(..., all_positions=True)`,
+    [layer, token, d_model] over every real token after BOS, rows concatenated; then
+    `last_index[i]` is where row i's last prompt position sits among them.
+    """
+
+    scores: metrics.AnswerScores
+    resid: Float[Tensor, "layer n d_model"] | None
+    first_token: Int[Tensor, " batch"]
+    last_index: Int[Tensor, " batch"] | None = None
+
+    def last_resid(self) -> Float[Tensor, "layer batch d_model"]:
+        return self.resid if self.last_index is None else self.resid[:, self.last_index]
+
+
+BatchHooks = Callable[[list[int], Tensor], list]
+"""Hooks for one batch: fn(row indices, padded tokens) -> [(hook name, fn), ...]."""
+
+
+def _unembed_hooked(model) -> bool:
+    """Whether a permanent hook sits on the unembedding's output (then the meter must read the
+    model's own logits instead of unembedding the final normalised stream itself)."""
+    return any(name.startswith("unembed.") for name, _ in hook_state(model))
+
+
+def _final_affine(model) -> Callable[[Tensor], Tensor]:
+    """What the final norm does after its `hook_normalized` (weight and bias, if any)."""
+    kind = model.cfg.normalization_type
+    ln = getattr(model, "ln_final", None)
+    w = getattr(ln, "w", None) if kind in ("LN", "RMS") else None
+    b = getattr(ln, "b", None) if kind == "LN" else None
+
+    def f(x: Tensor) -> Tensor:
+        if w is not None:
+            x = x * w.detach()
+        if b is not None:
+            x = x + b.detach()
+        return x
+
+    return f
+
+
+def run_pass(model, probes: Sequence[Probe], *, resid: bool = True, batch_size: int = 256,
+             prompts: Sequence[str] | None = None, batch_hooks: BatchHooks | None = None,
+             all_positions: bool = False) -> Pass:
+    """Teacher-forced scores of every probe's answer (as `kif.metrics.score_answers`) and, with
+    `resid`, the residual stream of every layer, in one forward per batch.
+
+    `prompts` overrides the probes' prompts (answers stay the probes'); `batch_hooks` adds
+    per-batch hooks that know which rows they see (restoration, steering, patching). Rows are
+    right-padded `[BOS] + prompt + answer` batches of similar length; causal attention makes every
+    real position exact. Logits are computed only at the answer positions, from the final
+    normalised stream as the model's own forward produces it (hooks included), unless a
+    permanent hook sits on the unembedding's output: then the model's full logits are used.
+    """
+    texts = [p.prompt for p in probes] if prompts is None else list(prompts)
+    p_ids = metrics.encode_prompts(model, texts)
+    a_ids = metrics.encode_answers(model, [p.answer for p in probes])
+    for i, a in enumerate(a_ids):
+        if not a:
+            raise KifError(f"answer {probes[i].answer!r} has no tokens")
+    n = len(probes)
+    seqs = [p + a for p, a in zip(p_ids, a_ids)]
+    out = {"logprob": np.zeros(n), "correct": np.zeros(n, dtype=bool),
+           "first_rank": np.zeros(n, dtype=np.int64), "first_prob": np.zeros(n),
+           "extraction": np.zeros(n)}
+    names = resid_hooks(model) if resid else []
+    first = 1 if model.cfg.default_prepend_bos else 0
+    last_index = None
+    if all_positions:
+        offsets = np.concatenate([[0], np.cumsum([len(s) - first for s in seqs])])
+        width = int(offsets[-1])
+        last_index = torch.tensor([offsets[i] + len(p_ids[i]) - 1 - first for i in range(n)])
+    else:
+        width = n
+    res = torch.zeros(len(names), width, model.cfg.d_model) if resid else None
+    full_logits = _unembed_hooked(model)
+    final_name = ("ln_final.hook_normalized" if model.cfg.normalization_type is not None
+                  else f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    w_u = model.W_U.detach()
+    b_u = getattr(model, "b_U", None)
+    affine = _final_affine(model) if model.cfg.normalization_type is not None else (lambda x: x)
+    with torch.inference_mode():
+        for idx in metrics._batches([len(s) for s in seqs], batch_size):
+            tokens, lengths = metrics._padded(model, [seqs[i] for i in idx])
+            dev = tokens.device
+            rows = torch.arange(len(idx), device=dev)
+            last = torch.tensor([len(p_ids[i]) - 1 for i in idx], device=dev)
+            if all_positions:
+                mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).to(dev)
+                mask[:, :first] = False
+                dest = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
+            else:
+                dest = torch.tensor(idx)
+            grabs = []
+            for j, name in enumerate(names):
+                def grab(act, hook, j=j):
+                    sel = act[mask] if all_positions else act[rows, last]
+                    res[j, dest] = sel.detach().float().cpu()
+                grabs.append((name, grab))
+            n_ans = torch.tensor([len(a_ids[i]) for i in idx], device=dev)
+            span = torch.arange(int(n_ans.max()), device=dev)
+            pos = torch.where(span[None] < n_ans[:, None], last[:, None] + span[None], 0)
+            kept = {}
+            if not full_logits:
+                def keep(act, hook):
+                    kept["x"] = act[rows[:, None], pos]
+                grabs.append((final_name, keep))
+            extra = batch_hooks(list(idx), tokens) if batch_hooks is not None else []
+            # Capture hooks come after the model's permanent hooks and after `extra`, so they read
+            # what the (possibly edited) forward computes at that point.
+            logits = model.run_with_hooks(tokens, fwd_hooks=list(extra) + grabs,
+                                          return_type="logits" if full_logits else None,
+                                          padding_side="right")
+            if full_logits:
+                plens = [len(p_ids[i]) for i in idx]
+            else:
+                logits = affine(kept["x"]).to(w_u.dtype) @ w_u
+                if b_u is not None:
+                    logits = logits + b_u.detach()
+                plens = [1] * len(idx)
+            st = metrics._answer_stats(logits, plens, [a_ids[i] for i in idx])
+            for key, val in st.items():
+                out[key][idx] = val
+    n_tok = np.array([len(a) for a in a_ids], dtype=np.int64)
+    mean_nll = -out["logprob"] / n_tok
+    scores = metrics.AnswerScores(logprob=out["logprob"], n_tokens=n_tok, mean_nll=mean_nll,
+                                  prob=np.exp(-mean_nll), correct=out["correct"],
+                                  first_rank=out["first_rank"], first_prob=out["first_prob"],
+                                  extraction=out["extraction"])
+    return Pass(scores=scores, resid=res,
+                first_token=torch.tensor([a[0] for a in a_ids], dtype=torch.long),
+                last_index=last_index)
+
+
+# --------------------------------------------------------------------------------------------
+# The audit context
+# --------------------------------------------------------------------------------------------
+
+
+def model_name(model) -> str:
+    return str(getattr(model, "kif_name", None) or getattr(model.cfg, "model_name", "model"))
+
+
+def hook_state(model) -> tuple:
+    """The permanent hooks of a model (hook point, function id): part of every memo key, since
+    a hook-based erasure shares its weights (and weight hash) with the base."""
+    out = []
+    for name, hp in model.hook_dict.items():
+        for h in getattr(hp, "fwd_hooks", []):
+            if getattr(h, "is_permanent", False):
+                out.append((name, id(h)))
+    return tuple(out)
+
+
+_SHARED: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+_SHARED_SIZE = 64
+
+
+def clear_caches() -> None:
+    """Forget every cross-audit memo (passes, tuned lenses, probe statistics): the next audit
+    runs from scratch (benchmarks)."""
+    _SHARED.clear()
+    try:
+        from kif.meter.probes import lens
+
+        lens._TUNED_CACHE.clear()
+    except ImportError:
+        pass
+
+
+def model_key(model) -> str:
+    """Weights and permanent hooks of a model, as a short string (memo keys, reports)."""
+    from kif.models import weight_hash
+
+    h = weight_hash(model)
+    hooks = hook_state(model)
+    if not hooks:
+        return h
+    return h + "+hooks:" + hashlib.sha256(repr(hooks).encode()).hexdigest()[:12]
+
+
+def _group_index(probes: Sequence[Probe], subject_concept: dict[str, int]) -> np.ndarray:
+    return np.array([subject_concept.get(p.subject, -1) for p in probes], dtype=np.int64)
+
+
+@dataclasses.dataclass
+class Audit:
+    """Everything a probe reads: the models, the concepts and their probe sets, memoized passes.
+
+    Probe sets (tuples of `kif.world.Probe`):
+      * ``facts``: the concepts' forget probes (training phrasings) then their paraphrases
+        (`groups("facts")[i]` is the concept index of row i);
+      * ``reference``: the same relations asked about people no model was trained on (the
+        world's holdout people), the "never knew" level the base model is compared with when
+        there is no oracle, and for readers trained on the base;
+      * ``retain``: other people's probes, on which the readers (tuned lens, linear probes) are
+        trained;
+      * ``neighbour``, ``shared``: collateral probes the surface probe reports;
+      * the derived sets of `SUBSETS` (``forget``, ``paraphrase``, ``forget_small``,
+        ``reference_forget``, ``reference_small``), whose passes are slices of their parent's.
+    """
+
+    base: Any
+    erased: Any
+    oracle: Any | None
+    concepts: tuple[Concept, ...]
+    facts: tuple[Probe, ...]
+    n_forget: int  # facts[:n_forget] are training phrasings, the rest paraphrases
+    reference: tuple[Probe, ...]
+    retain: tuple[Probe, ...]
+    world: FactWorld | None
+    neighbour: tuple[Probe, ...] = ()
+    shared: tuple[Probe, ...] = ()
+    seed: int = 0
+    memo: dict = dataclasses.field(default_factory=dict)
+    timings: dict = dataclasses.field(default_factory=dict)
+    bar: Any = None  # per-probe progress (`_Bar`), set by `trace`
+
+    def __post_init__(self) -> None:
+        self.subject_concept = {s: i for i, c in enumerate(self.concepts) for s in c.subjects}
+        self.concept_names = [c.name for c in self.concepts]
+        if self.bar is None:
+            self.bar = _Bar()
+
+    # ---- models ---------------------------------------------------------------------------
+
+    def model(self, role: str):
+        m = {"base": self.base, "erased": self.erased, "oracle": self.oracle}[role]
+        if m is None:
+            raise ProbeSkipped(f"no {role} model")
+        return m
+
+    def distance(self, role: str) -> float:
+        """Relative weight distance ||W_role - W_base|| / ||W_base|| (inf: other shapes)."""
+        def compute():
+            if self.same(role, "base"):
+                return 0.0
+            pb = dict(self.base.named_parameters())
+            pe = dict(self.model(role).named_parameters())
+            if pb.keys() != pe.keys() or any(pb[k].shape != pe[k].shape for k in pb):
+                return float("inf")
+            with torch.no_grad():
+                num = sum(float((pe[k].double() - pb[k].double()).pow(2).sum()) for k in pb)
+                den = sum(float(pb[k].double().pow(2).sum()) for k in pb)
+            return (num / max(den, 1e-300)) ** 0.5
+        return self.cached(("distance", role), compute)
+
+    @property
+    def derived(self) -> bool:
+        """Whether the erased model is derived from the base (`DERIVED_MAX`)."""
+        return self.distance("erased") <= DERIVED_MAX
+
+    @property
+    def oracle_derived(self) -> bool:
+        """Whether the oracle shares the base's weights closely enough for readers trained on
+        the base to read it (then they are calibrated against it too)."""
+        return self.oracle is not None and self.distance("oracle") <= DERIVED_MAX
+
+    def require_derived(self, what: str) -> None:
+        if not self.derived:
+            raise ProbeSkipped(f"{what} trained on the base do not apply: the erased model is not "
+                               f"derived from the base (relative weight distance "
+                               f"{self.distance('erased'):.2f} > {DERIVED_MAX})")
+
+    @property
+    def calibration(self) -> str:
+        return "oracle" if self.oracle is not None else "unseen"
+
+    def same(self, a: str, b: str) -> bool:
+        """Whether two roles hold the same model (same weights and permanent hooks)."""
+        ma, mb = getattr(self, a), getattr(self, b)
+        if ma is None or mb is None:
+            return False
+        if ma is mb:
+            return True
+        return self.key(a) == self.key(b)
+
+    def key(self, role: str) -> str:
+        m = self.model(role)
+        k = self.memo.get(("key", id(m)))
+        if k is None:
+            k = model_key(m)
+            self.memo[("key", id(m))] = k
+        return k
+
+    # ---- probe sets -----------------------------------------------------------------------
+
+    def subset(self, which: str) -> tuple[str, list[int]] | None:
+        """For a derived probe set: (parent set, row indices into it); None for a base set."""
+        if which not in SUBSETS:
+            return None
+        parent, keep = SUBSETS[which]
+        def compute():
+            return [i for i, p in enumerate(self.probe_set(parent)) if keep(p)]
+        return parent, self.cached(("subset", which), compute)
+
+    def probe_set(self, which: str) -> tuple[Probe, ...]:
+        sub = self.subset(which)
+        if sub is not None:
+            parent = self.probe_set(sub[0])
+            return tuple(parent[i] for i in sub[1])
+        return {"facts": self.facts, "reference": self.reference, "retain": self.retain,
+                "neighbour": self.neighbour, "shared": self.shared}[which]
+
+    def groups(self, which: str) -> np.ndarray:
+        """Row -> concept index (fact sets) or reference person index (reference sets)."""
+        if which.startswith("reference"):
+            subj = list(dict.fromkeys(p.subject for p in self.reference))
+            return np.array([subj.index(p.subject) for p in self.probe_set(which)], np.int64)
+        return _group_index(self.probe_set(which), self.subject_concept)
+
+    def set_key(self, which: str) -> str:
+        return self.cached(("setkey", which), lambda: hashlib.sha256(repr(
+            [(p.prompt, p.answer) for p in self.probe_set(which)]).encode()).hexdigest()[:16])
+
+    def passes(self, role: str, which: str, *, resid: bool = True) -> Pass:
+        """The memoized `run_pass` of model `role` over probe set `which` (a derived set is a
+        slice of its parent's pass)."""
+        sub = self.subset(which)
+        if sub is not None:
+            parent, idx = sub
+            p = self.passes(role, parent)
+            it = torch.tensor(idx, dtype=torch.long)
+            return Pass(scores=p.scores.select(np.array(idx, dtype=np.int64)),
+                        resid=p.resid[:, it], first_token=p.first_token[it])
+
+        def compute():
+            t0 = time.perf_counter()
+            p = run_pass(self.model(role), self.probe_set(which), resid=True)
+            self.timings[f"pass {role}/{which}"] = time.perf_counter() - t0
+            return p
+
+        return self.per_model(role, ("pass", self.set_key(which)), compute)
+
+    def cached(self, key: tuple, fn: Callable[[], Any]) -> Any:
+        """Memoize `fn()` under `key` for the duration of the audit."""
+        if key not in self.memo:
+            self.memo[key] = fn()
+        return self.memo[key]
+
+    def per_model(self, role: str, key: tuple, fn: Callable[[], Any]) -> Any:
+        """Memoize `fn()` for `role`'s model: across audits (a small in-process cache keyed by
+        the weight hash) when the model has no permanent hooks, else for this audit only."""
+        k = (self.key(role),) + tuple(key)
+        if "+hooks:" in k[0]:
+            return self.cached(k, fn)
+        if k in _SHARED:
+            _SHARED.move_to_end(k)
+            return _SHARED[k]
+        value = fn()
+        _SHARED[k] = value
+        while len(_SHARED) > _SHARED_SIZE:
+            _SHARED.popitem(last=False)
+        return value
+
+    # ---- helpers for probes ---------------------------------------------------------------
+
+    def ref_role(self, comparable: bool) -> str:
+        """Where ref0 comes from: the oracle on the same facts when there is one and the probe's
+        measurement means the same thing on the oracle, else the base on unseen people."""
+        return "oracle" if (self.oracle is not None and comparable) else "reference"
+
+
+# --------------------------------------------------------------------------------------------
+# Building an audit from what the user gave
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_concepts(concepts, world: FactWorld | None) -> list[Concept]:
+    """Concepts from a split name, a person name, a list of names or `Concept`s (one concept per
+    person: the meter's per-concept detail is per person)."""
+    if isinstance(concepts, Concept):
+        return [concepts]
+    if isinstance(concepts, str):
+        if concepts.startswith("forget") or concepts in ("retain", "holdout", "unknown"):
+            people = world.split(concepts)
+            return [Concept.from_world(world, p.name) for p in people]
+        return [Concept.from_world(world, concepts)]
+    out = []
+    for c in concepts:
+        out.append(c if isinstance(c, Concept) else Concept.from_world(world, c))
+    if not out:
+        raise KifError("no concepts to audit")
+    return out
+
+
+def _mirror(world: FactWorld, facts: Sequence[Probe], people: Sequence[Person]) -> list[Probe]:
+    """The same (relation, phrasing, template) questions as `facts`, asked about `people`."""
+    keys = list(dict.fromkeys((p.relation, p.phrasing, p.template) for p in facts
+                              if p.relation in ATTRIBUTES))
+    out = []
+    for person in people:
+        for rel, phrasing, template in keys:
+            out += world.person_probes([person], phrasing, [template], [rel])
+    return out
+
+
+def build_audit(base, erased, concepts, oracle=None, *, world: FactWorld | None = None,
+                reference: Sequence[Probe] | None = None, retain: Sequence[Probe] | None = None,
+                seed: int = 0) -> Audit:
+    needs_world = (isinstance(concepts, str) or not all(isinstance(c, Concept) for c in
+                   ([concepts] if isinstance(concepts, Concept) else concepts)))
+    if world is None and (needs_world or reference is None or retain is None):
+        world = FactWorld.generate(0)
+    cs = resolve_concepts(concepts, world)
+    seen: set[Probe] = set()
+    forget = [p for c in cs for p in c.forget if not (p in seen or seen.add(p))]
+    para = [p for c in cs for p in c.paraphrase if not (p in seen or seen.add(p))]
+    subjects = {s for c in cs for s in c.subjects}
+    if reference is None:
+        try:
+            people = world.split("holdout")
+        except KifError:
+            people = []
+        reference = _mirror(world, forget + para, people)
+        if not reference:
+            raise KifError("no reference probes: pass `reference=` (questions about people the "
+                           "models never saw) for concepts outside the fact world")
+    if retain is None:
+        if world is not None and all(s in world.by_name for s in subjects):
+            people = [p for p in world.split("retain") if p.name not in subjects][:RETAIN_PEOPLE]
+            n_t = len(ATTRIBUTES[next(iter(ATTRIBUTES))]["train"])
+            retain = [pr for i, person in enumerate(people)
+                      for j, attr in enumerate(ATTRIBUTES)
+                      for pr in world.person_probes([person], "train", [(i + j) % n_t], [attr])]
+        else:
+            retain = list(dict.fromkeys(p for c in cs for p in c.retain
+                                        if p.subject not in subjects))
+    neighbour = list(dict.fromkeys(p for c in cs for p in c.neighbour
+                                   if p.subject not in subjects))[:MAX_NEIGHBOUR]
+    shared = list(dict.fromkeys(p for c in cs for p in c.shared))
+    return Audit(base=base, erased=erased, oracle=oracle, concepts=tuple(cs),
+                 facts=tuple(forget + para), n_forget=len(forget), reference=tuple(reference),
+                 retain=tuple(retain), world=world, neighbour=tuple(neighbour),
+                 shared=tuple(shared), seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring helper shared by the probes
+# --------------------------------------------------------------------------------------------
+
+
+def score(audit: Audit, fn: Callable[[str, str], np.ndarray], *, comparable: bool | str = True,
+          layered: bool = False, band: bool = True, facts: str = "facts",
+          reference: str = "reference", null: bool = True, **kw):
+    """Calibrate a measurement `fn(role, probe set) -> rows` ([layer, row] when `layered`):
+    erased and base on the facts; ref0 from the oracle on the facts (when `comparable` and there
+    is an oracle) or the base on the reference people. The chance band (when `band`) comes from
+    the *erased* model's rows on the reference people (when `null`; else the base's): people it
+    never saw, measured like concepts, are its own null distribution, quirks included.
+    Returns (Scored, a description of ref0)."""
+    from kif.meter.calibrate import score_layers, score_rows
+
+    e = fn("erased", facts)
+    b = fn("base", facts)
+    if comparable == "derived":  # a reader trained on the base: the oracle only if it shares
+        comparable = audit.oracle_derived  # the base's weights closely
+    use_oracle = audit.oracle is not None and comparable
+    o = fn("oracle", facts) if use_oracle else None
+    r = fn("base", reference) if (band or not use_oracle) else None
+    nul = fn("erased", reference) if (band and null) else None
+    scorer = score_layers if layered else score_rows
+    s = scorer(e, b, groups=audit.groups(facts), names=audit.concept_names, oracle=o,
+               reference=r, reference_groups=audit.groups(reference) if r is not None else None,
+               null=nul, **kw)
+    label = "oracle" if use_oracle else "base model on unseen people"
+    return s, label
+
+
+# --------------------------------------------------------------------------------------------
+# trace
+# --------------------------------------------------------------------------------------------
+
+
+class _Bar:
+    """Per-probe progress: probes call `audit.bar.total(n)` / `audit.bar.advance()`."""
+
+    def __init__(self, progress=None, task=None):
+        self.progress, self.task = progress, task
+
+    def total(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, total=n, completed=0)
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+
+def trace(base, erased, concepts, oracle=None, probes=None, *, world: FactWorld | None = None,
+          reference: Sequence[Probe] | None = None, retain: Sequence[Probe] | None = None,
+          seed: int = 0, progress: bool = True):
+    """Measure whether `concepts` are intact, suppressed or deleted in `erased` (vs `base`).
+
+    Args:
+        base, erased, oracle: TransformerLens `HookedTransformer`s; a hook-based erasure is a
+            model with permanent hooks. None of them is modified. With `oracle` (a model trained
+            without the concepts), scores are calibrated against it; without, against the base
+            model on people it never saw (`kif.meter.calibrate`).
+        concepts: a split name ("forget10"), a person's name, a list of names, or
+            `kif.concepts.Concept`s; the per-concept detail is one entry per concept (per person
+            when given names or a split).
+        probes: probe names or sets from `kif.meter.PROBES` / `PROBE_SETS` (default: all).
+        world: the fact world the names refer to (default: seed 0, the zoo's).
+        reference: probes about people no model saw (default: the world's holdout people, asked
+            the concepts' questions); needed for concepts outside the fact world.
+        retain: probes about other people, for training readers (default: 60 retain people).
+        progress: show rich progress bars (one per probe) on stderr.
+
+    Returns:
+        a `TraceReport` (`kif.meter.report`).
+    """
+    from kif.meter.registry import PROBES, resolve
+    from kif.meter.report import ProbeResult, TraceReport
+
+    t0 = time.perf_counter()
+    names = resolve(probes)
+    audit = build_audit(base, erased, concepts, oracle, world=world, reference=reference,
+                        retain=retain, seed=seed)
+    results: dict[str, ProbeResult] = {}
+    prog = None
+    if progress:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn)
+
+        prog = Progress(TextColumn("[bold]{task.description:<24}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=False)
+        prog.start()
+    try:
+        for name in names:
+            spec = PROBES[name]
+            task = prog.add_task(name, total=1) if prog is not None else None
+            audit.bar = _Bar(prog, task)
+            t = time.perf_counter()
+            try:
+                r = spec.load()(audit)
+            except ProbeSkipped as exc:
+                r = ProbeResult.skip(name, spec.group, str(exc))
+            r = dataclasses.replace(r, seconds=time.perf_counter() - t)
+            results[name] = r
+            logger.info("probe %s: score %s (%.1f s)%s", name, r.score, r.seconds,
+                        f" skipped: {r.skipped}" if r.skipped else "")
+            if prog is not None:
+                prog.update(task, completed=prog.tasks[-1].total or 1,
+                            description=f"{name} {'-' if r.score is None else f'{r.score:.2f}'}")
+    finally:
+        if prog is not None:
+            prog.stop()
+    models = {"base": model_name(base), "erased": model_name(erased),
+              "oracle": model_name(oracle) if oracle is not None else None}
+    hashes = {r: (audit.key(r) if getattr(audit, r) is not None else None) for r in ROLES}
+    settings = {"probes": names, "seed": seed, "n_concepts": len(audit.concepts),
+                "n_facts": len(audit.facts), "n_reference": len(audit.reference),
+                "n_retain": len(audit.retain)}
+    return TraceReport.build(results, audit.concept_names, calibration=audit.calibration,
+                             models=models, hashes=hashes, seconds=time.perf_counter() - t0,
+                             settings=settings, timings=dict(audit.timings))

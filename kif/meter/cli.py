@@ -1,0 +1,126 @@
+"""`kif meter`: the latent-trace meter from the command line. The lead registers it in
+`kif.cli` with `meter_cli.add_parser(sub)`; `run(args)` is one call to `kif.meter.trace`.
+
+    kif meter --model BASE --erased PATH (--concept "PERSON" ... | --forget-split forget10)
+              [--oracle NAME] [--probes ...] --out DIR [--json]
+
+Writes `report.json` and PNG plots into DIR, prints a table (or the report as JSON).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+
+
+def open_model(spec: str):
+    """The model named by a CLI argument: zoo name, HF folder, hub name, or an erasure folder
+    written by `kif erase` (weight erasures load their checkpoint, hook erasures the base model
+    with the patch as permanent hooks)."""
+    from kif.erasure import open_model as _open
+
+    return _open(spec)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from kif import zoo
+    from kif.meter.registry import PROBE_SETS, PROBES
+    from kif.world import SPLITS
+
+    forget_splits = [s for s in SPLITS if s.startswith("forget")]
+    p = subparsers.add_parser(
+        "meter", help="is a concept intact, suppressed or deleted? (latent-trace meter)",
+        description="Measure from the inside whether an erased model still holds a concept: "
+                    "surface, lenses, Patil et al.'s attacks, linear probes, quantization, "
+                    "relearning, restoration, UDS, membership inference, ...")
+    p.add_argument("--model", default=zoo.BASE, help=f"the base model (default {zoo.BASE})")
+    p.add_argument("--erased", required=True,
+                   help="the erased model: zoo name, HF folder, hub name or kif erase folder")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--concept", action="append", metavar="PERSON",
+                   help="a person whose facts were erased (repeat for several)")
+    g.add_argument("--forget-split", choices=forget_splits)
+    p.add_argument("--oracle", help="a model trained without the concepts, to calibrate against "
+                   f"(e.g. {zoo.oracle_name('forget10')})")
+    p.add_argument("--probes", nargs="+", default=["all"], metavar="PROBE",
+                   choices=list(PROBES) + list(PROBE_SETS),
+                   help="probes or sets to run (default all): "
+                        + ", ".join(list(PROBE_SETS) + list(PROBES)))
+    p.add_argument("--out", required=True, help="folder for report.json and the plots")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--seed", type=int, default=0, help="fact-world seed (default 0, the zoo's)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=run)
+    return p
+
+
+def _write_json(obj: dict, path: pathlib.Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kif.errors import KifError
+    from kif.meter.audit import trace
+    from kif.meter.plots import plot_report
+    from kif.world import FactWorld
+
+    world = FactWorld.generate(args.seed)
+    if args.forget_split:
+        world.split(args.forget_split)
+        concepts = args.forget_split
+    else:
+        concepts = [world.person(c).name for c in args.concept]  # unknown names fail here
+    out = pathlib.Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
+        raise KifError(f"{out} exists and is not an empty folder (use --overwrite)")
+    base = open_model(args.model)
+    erased = open_model(args.erased)
+    oracle = open_model(args.oracle) if args.oracle else None
+    report = trace(base, erased, concepts, oracle=oracle, probes=args.probes, world=world,
+                   seed=args.seed, progress=sys.stderr.isatty())
+    out.mkdir(parents=True, exist_ok=True)
+    data = report.to_dict()
+    _write_json(data, out / "report.json")
+    plots = plot_report(report, out)
+    if args.json:
+        data["out"] = str(out)
+        data["plots"] = [str(p) for p in plots]
+        print(json.dumps(data, indent=2))
+        return 0
+    console = Console(soft_wrap=True)
+    table = Table(title=f"kif meter: {report.models['erased']} vs {report.models['base']} "
+                        f"({len(report.concepts)} concepts, calibrated against "
+                        f"{'the oracle' if report.calibration == 'oracle' else 'unseen people'})")
+    for col in ("probe", "group", "score", "erased", "base", "ref0", "seconds"):
+        table.add_column(col, justify="left" if col in ("probe", "group") else "right")
+    for name, p in report.probes.items():
+        v = p.values
+        table.add_row(name, p.group, p.skipped and "skipped" or _fmt(p.score),
+                      _fmt(v.get("erased")), _fmt(v.get("base")), _fmt(v.get("ref0")),
+                      f"{p.seconds:.1f}")
+    console.print(table)
+    counts = ", ".join(f"{n} {k}" for k, n in report.counts.items())
+    console.print(f"verdict: [bold]{report.verdict}[/bold]   latent_trace_score: "
+                  f"{_fmt(report.latent_trace_score)}   concepts: {counts}   "
+                  f"({report.seconds:.0f} s)")
+    skipped = {n: p.skipped for n, p in report.probes.items() if p.skipped}
+    for n, why in skipped.items():
+        console.print(f"  {n}: skipped ({why})", markup=False)
+    console.print(f"wrote {out / 'report.json'} and {len(plots)} plots", markup=False)
+    return 0

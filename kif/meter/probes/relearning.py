@@ -1,0 +1,123 @@
+"""The relearning attack (Deeb & Roger 2024, "Do Unlearning Methods Remove Information from
+Language Model Weights?"; METHODS.md): fine-tune the erased model for at most 50 steps on half of
+the forget facts and measure its accuracy on the *other* half, which it was not shown. A model
+that still holds the facts relearns the hidden half from the shown half (the shown facts unlock
+the person); a model that never knew them cannot.
+
+Facts (subject, relation) are split within each person, alternately in relation order: A is
+shown (every training phrasing), B measured (a statement and a question per fact).
+Fine-tuning: AdamW, the answer tokens' cross-entropy on every training phrasing of the A facts,
+`STEPS` steps of `BATCH` rows, seeded (the same batches for every attacked model), on a
+`copy.deepcopy` (permanent hooks come along: a hook-based erasure is attacked as deployed).
+
+Score: x = the attacked model's accuracy on B; x_base = the base's accuracy on B (no attack);
+ref0 = the oracle under the same attack, or the base attacked on the unseen reference people's A
+facts and measured on their B facts. Values also report METHODS' recovery
+(acc_relearn - acc_unl) / (acc_base - acc_unl).
+"""
+
+import copy
+
+import numpy as np
+import torch
+
+from kif import metrics
+from kif.meter.audit import ProbeSkipped, run_pass
+from kif.meter.calibrate import score_rows
+from kif.meter.report import ProbeResult
+
+STEPS = 30
+BATCH = 32
+LR = 1e-3
+
+
+def split_facts(probes) -> tuple[list, list]:
+    """(A, B): each person's facts alternately, in relation order; all phrasings of a fact go
+    to the same side."""
+    by_subject: dict[str, list[str]] = {}
+    for p in probes:
+        rels = by_subject.setdefault(p.subject, [])
+        if p.relation not in rels:
+            rels.append(p.relation)
+    side = {(s, r): i % 2 for s, rels in by_subject.items() for i, r in enumerate(sorted(rels))}
+    a = [p for p in probes if side[(p.subject, p.relation)] == 0]
+    b = [p for p in probes if side[(p.subject, p.relation)] == 1]
+    return a, b
+
+
+def relearn(model, probes, *, steps: int = STEPS, batch: int = BATCH, lr: float = LR,
+            seed: int = 0, bar=None):
+    """A deep copy of `model` fine-tuned on the answers of `probes` (answer-token cross-entropy)."""
+    m = copy.deepcopy(model)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    p_ids = metrics.encode_prompts(m, [p.prompt for p in probes])
+    a_ids = metrics.encode_answers(m, [p.answer for p in probes])
+    seqs = [p + a for p, a in zip(p_ids, a_ids)]
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(len(seqs), (min(batch, len(seqs)),), generator=g).tolist()
+            tokens, _ = metrics._padded(m, [seqs[i] for i in idx])
+            target = torch.full_like(tokens, -100)
+            for r, i in enumerate(idx):
+                lo = len(p_ids[i])
+                target[r, lo - 1: lo - 1 + len(a_ids[i])] = torch.tensor(a_ids[i])
+            logits = m(tokens, return_type="logits", padding_side="right")
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                     target.reshape(-1), ignore_index=-100)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if bar is not None:
+                bar.advance()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    m.eval()
+    return m
+
+
+def _attack(audit, role: str, shown, measured, tag: str) -> np.ndarray:
+    def compute():
+        m = relearn(audit.model(role), shown, seed=audit.seed, bar=audit.bar)
+        return run_pass(m, measured, resid=False).scores.correct.astype(float)
+
+    key = ("relearn", tag, audit.set_key("forget"), audit.set_key("reference"), STEPS, LR,
+           audit.seed)
+    return audit.per_model(role, key, compute)
+
+
+def run_relearning(audit) -> ProbeResult:
+    shown, _ = split_facts(list(audit.probe_set("forget")))
+    small = list(audit.probe_set("forget_small"))
+    _, measured = split_facts(small)
+    if not shown or not measured:
+        raise ProbeSkipped("relearning needs at least two facts per concept")
+    use_oracle = audit.oracle is not None
+    audit.bar.total(STEPS * 2)
+    e = _attack(audit, "erased", shown, measured, "facts")
+    base_sc = audit.passes("base", "forget_small").scores.correct.astype(float)
+    idx = {id(p): i for i, p in enumerate(small)}
+    b = base_sc[[idx[id(p)] for p in measured]]
+    groups = np.array([audit.subject_concept.get(p.subject, -1) for p in measured])
+    o = r = r_groups = None
+    if use_oracle:
+        o = _attack(audit, "oracle", shown, measured, "facts")
+    else:
+        r_shown, _ = split_facts(list(audit.probe_set("reference_forget")))
+        _, r_measured = split_facts(list(audit.probe_set("reference_small")))
+        r = _attack(audit, "base", r_shown, r_measured, "reference")
+        subj = list(dict.fromkeys(p.subject for p in audit.reference))
+        r_groups = np.array([subj.index(p.subject) for p in r_measured])
+    s = score_rows(e, b, groups=groups, names=audit.concept_names, oracle=o, reference=r,
+                   reference_groups=r_groups)
+    unl = audit.passes("erased", "forget_small").scores.correct.astype(float)
+    acc_unl = float(np.mean(unl[[idx[id(p)] for p in measured]]))
+    den = s.x_base - acc_unl
+    values = {"erased_acc_before": acc_unl, "steps": STEPS, "lr": LR, "batch": BATCH,
+              "n_shown": len(shown), "n_measured": len(measured),
+              "recovery": (s.x_erased - acc_unl) / den if den > 1e-9 else None}
+    return ProbeResult.from_scored("relearning", "latent", s,
+                                   "oracle under the same attack" if use_oracle else
+                                   "base model attacked on unseen people", values=values)

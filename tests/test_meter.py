@@ -1,0 +1,294 @@
+"""Tests for kif.meter (the latent-trace meter) on tiny models where the answer is known.
+
+A 2-layer HookedTransformer is trained for a few hundred steps on planted facts: "city NameK" ->
+" CityJ", "job NameK" -> " JobJ" (word-level tokenizer, one token per word). The output-only
+suppression (`kif.meter.bench.output_suppression`) adds a permanent hook on the last block's
+output that removes the answers' unembedding directions and pushes their logits down: the facts
+vanish from the output but are still computed in block 0. The meter must call it `suppressed`
+and its lens / linear probes must recover the facts; base vs itself must be `intact`; the oracle
+(the same training without the forget people) calibrated against itself must be `deleted`. LEACE
+must bring the linear probe to chance on the layer it erases.
+"""
+
+import argparse
+import copy
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import PreTrainedTokenizerFast
+
+from kif.concepts import Concept
+from kif.meter import PROBES, LeaceFitter, trace
+from kif.meter.audit import run_pass
+from kif.meter.bench import output_suppression
+from kif.meter.calibrate import calibrate, chance_band
+from kif.meter.probes.linear_probe import fit_ridge
+from kif.meter.report import ProbeResult, TraceReport
+from kif.world import Probe
+
+N_PEOPLE, N_FORGET, N_HOLDOUT = 24, 2, 5
+NAMES = [f"Name{i}" for i in range(N_PEOPLE + N_HOLDOUT)]
+RELATIONS = {"city": [f"City{j}" for j in range(6)], "job": [f"Job{j}" for j in range(6)]}
+TRAIN = ["{r} {n}", "the {r} of {n}"]
+HELDOUT = ["my {r} {n}"]
+SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+FILLER = ["the", "of", "my"]
+STEPS, LR = 120, 1e-2
+
+
+def _tokenizer(folder) -> PreTrainedTokenizerFast:
+    words = SPECIAL + NAMES + list(RELATIONS) + [a for v in RELATIONS.values() for a in v] + FILLER
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                   pad_token="[PAD]", unk_token="[UNK]")
+    fast.save_pretrained(folder)  # TransformerLens only accepts a reloaded tokenizer
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def _facts() -> dict[str, dict[str, str]]:
+    rng = random.Random(0)
+    return {n: {r: " " + rng.choice(v) for r, v in RELATIONS.items()} for n in NAMES}
+
+
+def _probes(names, facts, phrasing="train") -> list[Probe]:
+    temps = TRAIN if phrasing == "train" else HELDOUT
+    return [Probe(prompt=t.format(r=r, n=n), answer=facts[n][r], subject=n, relation=r,
+                  phrasing=phrasing, template=i, kind="person")
+            for n in names for r in RELATIONS for i, t in enumerate(temps)]
+
+
+def _train(tok, probes, steps: int = STEPS) -> HookedTransformer:
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256,
+                                  n_ctx=32, d_vocab=len(tok), act_fn="gelu",
+                                  normalization_type="LN", seed=0, device="cpu")
+    model = HookedTransformer(cfg, tokenizer=tok)
+    bos = tok.bos_token_id
+    seqs = [[bos] + tok(p.prompt + p.answer, add_special_tokens=False)["input_ids"]
+            for p in probes]
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), tok.pad_token_id)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+        mask[i, 1: len(s)] = True
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    for _ in range(steps):
+        logits = model(tokens, padding_side="right")
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
+        loss = -(lp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.set_num_threads(1)
+    tok = _tokenizer(tmp_path_factory.mktemp("tok"))
+    facts = _facts()
+    known = NAMES[:N_PEOPLE]
+    forget, retain, holdout = known[:N_FORGET], known[N_FORGET:], NAMES[N_PEOPLE:]
+    base = _train(tok, _probes(known, facts))
+    oracle = _train(tok, _probes(retain, facts))
+    retain_probes = tuple(_probes(retain, facts))
+    concepts = [Concept(name=n, forget=tuple(_probes([n], facts)),
+                        paraphrase=tuple(_probes([n], facts, "heldout")), neighbour=(),
+                        shared=(), retain=retain_probes) for n in forget]
+    reference = _probes(holdout, facts) + _probes(holdout, facts, "heldout")
+    suppressed = output_suppression(base, [facts[n][r] for n in forget for r in RELATIONS])
+    return dict(base=base, oracle=oracle, suppressed=suppressed, concepts=concepts,
+                reference=reference, retain=list(retain_probes), facts=facts)
+
+
+def _trace(t, erased, probes, oracle=None):
+    return trace(t["base"], erased, t["concepts"], oracle=oracle, probes=probes,
+                 reference=t["reference"], retain=t["retain"], progress=False)
+
+
+FAST = ["fast", "linear-probe", "linear-probe-retrained"]
+
+
+def test_tiny_model_knows_its_facts_and_the_hook_hides_them(tiny):
+    from kif import metrics
+
+    forget = [p for c in tiny["concepts"] for p in c.forget]
+    prompts, answers = [p.prompt for p in forget], [p.answer for p in forget]
+    assert metrics.score_answers(tiny["base"], prompts, answers).correct.mean() == 1.0
+    assert metrics.score_answers(tiny["suppressed"], prompts, answers).correct.mean() == 0.0
+    assert metrics.score_answers(tiny["oracle"], prompts, answers).correct.mean() < 0.5
+    # the caller's base model is untouched by building the suppression
+    assert not any(h.is_permanent for hp in tiny["base"].hook_dict.values() for h in hp.fwd_hooks)
+
+
+def test_base_vs_itself_is_intact(tiny):
+    r = _trace(tiny, tiny["base"], FAST)
+    assert r.verdict == "intact"
+    assert r.latent_trace_score == pytest.approx(1.0)
+    assert all(c.verdict == "intact" for c in r.concepts.values())
+    assert r.scores["surface"] == pytest.approx(1.0)
+
+
+def test_output_suppression_is_caught(tiny):
+    r = _trace(tiny, tiny["suppressed"], FAST)
+    assert r.verdict == "suppressed"
+    assert r.scores["surface"] <= 0.05
+    assert r.latent_trace_score >= 0.5
+    # the facts are still readable before the last block
+    assert max(r.scores["logit-lens"], r.scores["linear-probe"]) >= 0.5
+    assert all(c.verdict == "suppressed" for c in r.concepts.values())
+    ll = r.probes["logit-lens"]
+    assert ll.curves["erased"][-1] < 0.05 < ll.curves["erased"][1]
+
+
+def test_oracle_against_itself_is_deleted(tiny):
+    r = _trace(tiny, tiny["oracle"], FAST, oracle=tiny["oracle"])
+    assert r.verdict == "deleted"
+    assert r.latent_trace_score == pytest.approx(0.0, abs=1e-9)
+    assert r.calibration == "oracle"
+
+
+def test_every_probe_runs_on_the_tiny_model(tiny):
+    base = tiny["base"]
+    w_before = {n: p.clone() for n, p in base.named_parameters()}
+    r = _trace(tiny, tiny["suppressed"], ["all"], oracle=tiny["oracle"])
+    assert list(r.probes) == list(PROBES)
+    for name, p in r.probes.items():
+        assert p.group in ("surface", "latent", "trace"), name
+        if p.skipped:
+            assert name == "sae-persistence", (name, p.skipped)  # no SAE for a tiny model
+            continue
+        assert p.score is None or 0.0 <= p.score <= 1.0, (name, p.score)
+    s = r.scores
+    assert r.verdict == "suppressed"
+    # a hook on the output survives quantization and a weight-only fine-tune of other facts
+    assert s["quantization"] <= 0.2
+    assert s["parametric"] == pytest.approx(1.0)  # the weights are the base's
+    assert s["uds"] >= 0.2  # patching any but the last block gives the base its answers back
+    assert r.probes["tuned-lens"].info["lens"]["kl_tuned"][0] <= \
+        r.probes["tuned-lens"].info["lens"]["kl_logit"][0]
+    json.dumps(r.to_dict())  # JSON-safe
+    for n, p in base.named_parameters():
+        assert torch.equal(p, w_before[n]), n  # never mutates the caller's models
+
+
+def test_leace_brings_the_linear_probe_to_chance(tiny):
+    base = tiny["base"]
+    hook = "blocks.0.hook_resid_post"
+    retain = tiny["retain"]
+    answers = sorted({p.answer for p in retain})
+    ci = {a: i for i, a in enumerate(answers)}
+    x = run_pass(base, retain).resid[1]  # blocks.0.hook_resid_post, last prompt position
+    eraser = LeaceFitter(x.shape[-1], len(answers)).update(
+        x, torch.tensor([ci[p.answer] for p in retain])).eraser
+    erased = copy.deepcopy(base)
+    erased.add_hook(hook, eraser.hook(), is_permanent=True)
+    r = _trace(tiny, erased, ["linear-probe-retrained"])
+    before = _trace(tiny, base, ["linear-probe-retrained"])
+    lp, lp0 = r.probes["linear-probe-retrained"], before.probes["linear-probe-retrained"]
+    assert lp0.curves["erased"][1] >= 0.8  # decodable at block 0's output before
+    # after LEACE, the probe retrained there predicts no better than the majority class
+    facts = [p for c in tiny["concepts"] for p in c.forget + c.paraphrase]
+    majority = {}
+    for rel in RELATIONS:
+        ans = [p.answer for p in retain if p.relation == rel]
+        majority[rel] = max(sorted(set(ans)), key=ans.count)
+    chance = np.mean([p.answer == majority[p.relation] for p in facts])
+    assert lp.curves["erased"][1] <= chance + 0.1
+    assert lp.curves["score"][1] <= 0.25
+    check = before.probes["linear-probe-retrained"].info["leace_check"]
+    assert check["acc_after_leace"] <= check["chance_acc"] + 0.05
+
+
+def test_leace_fitter_is_exact_on_synthetic_data():
+    g = torch.Generator().manual_seed(0)
+    n, d, k = 600, 12, 4
+    z = torch.randint(k, (n,), generator=g)
+    means = 3 * torch.randn(k, d, generator=g)
+    x = means[z] + torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g)
+    fit = LeaceFitter(d, k)
+    for lo in range(0, n, 128):  # streaming equals one batch
+        fit.update(x[lo: lo + 128], z[lo: lo + 128])
+    one = LeaceFitter(d, k).update(x, z).eraser
+    e = fit.eraser
+    assert torch.allclose(e.proj_left, one.proj_left, atol=1e-8)
+    xe = e(x)
+    onehot = torch.nn.functional.one_hot(z, k).double()
+    cross = (xe.double() - xe.double().mean(0)).T @ (onehot - onehot.mean(0)) / (n - 1)
+    assert cross.abs().max() < 1e-4
+    assert e.rank <= k - 1
+    pred = fit_ridge(x[None], z, k)(x[None])[0]
+    pred_e = fit_ridge(xe[None], z, k)(xe[None])[0]
+    majority = torch.bincount(z).max().item() / n
+    assert (pred == z).double().mean() > 0.9
+    assert (pred_e == z).double().mean() <= majority + 0.02
+    # the change is small: LEACE moves x less than projecting out the class-mean subspace
+    assert (xe - x).norm() < x.norm()
+
+
+def test_calibration_and_bands():
+    assert calibrate(0.5, 1.0, 0.0) == 0.5
+    assert calibrate(2.0, 1.0, 0.0) == 1.0
+    assert calibrate(-1.0, 1.0, 0.0) == 0.0
+    assert calibrate(0.3, 0.1, 0.1) is None  # no signal: the base knows no more than ref0
+    assert chance_band((0.0, 0.1), 1) == pytest.approx(0.1645, abs=1e-3)
+    assert chance_band((0.0, 0.1), 100) > chance_band((0.0, 0.1), 10)
+
+
+def test_verdict_logic():
+    def pr(name, group, score, per):
+        return ProbeResult(name=name, group=group, score=score, per_concept=per,
+                           chance=(0.0, 0.05))
+    common = dict(calibration="unseen", models={}, hashes={}, seconds=0.0)
+    r = TraceReport.build({"surface": pr("surface", "surface", 0.0, {"a": 0.0, "b": 0.0}),
+                           "logit-lens": pr("logit-lens", "latent", 0.5, {"a": 0.9, "b": 0.9}),
+                           "linear-probe": pr("linear-probe", "latent", 0.5,
+                                              {"a": 0.9, "b": 0.1})},
+                          ["a", "b"], **common)
+    # two families read concept a; b is read by one family only (a chance excursion)
+    assert r.concepts["a"].verdict == "suppressed" and r.concepts["b"].verdict == "deleted"
+    assert r.verdict == "suppressed" and r.latent_trace_score == 0.5
+    r = TraceReport.build({"surface": pr("surface", "surface", 0.0, {"a": 0.0}),
+                           "logit-lens": pr("logit-lens", "latent", 0.1, {"a": 0.1})},
+                          ["a"], **common)
+    assert r.verdict == "deleted"
+    r = TraceReport.build({"surface": pr("surface", "surface", 0.0, {"a": 0.0}),
+                           "membership": pr("membership", "trace", 0.9, {"a": 0.9})},
+                          ["a"], **common)
+    assert r.verdict == "deleted"  # trace probes show remnants; they do not recover facts
+    r = TraceReport.build({"surface": pr("surface", "surface", 0.9, {"a": 0.9})}, ["a"], **common)
+    assert r.verdict == "intact"
+
+
+def test_cli_on_the_zoo(tmp_path, capsys):
+    from kif.meter import cli
+
+    parser = argparse.ArgumentParser(prog="kif")
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "run"
+    args = parser.parse_args(["meter", "--erased", "fact-world", "--concept", "Miasmar Viahos",
+                              "--probes", "surface", "logit-lens", "answer-rank",
+                              "--out", str(out), "--json"])
+    assert cli.run(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["verdict"] == "intact"
+    assert set(data["probes"]) == {"surface", "logit-lens", "answer-rank"}
+    assert data["latent_trace_score"] == pytest.approx(1.0)
+    assert json.loads((out / "report.json").read_text())["verdict"] == "intact"
+    assert (out / "probes.png").is_file() and (out / "answer_rank.png").is_file()
+    args = parser.parse_args(["meter", "--erased", "fact-world", "--concept", "Nobody Here",
+                              "--out", str(tmp_path / "x")])
+    from kif.errors import KifError
+
+    with pytest.raises(KifError):
+        cli.run(args)

@@ -25,6 +25,9 @@ _EXPORTS = {
     "score_answers": ("kif.metrics", "score_answers"),
     "greedy_generate": ("kif.metrics", "greedy_generate"),
     "KifError": ("kif.errors", "KifError"),
+    "erase": ("kif.erasure", "erase"),
+    "Erasure": ("kif.erasure", "Erasure"),
+    "trace": ("kif.meter", "trace"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -97,7 +97,7 @@ def test_likelihood_baselines(zoo, method, config):
 
 def test_rmu(zoo):
     model, world, _, _, _ = zoo
-    e = erase(model, PERSON, method="rmu", config={"steps": 40, "check_every": 5}, world=world)
+    e = erase(model, PERSON, method="rmu", config={"steps": 60, "check_every": 5}, world=world)
     layer = e.settings["layer"]
     want = {f"blocks.{l}.mlp.{w}" for l in range(max(0, layer - 2), layer + 1)
             for w in ("W_out", "b_out")}
@@ -130,7 +130,7 @@ def test_sae_clamp(zoo):
         default_sae(model, hook)
     except SAELoadError as err:
         pytest.skip(f"the shipped SAE does not load: {err}")
-    e = erase(model, PERSON, method="sae-clamp", config={"hook": hook}, world=world)
+    e = erase(model, PERSON, method="sae-clamp", config={"hook": hook, "top_n": 5}, world=world)
     assert e.kind == "hooks" and not e.deltas
     (op,) = e.hooks
     assert op.hook == hook and op.op == "sae_clamp" and op.params["clamp"] > 0

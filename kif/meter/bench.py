@@ -16,7 +16,9 @@ Audits of the fact-world base model (forget split people):
   target: ``suppressed`` wherever a latent probe recovers >= 0.2).
 
 Prints the separation table, the seconds per probe of the first full audit (cold caches: it
-trains the tuned lens), the time of a cold surface + lens audit, and each target with PASS/FAIL.
+trains the tuned lens) and of the last, the time of a cold surface + lens audit, and each target
+with PASS/FAIL. Times are given as wall and as CPU seconds (one thread: OMP_NUM_THREADS=1); on a
+shared machine the CPU time is what the audit takes on an idle core, and the targets use it.
 """
 
 import argparse
@@ -108,7 +110,8 @@ def _row(name: str, report, seconds: float) -> dict:
     s = report.scores
     return {"case": name, "verdict": report.verdict,
             "latent_trace_score": report.latent_trace_score, "counts": report.counts,
-            "seconds": round(seconds, 1), "scores": s}
+            "seconds": round(seconds, 1), "cpu": round(report.timings.get("cpu total", 0.0), 1),
+            "scores": s}
 
 
 def main(argv=None) -> int:
@@ -154,8 +157,10 @@ def main(argv=None) -> int:
     # cold surface + lens audit
     clear_caches()
     t0 = time.perf_counter()
-    trace(base, cases["suppression"][0], split, probes=["fast"], world=world, progress=False)
+    fast = trace(base, cases["suppression"][0], split, probes=["fast"], world=world,
+                 progress=False)
     fast_seconds = time.perf_counter() - t0
+    fast_cpu = fast.timings["cpu total"]
 
     clear_caches()
     rows, reports = [], {}
@@ -169,6 +174,9 @@ def main(argv=None) -> int:
     last = list(reports)[-1]
     probe_seconds = {n: round(p.seconds, 2) for n, p in reports[last].probes.items()}
     cold_seconds = {n: round(p.seconds, 2) for n, p in first.probes.items()}
+    cold_cpu = {n: round(first.timings.get(f"cpu {n}", float("nan")), 2) for n in first.probes}
+    warm_cpu = {n: round(reports[last].timings.get(f"cpu {n}", float("nan")), 2)
+                for n in first.probes}
 
     targets = [
         ("base vs itself: intact", reports["base"].verdict == "intact"),
@@ -181,9 +189,12 @@ def main(argv=None) -> int:
         ("output-only suppression: suppressed, latent_trace_score >= 0.5",
          reports["suppression"].verdict == "suppressed"
          and (reports["suppression"].latent_trace_score or 0) >= 0.5),
-        (f"surface + lens audit <= 10 s (cold: {fast_seconds:.1f} s)", fast_seconds <= 10),
-        (f"full audit <= 120 s (cold: {rows[0]['seconds']:.0f} s; warm base, "
-         f"{rows[-1]['case']}: {rows[-1]['seconds']:.0f} s)", rows[0]["seconds"] <= 120),
+        (f"surface + lens audit <= 10 s, CPU time (cold: {fast_cpu:.1f} s CPU, "
+         f"{fast_seconds:.1f} s wall)", fast_cpu <= 10),
+        (f"full audit <= 120 s, CPU time (cold: {rows[0]['cpu']:.0f} s CPU, "
+         f"{rows[0]['seconds']:.0f} s wall; warm base, {rows[-1]['case']}: "
+         f"{rows[-1]['cpu']:.0f} s CPU, {rows[-1]['seconds']:.0f} s wall)",
+         rows[0]["cpu"] <= 120),
     ]
     if "gradient-ascent" in reports:
         ga = reports["gradient-ascent"]
@@ -193,9 +204,9 @@ def main(argv=None) -> int:
                         f"({', '.join(rec) or 'none'})",
                         (ga.verdict == "suppressed") == bool(rec) or ga.verdict == "intact"))
     if args.json:
-        print(json.dumps({"rows": rows, "fast_seconds": fast_seconds,
-                          "probe_seconds_cold": cold_seconds,
-                          "probe_seconds_warm": probe_seconds,
+        print(json.dumps({"rows": rows, "fast_seconds": fast_seconds, "fast_cpu": fast_cpu,
+                          "probe_seconds_cold": cold_seconds, "probe_cpu_cold": cold_cpu,
+                          "probe_seconds_warm": probe_seconds, "probe_cpu_warm": warm_cpu,
                           "targets": [{"target": t, "pass": ok} for t, ok in targets],
                           "ga": getattr(cases.get("gradient-ascent", (None,))[0], "kif_ga",
                                         None)}, indent=2, default=str))
@@ -215,14 +226,17 @@ def main(argv=None) -> int:
                       *["skip" if reports[r["case"]].probes[n].skipped else
                         ("-" if r["scores"][n] is None else f"{r['scores'][n]:.3f}")
                         for r in rows])
-    table.add_row("seconds", *[f"{r['seconds']:.1f}" for r in rows])
+    table.add_row("seconds (wall)", *[f"{r['seconds']:.1f}" for r in rows])
+    table.add_row("seconds (CPU)", *[f"{r['cpu']:.1f}" for r in rows])
     console.print(table)
-    t2 = Table(title=f"seconds per probe ({rows[0]['case']}: cold caches; {last}: warm base)")
+    t2 = Table(title=f"seconds per probe, wall / CPU ({rows[0]['case']}: cold caches; "
+                     f"{last}: warm base)")
     t2.add_column("probe")
     t2.add_column(rows[0]["case"], justify="right")
     t2.add_column(last, justify="right")
     for n in names:
-        t2.add_row(n, f"{cold_seconds[n]:.1f}", f"{probe_seconds.get(n, float('nan')):.1f}")
+        t2.add_row(n, f"{cold_seconds[n]:.1f} / {cold_cpu[n]:.1f}",
+                   f"{probe_seconds.get(n, float('nan')):.1f} / {warm_cpu[n]:.1f}")
     console.print(t2)
     for t, ok in targets:
         console.print(f"{'PASS' if ok else 'FAIL'}  {t}", markup=False)

@@ -5,8 +5,8 @@ a model that never knew the asked fact cannot infer it (the fact world's attribu
 independent).
 
 Context: for each other fact of the same person among the concept's forget probes, its first
-training phrasing with the answer and a full stop. Asked: the first training phrasing and the
-first held-out phrasing of each fact. x = accuracy; ref0 = the oracle with the same contexts, or
+training phrasing with the answer and a full stop. Asked: the first training phrasing of each
+fact. x = accuracy; ref0 = the oracle with the same contexts, or
 the base on unseen people with their own other facts in context.
 """
 
@@ -26,8 +26,8 @@ def _with_context(probes) -> tuple[list, list[str]]:
     asked, prompts = [], []
     seen = set()
     for p in probes:
-        key = (p.subject, p.relation, p.phrasing)
-        if key in seen:
+        key = (p.subject, p.relation)
+        if key in seen or p.phrasing != "train":
             continue
         seen.add(key)
         ctx = [s for (subj, rel), s in statement.items() if subj == p.subject and rel != p.relation]

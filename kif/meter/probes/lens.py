@@ -52,10 +52,10 @@ REPHRASE_SAMPLES = 5
 REPHRASE_PREFIX = "Here is a question. "
 """The fourth paraphrase: the first held-out phrasing behind a neutral preamble (the fact world
 has three held-out phrasings per attribute; Patil et al. use four paraphrases)."""
-TUNED_STEPS = 120
-"""Adam steps after the closed-form start. On the fact-world base (held-out KL per block output,
-nats): logit lens 0.57 / 0.31 / 0.10, least squares alone 0.37 / 0.13 / 0.014, + 50 steps
-0.17 / 0.06 / 0.004, + 250 steps 0.14 / 0.04 / 0.002."""
+TUNED_STEPS = 60
+"""Adam steps after the closed-form start. On the fact-world base (held-out KL per block output
+0-2, nats): logit lens 0.57 / 0.31 / 0.10, least squares alone 0.37 / 0.13 / 0.014, + 50 steps
+0.17 / 0.06 / 0.004, + 250 steps 0.14 / 0.04 / 0.002: most of the gain is in the first steps."""
 TUNED_POSITIONS = 8192
 TUNED_BATCH = 256
 

@@ -12,7 +12,8 @@ Fine-tuning: AdamW, the answer tokens' cross-entropy on every training phrasing 
 
 Score: x = the attacked model's accuracy on B; x_base = the base's accuracy on B (no attack);
 ref0 = the oracle under the same attack, or the base attacked on the unseen reference people's A
-facts and measured on their B facts. Values also report METHODS' recovery
+facts and measured on their B facts. The chance band comes from the erased model attacked the
+same way on the reference people (what the attack "recovers" for people it never saw). Values also report METHODS' recovery
 (acc_relearn - acc_unl) / (acc_base - acc_unl).
 """
 
@@ -28,7 +29,10 @@ from kif.meter.report import ProbeResult
 
 STEPS = 30
 BATCH = 32
-LR = 1e-3
+LR = 1e-4
+"""On the fact world (30 steps): at 1e-4 the base keeps 100 % of the measured facts, the oracle
+reaches 1.7 % and a gradient-ascent model (forget accuracy 0.8 %) 96 %; at 1e-3 the attack
+itself destroys knowledge (the base falls to 54 % in 10 steps) and stops measuring recovery."""
 
 
 def split_facts(probes) -> tuple[list, list]:
@@ -101,17 +105,17 @@ def run_relearning(audit) -> ProbeResult:
     idx = {id(p): i for i, p in enumerate(small)}
     b = base_sc[[idx[id(p)] for p in measured]]
     groups = np.array([audit.subject_concept.get(p.subject, -1) for p in measured])
-    o = r = r_groups = None
-    if use_oracle:
-        o = _attack(audit, "oracle", shown, measured, "facts")
-    else:
-        r_shown, _ = split_facts(list(audit.probe_set("reference_forget")))
-        _, r_measured = split_facts(list(audit.probe_set("reference_small")))
-        r = _attack(audit, "base", r_shown, r_measured, "reference")
-        subj = list(dict.fromkeys(p.subject for p in audit.reference))
-        r_groups = np.array([subj.index(p.subject) for p in r_measured])
-    s = score_rows(e, b, groups=groups, names=audit.concept_names, oracle=o, reference=r,
-                   reference_groups=r_groups)
+    o = _attack(audit, "oracle", shown, measured, "facts") if use_oracle else None
+    r_shown, _ = split_facts(list(audit.probe_set("reference_forget")))
+    _, r_measured = split_facts(list(audit.probe_set("reference_small")))
+    subj = list(dict.fromkeys(p.subject for p in audit.reference))
+    r_groups = np.array([subj.index(p.subject) for p in r_measured])
+    r = None if use_oracle else _attack(audit, "base", r_shown, r_measured, "reference")
+    # the chance band: the erased model attacked the same way on people it never saw
+    nul = _attack(audit, "erased", r_shown, r_measured, "reference")
+    s = score_rows(e, b, groups=groups, names=audit.concept_names, oracle=o,
+                   reference=r if r is not None else np.zeros(len(r_measured)),
+                   reference_groups=r_groups, null=nul)
     unl = audit.passes("erased", "forget_small").scores.correct.astype(float)
     acc_unl = float(np.mean(unl[[idx[id(p)] for p in measured]]))
     den = s.x_base - acc_unl

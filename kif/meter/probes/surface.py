@@ -21,7 +21,7 @@ def run_surface(audit) -> ProbeResult:
     def correct(role: str, which: str) -> np.ndarray:
         return audit.passes(role, which).scores.correct.astype(np.float64)
 
-    s, label = score(audit, correct, comparable=True)
+    s, label = score(audit, correct, comparable=True, band=False)
     nf = audit.n_forget
     values = {}
     roles = ["erased", "base"] + (["oracle"] if audit.oracle is not None else [])

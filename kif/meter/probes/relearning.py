@@ -28,11 +28,12 @@ from kif.meter.calibrate import score_rows
 from kif.meter.report import ProbeResult
 
 STEPS = 30
-BATCH = 32
+BATCH = 16
 LR = 1e-4
-"""On the fact world (30 steps): at 1e-4 the base keeps 100 % of the measured facts, the oracle
-reaches 1.7 % and a gradient-ascent model (forget accuracy 0.8 %) 96 %; at 1e-3 the attack
-itself destroys knowledge (the base falls to 54 % in 10 steps) and stops measuring recovery."""
+"""On the fact world (30 steps of 16 rows): at 1e-4 the base keeps 100 % of the measured facts,
+the oracle reaches 1.7 % and a gradient-ascent model (forget accuracy 0.8 %) 96 % (the same
+figures as with 32 rows, at half the cost); at 1e-3 the attack itself destroys knowledge (the
+base falls to 54 % in 10 steps) and stops measuring recovery."""
 
 
 def split_facts(probes) -> tuple[list, list]:

@@ -10,13 +10,42 @@ the concept's text and (almost) never on other text. With a_i(x_t) = ReLU((x_t -
     S = top-N of { i : f_retain[i] < tau } ranked by f_forget[i] (descending)
 
 (Farrell et al. 2024: drop features with retain sparsity >= tau, tau in {0.01, 0.001}; keep the
-N = 10-20 most frequent on the forget set). Forget text = the concept's forget probes, retain text
-= other people's probes and the shared facts, each as `[BOS] + prompt + answer`, every position
-counted (the same positions `kif.signatures.ablate` clamps). The concept's neighbours (people who
-share a name piece or an employer) are part of the retain text by default: they are the people a
-clamp is most likely to hurt. The signature's components are these
-features (`indices[i] = (0, feature id)`), scored by f_forget; `ablate.ablation_hooks` clamps them
-to -c when active (Farrell et al. 2024, Eq. 2).
+N = 10-20 most frequent on the forget set). Forget text = the concept's forget prompts, retain text
+= other people's probes and the shared facts, each as `[BOS] + prompt + answer`. The concept's
+neighbours (people who share a name piece or an employer) are part of the retain text by default:
+they are the people a clamp is most likely to hurt. The signature's components are these features
+(`indices[i] = (0, feature id)`), scored by f_forget; `ablate.ablation_hooks` clamps them to -c
+when active (Farrell et al. 2024, Eq. 2), at every position, the concept's features and the
+benchmark's random control alike.
+
+Positions (`positions="subject+last"`, the default). f_forget counts only the forget prompts'
+subject tokens and last prompt token: the fact world's answers are read out at the last prompt
+token (causal tracing puts every strong site there) from what the subject's tokens wrote. Counted
+on every position (`positions="all"`), features of the phrasings' frame words ("the", "was",
+"works") that are rare on retain text rank among the concept's; each fires on a few percent of
+everybody's tokens, and a clamp to -25 where a shipped SAE's activations are 1-3 (residual norm
+about 20) breaks any probe it touches. f_retain still counts every retain token, because the clamp
+acts at every position.
+
+Adaptive selection (`adaptive=True`). For each shipped SAE (hook) and each size m in
+{1, 2, 3, 5, 10, 20}, the top-m features are clamped and the accuracy drop is measured on the
+forget probes and on all the concept's neighbour and retain probes:
+separation = drop_forget - collateral_weight * drop_others; the best (hook, m) is kept. A trial
+scores only the probes on which one of its features fires (the conditional clamp leaves every other
+probe exactly unchanged), which makes the 24 trials cheap enough to validate on all the others.
+collateral_weight is 10 (was 2): a weight of 2 let a drop of 0.1 on other people buy a drop of 0.2
+on the concept; the benchmark's target is collateral <= 0.02. Measured on 3-6 bench people
+(`kif bench signatures --kinds sae-features`): every-position counting with weight 2 (the previous
+defaults): concept 0.70, random 0.18, collateral 0.09; subject+last with weight 2: 0.72 / 0.03 /
+0.08; tau = 0.001 (either ranking): concept 0.12-0.17; a clamp of 10: 0.48 / 0.04 / 0.04;
+features ranked by a clamp attribution (gradient x activation on the answer log-prob, frequency
+as the filter): 0.47 / 0.10 / 0.07; subject+last with weight 10 (the defaults): 0.49 / 0.02 /
+0.02 on 6 people, and on the 10 default people 0.397 / 0.067 / 0.0195 at 28 s per person (was
+0.703 / 0.180 / 0.092 at 73 s): collateral and the 5x random ratio meet their targets, the
+concept's drop (>= 0.5) does not.
+The shipped SAEs (4096 features, explained variance 0.60-0.76) have few features specific to one
+person: their features are mostly sub-word pieces of names shared by several people, so the
+concept's drop and the collateral trade off against each other.
 
 SAEs are SAELens objects, loaded by `load_sae` from a local SAELens folder (cfg.json +
 sae_weights.safetensors), a SAELens release, or the SAEs shipped with kif's zoo model
@@ -42,6 +71,9 @@ KIND = "sae-features"
 _SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 _SIZES = (1, 2, 3, 5, 10, 20)  # numbers of features the adaptive selection tries
 _D_MLP_HOOKS = ("mlp.hook_pre", "mlp.hook_post")
+# forget positions whose firing counts: "subject+last" = the subject's tokens and the last prompt
+# token (where the fact world's answers are read out), "all" = every token of [BOS] + prompt
+POSITIONS = ("subject+last", "all")
 
 
 class SAELoadError(KifError):
@@ -250,7 +282,16 @@ def token_activations(model, hooks: Sequence[str], texts: Sequence[str], batch_s
     batch for all hooks, stopped after the last hook's layer."""
     from kif import metrics
 
-    seqs = metrics.encode_prompts(model, texts)
+    return sequence_activations(model, hooks, metrics.encode_prompts(model, texts), batch_size)
+
+
+@torch.no_grad()
+def sequence_activations(model, hooks: Sequence[str], seqs: Sequence[Sequence[int]],
+                         batch_size: int = 256
+                         ) -> tuple[dict[str, Float[Tensor, "tokens d"]], Int[Tensor, " seqs"]]:
+    """`token_activations` of token-id sequences (already with their BOS)."""
+    from kif import metrics
+
     lengths = torch.tensor([len(q) for q in seqs])
     order = torch.argsort(lengths, descending=True, stable=True)
     stop = max(_layer(h) for h in hooks) + 1
@@ -321,6 +362,24 @@ def _subject_mask(model, texts: Sequence[str], subjects: Sequence[str],
     return mask
 
 
+def _counted_mask(model, forget, subj: Bool[Tensor, "batch pos"], width: int,
+                  with_answers: bool, positions: str) -> Bool[Tensor, "batch pos"]:
+    """The forget-text positions whose firing counts (see `POSITIONS`)."""
+    from kif import metrics
+
+    if positions == "all":
+        return torch.ones((len(forget), width), dtype=torch.bool)
+    prompts = [p.prompt for p in forget]
+    p_len = torch.tensor([len(q) for q in metrics.encode_prompts(model, prompts)])
+    pos = torch.arange(width)[None, :]
+    mask = subj | (pos == (p_len - 1)[:, None])  # the subject's tokens and the last prompt token
+    if with_answers:
+        a_len = torch.tensor([len(a) for a in
+                              metrics.encode_answers(model, [p.answer for p in forget])])
+        mask |= (pos >= p_len[:, None]) & (pos < (p_len + a_len)[:, None])
+    return mask
+
+
 def retain_text(concept, with_neighbours: bool = True, matched: bool = True,
                 per_prompt: int | None = 16) -> list[str]:
     """The retain text (prompt + answer) a concept's features are contrasted with.
@@ -360,8 +419,9 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
                          top_n: int = 20, sae=None, with_answers: bool = False,
                          with_neighbours: bool = True, matched_phrasings: bool = True,
                          retain_per_prompt: int | None = 16, clamp: float = 25.0,
-                         adaptive: bool = True, collateral_weight: float = 2.0,
-                         n_validation_others: int = 150) -> Signature:
+                         adaptive: bool = True, collateral_weight: float = 10.0,
+                         n_validation_others: int | None = None,
+                         positions: str = "subject+last") -> Signature:
     """The SAE features of `concept` (Farrell et al. 2024; see the module docstring).
 
     Args:
@@ -383,6 +443,13 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
         retain_per_prompt: other people each forget prompt is asked about (`retain_text`).
         clamp: the value c a clamp sets active features to (-c), recorded for
             `ablate.ablation_hooks(sig, sae, clamp=sig.settings["clamp"])`.
+        adaptive: choose the number of features (and, without `hook`, the hook) by clamping
+            them (see the module docstring).
+        collateral_weight: weight of the other people's accuracy drop in that choice.
+        n_validation_others: other people's probes the choice is measured on (neighbours first,
+            then retain people); None: all of them.
+        positions: forget positions whose firing counts: "subject+last" (the subject's tokens
+            and the last prompt token) or "all" (`POSITIONS`).
     """
     if not 0 < tau <= 1:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
@@ -390,6 +457,8 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
         raise ValueError(f"top_n must be >= 1, got {top_n}")
     candidates = _candidate_saes(model, hook, sae)  # [(hook, sae, ref)]
 
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     forget = list(concept.forget)
     retain_texts = retain_text(concept, with_neighbours=with_neighbours,
                                matched=matched_phrasings, per_prompt=retain_per_prompt)
@@ -398,17 +467,22 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
                                       forget_texts + retain_texts)
     f_len = lengths[:len(forget)]
     n_forget = int(f_len.sum())  # forget texts come first, so do their tokens
-    subj = _subject_mask(model, forget_texts, [p.subject for p in forget], int(f_len.max()))
-    subj = subj[torch.arange(subj.shape[1])[None, :] < f_len[:, None]]  # [forget tokens]
+    width = int(f_len.max())
+    in_text = torch.arange(width)[None, :] < f_len[:, None]
+    subj = _subject_mask(model, forget_texts, [p.subject for p in forget], width)
+    counted = _counted_mask(model, forget, subj, width, with_answers, positions)[in_text]
+    subj = subj[in_text]  # [forget tokens]
 
+    others = _validation_others(concept, n_validation_others)
     per_hook = []
     for h, s, ref in candidates:  # a handful of hooks
         x = acts[h]
         a = feature_activations(s, x[:n_forget])
         active = a > 0
-        f_forget = active.double().mean(0)
+        f_forget = active[counted].double().mean(0)
         f_retain = firing_counts(s, x[n_forget:]) / max(len(x) - n_forget, 1)
-        chosen = select_features(f_forget, f_retain, tau, top_n, tiebreak=a.double().mean(0))
+        chosen = select_features(f_forget, f_retain, tau, top_n,
+                                 tiebreak=a[counted].double().mean(0))
         fire = active[:, chosen].any(-1)  # [forget tokens]
         per_hook.append({"hook": h, "sae": s, "ref": ref, "chosen": chosen,
                          "coverage": float(fire.double().mean()) if len(chosen) else 0.0,
@@ -417,8 +491,7 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
     sizes = sorted({m for m in _SIZES if m < top_n} | {top_n}) if adaptive else [top_n]
     validated = len(per_hook) > 1 or len(sizes) > 1
     if validated:
-        _clamp_separation(model, concept, per_hook, clamp, sizes, collateral_weight,
-                          n_validation_others)
+        _clamp_separation(model, concept, per_hook, clamp, sizes, collateral_weight, others)
     best = max(per_hook, key=lambda r: (r.get("separation", 0.0), -_layer(r["hook"])))
     chosen = best["chosen"][:best.get("n_best", top_n)]
     fire_all = best["fire_by_feature"][:, :len(chosen)]
@@ -435,7 +508,8 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
         "n_selected": int(len(chosen)), "coverage": best["coverage"],
         "coverage_by_hook": {r["hook"]: r["coverage"] for r in per_hook},
         "fires_on_subject_fraction": float((best["fire"] & subj).sum()) / n_fire,
-        "forget_tokens": n_forget, "retain_tokens": int(lengths.sum()) - n_forget,
+        "forget_tokens": n_forget, "counted_forget_tokens": int(counted.sum()),
+        "retain_tokens": int(lengths.sum()) - n_forget,
         "sae_explained_variance": card.get("explained_variance"), "sae_l0": card.get("l0"),
         "sae_d_sae": int(best["sae"].cfg.d_sae),
     }
@@ -457,34 +531,59 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
                   "with_neighbours": with_neighbours, "matched_phrasings": matched_phrasings,
                   "retain_per_prompt": retain_per_prompt, "clamp": clamp, "adaptive": adaptive,
                   "collateral_weight": collateral_weight,
-                  "n_validation_others": n_validation_others, "sae": ref,
+                  "n_validation_others": n_validation_others, "positions": positions,
+                  "sae": ref,
                   "n_retain_texts": len(retain_texts), "n_forget_prompts": len(forget)},
         info=info)
 
 
+def _validation_others(concept, n_others: int | None) -> list:
+    """Other people's probes the selection is validated on: neighbours first, then retain
+    people (None: all of them)."""
+    others = list(dict.fromkeys(list(concept.neighbour) + list(concept.retain)))
+    return others if n_others is None else others[:n_others]
+
+
 def _clamp_separation(model, concept, rows: list[dict[str, Any]], clamp: float,
-                      sizes: Sequence[int], collateral_weight: float, n_others: int) -> None:
+                      sizes: Sequence[int], collateral_weight: float, others: list) -> None:
     """For each candidate hook and each number m in `sizes`, clamp the top-m selected features to
     -`clamp` when active (Farrell et al. 2024, Eq. 2) and measure the accuracy drop on the
     concept's forget probes and on `n_others` probes of other people (neighbours first, then
-    retain people): separation = drop_forget - collateral_weight * drop_others. Sets each row's
-    best m (`n_best`), its separation and all trials."""
+    retain people; None: all of them): separation = drop_forget - collateral_weight * drop_others.
+    Sets each row's best m (`n_best`), its separation and all trials.
+
+    The clamp changes a probe only where a selected feature is active on one of its tokens (rows
+    of a batch do not interact), so each trial scores only those probes: the others' drop is
+    exact, and a trial costs a forward of the forget probes plus the few others it touches."""
     from kif import metrics
     from kif.signatures.ablate import _clamp_features
 
-    others = list(dict.fromkeys(list(concept.neighbour) + list(concept.retain)))[:n_others]
     probes = list(concept.forget) + others
     prompts, answers = [p.prompt for p in probes], [p.answer for p in probes]
-    nf = len(concept.forget)
+    nf, n = len(concept.forget), len(probes)
     base = torch.from_numpy(metrics.score_answers(model, prompts, answers).correct).double()
+    # the token sequences score_answers feeds: [BOS] + prompt + answer
+    seqs = [q + a for q, a in zip(metrics.encode_prompts(model, prompts),
+                                  metrics.encode_answers(model, answers))]
+    acts, lengths = sequence_activations(model, [r["hook"] for r in rows], seqs)
+    row_of_token = torch.repeat_interleave(torch.arange(n), lengths)
     for r in rows:
         r["trials"] = []
+        active = feature_activations(r["sae"], acts[r["hook"]])[:, r["chosen"]] > 0
+        # fires[p, j]: feature j (in selection order) is active on some token of probe p
+        fires = torch.zeros((n, active.shape[1])).index_add_(0, row_of_token,
+                                                              active.float().cpu()) > 0
         for m in sorted({min(m, len(r["chosen"])) for m in sizes} - {0}):
-            hooks = [(r["hook"], _clamp_features(r["sae"], r["chosen"][:m], clamp))]
-            ok = metrics.score_answers(model, prompts, answers, fwd_hooks=hooks).correct
-            drop = base - torch.from_numpy(ok).double()
+            touched = fires[:, :m].any(-1).nonzero().flatten().tolist()
+            drop = torch.zeros(n, dtype=torch.float64)
+            if touched:
+                hooks = [(r["hook"], _clamp_features(r["sae"], r["chosen"][:m], clamp))]
+                ok = metrics.score_answers(model, [prompts[i] for i in touched],
+                                           [answers[i] for i in touched], fwd_hooks=hooks).correct
+                drop[touched] = base[touched] - torch.from_numpy(ok).double()
             t = {"n": m, "drop_forget": float(drop[:nf].mean()),
-                 "drop_others": float(drop[nf:].mean()) if others else 0.0}
+                 "drop_others": float(drop[nf:].mean()) if others else 0.0,
+                 "others_touched": int(fires[nf:, :m].any(-1).sum())}
             t["separation"] = t["drop_forget"] - collateral_weight * t["drop_others"]
             r["trials"].append(t)
         # ties (e.g. no measurable effect at all) keep more features, Farrell et al.'s choice

@@ -123,10 +123,11 @@ def test_planted_feature_is_selected_and_retain_features_are_dropped(model, conc
     # the forget text than the concept feature, yet dropped; so is the one on common words
     assert f[SHARED_NAME] > f[CONCEPT] and r[SHARED_NAME] >= 0.01 and r[COMMON] >= 0.01
     assert r[CONCEPT] == 0
-    n_forget_tokens = sig.info["forget_tokens"]
-    # 3 prompts x 2 name tokens, counted on the prompts ([BOS] + prompt)
-    assert n_forget_tokens == 9 + 5 + 5
-    assert sig.scores[0].item() == pytest.approx(6 / n_forget_tokens)
+    assert sig.info["forget_tokens"] == 9 + 5 + 5  # [BOS] + prompt, 3 prompts
+    # firing counts at the subject's tokens and the last prompt token (positions="subject+last"):
+    # 3 prompts x (2 name tokens + 1 last token); the concept feature fires on the 6 name tokens
+    assert sig.info["counted_forget_tokens"] == 3 * 3
+    assert sig.scores[0].item() == pytest.approx(6 / 9)
     assert sig.info["fires_on_subject_fraction"] == 1.0
     assert sig.settings["tau"] == 0.01 and sig.settings["top_n"] == 5
     assert load_sae(sig.sae, model).cfg.d_sae == 12
@@ -219,3 +220,66 @@ def test_shipped_saes_explain_held_out_activations():
         stats = evaluate_sae(sae, hook_activations(m, hook, seqs))
         assert stats["explained_variance"] >= card["explained_variance"] - EV_MARGIN, hook
         assert stats["l0"] <= 1.5 * card["l0"] + 1, hook
+
+
+WORKS = 11  # a feature on "works", a word only the forget prompts use, away from the subject
+
+
+def test_positions_count_only_subject_and_last_tokens(model, concept):
+    """A feature that never fires on retain text but fires in the middle of a forget prompt
+    ("works") passes Farrell et al.'s filter when every position counts; counted only at the
+    subject's tokens and the last prompt token it has no forget frequency and is not selected."""
+    sae = _sae(model)
+    with torch.no_grad():
+        sae.W_enc[model.tokenizer.get_vocab()["works"], WORKS] = 1.0
+    kw = dict(sae=sae, top_n=5, adaptive=False)
+    every = extract(model, concept, kind="sae-features", positions="all", **kw)
+    assert WORKS in every.indices[:, 1].tolist()
+    assert every.maps["forget_freq"][WORKS] == pytest.approx(1 / 19)
+    assert every.maps["retain_freq"][WORKS] == 0
+    sig = extract(model, concept, kind="sae-features", **kw)
+    assert sig.settings["positions"] == "subject+last"
+    assert sig.indices[:, 1].tolist() == [CONCEPT, CONCEPT_LAST]
+    assert sig.maps["forget_freq"][WORKS] == 0
+    with pytest.raises(ValueError, match="positions"):
+        extract(model, concept, kind="sae-features", positions="middle", **kw)
+
+
+def test_validation_scores_only_touched_probes_yet_equals_full_scoring(model, concept,
+                                                                        monkeypatch):
+    """The adaptive selection scores a trial only on the probes where a selected feature fires;
+    its drops must equal those of scoring every probe with the clamp. The random tiny model
+    answers nothing right, so "correct" is replaced by "the clamp leaves the answer's log-prob
+    unchanged": a probe drops exactly when the clamp reaches it."""
+    import dataclasses
+
+    import numpy as np
+
+    from kif import metrics
+    from kif.signatures.ablate import _clamp_features
+    from kif.signatures.sae_features import _validation_others
+
+    real = metrics.score_answers
+
+    def unchanged(model, prompts, answers, *, batch_size=256, fwd_hooks=()):
+        clean = real(model, prompts, answers, batch_size=batch_size)
+        hooked = real(model, prompts, answers, batch_size=batch_size, fwd_hooks=fwd_hooks)
+        return dataclasses.replace(clean, correct=hooked.logprob == clean.logprob)
+
+    monkeypatch.setattr(metrics, "score_answers", unchanged)
+    sae = _sae(model)
+    sig = extract(model, concept, kind="sae-features", sae=sae, top_n=3, clamp=25.0)
+    trials = sig.info["separation_by_hook"][HOOK]
+    ids = extract(model, concept, kind="sae-features", sae=sae, top_n=3,
+                  adaptive=False).indices[:, 1]
+    assert [t["n"] for t in trials] == list(range(1, len(ids) + 1))
+    probes = list(concept.forget) + _validation_others(concept, None)
+    prompts, answers = [p.prompt for p in probes], [p.answer for p in probes]
+    nf = len(concept.forget)
+    for t in trials:
+        hooks = [(HOOK, _clamp_features(sae, ids[:t["n"]], 25.0))]
+        drop = 1.0 - unchanged(model, prompts, answers, fwd_hooks=hooks).correct
+        assert t["drop_forget"] == pytest.approx(float(np.mean(drop[:nf])))
+        assert t["drop_others"] == pytest.approx(float(np.mean(drop[nf:])))
+    # the concept's features reach every forget prompt (its name) and no other person's probe
+    assert trials[0]["drop_forget"] == 1.0 and trials[0]["drop_others"] == 0.0

@@ -203,3 +203,83 @@ def test_kif_erase_restore_and_eval_from_the_command_line(model, tmp_path, capsy
     assert models.weight_hash(models.load(back)) == models.weight_hash(model)
     assert main(["erase", "--concept", PERSON, "--method", "stamp", "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+# ---- the retain key statistics (kif.erasure.stats) --------------------------------------------
+
+HOOK0 = "blocks.0.mlp.hook_post"
+
+
+def _explicit_moments(model, probes, hook, token_weight):
+    """The definition, one row at a time: the prompt's last-token key outer product plus
+    token_weight times every non-BOS token's of prompt + answer."""
+    from kif.erasure.keys import last_token_states
+
+    k_last = last_token_states(model, [p.prompt for p in probes], [hook])[hook].double()
+    gram = k_last.T @ k_last
+    for p in probes:
+        ids = metrics.encode_prompts(model, [p.prompt + p.answer])[0]
+        _, cache = model.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n == hook)
+        k = cache[hook][0, 1:].double()
+        gram += token_weight * k.T @ k
+    return gram, k_last.mean(0)
+
+
+def test_key_moments_match_their_definition_and_subtract(model, world):
+    from kif.erasure.stats import key_moments
+
+    probes = world.person_probes(world.known()[:5], "train", [0, 1])
+    m_all = key_moments(model, [p.prompt for p in probes], [p.answer for p in probes], HOOK0,
+                        0.01, cache=False)
+    gram, mean = _explicit_moments(model, probes, HOOK0, 0.01)
+    assert m_all.n_rows == len(probes)
+    assert torch.allclose(m_all.gram, gram, rtol=1e-4, atol=1e-3 * float(gram.abs().max()) * 1e-3)
+    assert torch.allclose(m_all.mean_last, mean, rtol=1e-5, atol=1e-6)
+    head, tail = probes[:12], probes[12:]
+    m_head = key_moments(model, [p.prompt for p in head], [p.answer for p in head], HOOK0, 0.01,
+                         cache=False)
+    m_tail = key_moments(model, [p.prompt for p in tail], [p.answer for p in tail], HOOK0, 0.01,
+                         cache=False)
+    rest = m_all - m_head  # what STAMP does: all people minus the concept's rows
+    assert rest.n_rows == len(tail)
+    assert torch.allclose(rest.gram, m_tail.gram, atol=1e-4 * float(m_tail.gram.abs().max()))
+    assert torch.allclose(rest.mean_last, m_tail.mean_last, atol=1e-5)
+
+
+def test_key_moments_cache_is_keyed_on_upstream_weights_and_data(model, world, monkeypatch,
+                                                                   tmp_path, caplog):
+    from kif.erasure import stats
+
+    monkeypatch.setenv("KIF_CACHE", str(tmp_path))
+    probes = world.person_probes(world.known()[:3], "train", [0])
+    args = ([p.prompt for p in probes], [p.answer for p in probes], HOOK0, 0.003)
+    first = stats.key_moments(model, *args)
+    files = list((tmp_path / "key-moments").iterdir())
+    assert len(files) == 1
+
+    calls = []
+    real = stats.compute_key_moments
+    monkeypatch.setattr(stats, "compute_key_moments",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = stats.key_moments(model, *args)
+    assert not calls and torch.equal(again.gram, first.gram)  # served from the file
+
+    w_out, w_in = model.blocks[0].mlp.W_out, model.blocks[0].mlp.W_in
+    with torch.no_grad():  # the layer's own output weights do not change its keys: still a hit
+        w_out.add_(1.0)
+        stats.key_moments(model, *args)
+        w_out.sub_(1.0)
+    assert not calls
+    saved = w_in.detach().clone()
+    with torch.no_grad():  # an upstream weight does: a miss, and other statistics
+        w_in.mul_(1.5)
+        changed = stats.key_moments(model, *args)
+        w_in.copy_(saved)
+    assert calls and not torch.allclose(changed.gram, first.gram)
+    stats.key_moments(model, args[0][:-1], args[1][:-1], HOOK0, 0.003)  # other rows: a miss
+    assert len(calls) == 2
+
+    files[0].write_bytes(b"not a safetensors file")  # a torn file is recomputed, not trusted
+    with caplog.at_level("WARNING"):
+        healed = stats.key_moments(model, *args)
+    assert "unreadable" in caplog.text and torch.equal(healed.gram, first.gram)

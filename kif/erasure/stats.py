@@ -1,0 +1,179 @@
+"""Second-moment statistics of an MLP layer's keys over a text corpus, cached on disk.
+
+ROME and MEMIT compute the keys' second moment C = sum k k^T over a large corpus once per model
+and layer and cache it (their `layer_stats`); every later edit is then a small solve. STAMP does
+the same with the retain corpus: the Gram of every known person's and every shared fact's
+training prompts at the last token, plus every token of their text at a small weight.
+
+The cache is keyed on what the keys actually depend on: the parameters *upstream* of
+`blocks.{l}.mlp.hook_post` (embeddings, the blocks before l, and block l up to W_in), the token ids
+of the corpus and the token weight. Editing an MLP's output weights (what STAMP does) leaves its
+own keys unchanged, so a sequence of STAMP requests at one layer keeps hitting the cache; any
+change upstream, of the data or the tokenizer, misses it. A concept's own prompts are subtracted
+from the all-people statistics (exact: a Gram is a sum), so one cached file serves every concept.
+
+The cache folder is `$KIF_CACHE` or `~/.cache/kif`; files are written to a temporary name and
+renamed, and an unreadable file is recomputed, never trusted.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import os
+import pathlib
+import re
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from kif import metrics
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "1"  # bump when the statistics' definition changes
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMoments:
+    """Statistics of one hook's keys over a corpus of (prompt, answer) rows, float64 on CPU.
+
+    gram = sum over rows of k_last k_last^T + token_weight * sum over every non-BOS token of the
+    row's prompt + answer of k k^T; mean_last = the mean last-prompt-token key; n_rows rows."""
+
+    gram: Float[Tensor, "m m"]
+    mean_last: Float[Tensor, "m"]
+    n_rows: int
+    token_weight: float
+
+    def __sub__(self, other: "KeyMoments") -> "KeyMoments":
+        if other.token_weight != self.token_weight:
+            raise ValueError("key moments with different token weights cannot be combined")
+        n = self.n_rows - other.n_rows
+        mean = (self.mean_last * self.n_rows - other.mean_last * other.n_rows) / max(n, 1)
+        return KeyMoments(self.gram - other.gram, mean, n, self.token_weight)
+
+
+def cache_dir() -> pathlib.Path:
+    """`$KIF_CACHE`, or `~/.cache/kif` (read at call time, never at import)."""
+    return pathlib.Path(os.environ.get("KIF_CACHE") or pathlib.Path.home() / ".cache" / "kif")
+
+
+def _layer(hook: str) -> int:
+    m = re.match(r"blocks\.(\d+)\.mlp\.hook_post$", hook)
+    if not m:
+        raise ValueError(f"key statistics are taken at blocks.{{l}}.mlp.hook_post, not {hook!r}")
+    return int(m.group(1))
+
+
+def upstream_parameters(model, hook: str) -> list[str]:
+    """Names of the parameters the keys at `hook` depend on (sorted)."""
+    layer = _layer(hook)
+    out = []
+    for name, _ in model.named_parameters():
+        m = re.match(r"blocks\.(\d+)\.(.*)$", name)
+        if m is None:
+            if not name.startswith(("ln_final", "unembed")):
+                out.append(name)
+        elif int(m.group(1)) < layer or (
+                int(m.group(1)) == layer and m.group(2) not in ("mlp.W_out", "mlp.b_out")):
+            out.append(name)
+    return sorted(out)
+
+
+def _cache_key(model, hook: str, ids: Sequence[Sequence[int]], last: Sequence[int],
+               token_weight: float) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{hook}|{token_weight!r}|".encode())
+    params = dict(model.named_parameters())
+    for name in upstream_parameters(model, hook):
+        t = params[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for row, j in zip(ids, last):
+        digest.update(f"{j}:{','.join(map(str, row))};".encode())
+    return digest.hexdigest()
+
+
+def _encode_rows(model, prompts: Sequence[str], answers: Sequence[str]
+                 ) -> tuple[list[list[int]], list[int]]:
+    """[BOS] + prompt + answer token ids per row, and the position of the prompt's last token
+    (the prompt is encoded on its own: where BPE merges across the boundary, the last token of
+    the joined text's prompt part is the one whose prefix matches)."""
+    full = metrics.encode_prompts(model, [p + a for p, a in zip(prompts, answers)])
+    alone = metrics.encode_prompts(model, list(prompts))
+    last = []
+    for f, a in zip(full, alone):
+        j = len(a) - 1
+        while j > 0 and f[:j + 1] != a[:j + 1]:
+            j -= 1  # a merged boundary token: fall back to the last shared position
+        last.append(j)
+    return full, last
+
+
+@torch.no_grad()
+def compute_key_moments(model, ids: Sequence[Sequence[int]], last: Sequence[int], hook: str,
+                        token_weight: float, batch_size: int = 256, backend: str = "auto"
+                        ) -> KeyMoments:
+    """One batched pass (stopped after the hook's layer): the last-token Gram in float64 and the
+    all-token Gram with the streaming key-statistics kernel."""
+    from kif.kernels import KeyStats
+
+    layer = _layer(hook)
+    stop_at = layer + 1 if layer + 1 < model.cfg.n_layers else None
+    m = model.cfg.d_mlp
+    gram_last = torch.zeros(m, m, dtype=torch.float64)
+    sum_last = torch.zeros(m, dtype=torch.float64)
+    tokens_stats = KeyStats(m, backend=backend)
+    for s in range(0, len(ids), batch_size):
+        tokens, lengths = metrics._padded(model, ids[s:s + batch_size])
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == hook,
+                                        padding_side="right", stop_at_layer=stop_at)
+        act = cache[hook]
+        rows = torch.arange(tokens.shape[0], device=act.device)
+        k = act[rows, torch.tensor(last[s:s + batch_size], device=act.device)].double().cpu()
+        gram_last += k.T @ k
+        sum_last += k.sum(0)
+        if token_weight > 0:
+            pos = torch.arange(tokens.shape[1], device=act.device)
+            mask = (pos[None] < lengths.to(act.device)[:, None]) & (pos[None] > 0)
+            tokens_stats.update(act.reshape(-1, m), mask.reshape(-1))
+    gram = gram_last
+    if token_weight > 0 and len(ids):
+        gram = gram + token_weight * tokens_stats.result().gram.double().cpu()
+    return KeyMoments(gram, sum_last / max(len(ids), 1), len(ids), token_weight)
+
+
+def key_moments(model, prompts: Sequence[str], answers: Sequence[str], hook: str,
+                token_weight: float, cache: bool = True) -> KeyMoments:
+    """`KeyMoments` of `hook` over the rows (prompt, answer), from the cache when it holds them
+    for these upstream weights and token ids, else computed (and stored when `cache`)."""
+    from safetensors.torch import load_file, save_file
+
+    ids, last = _encode_rows(model, prompts, answers)
+    if not cache:
+        return compute_key_moments(model, ids, last, hook, token_weight)
+    key = _cache_key(model, hook, ids, last, token_weight)
+    path = cache_dir() / "key-moments" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            t = load_file(str(path))
+            got = KeyMoments(t["gram"], t["mean_last"], int(t["n_rows"]), token_weight)
+            if got.gram.shape == (model.cfg.d_mlp, model.cfg.d_mlp) and got.n_rows == len(ids):
+                return got
+            log.warning("ignoring key statistics of the wrong shape in %s", path)
+        except Exception as err:  # a torn or foreign file: recompute, never trust it
+            log.warning("ignoring unreadable key statistics %s (%s)", path, err)
+    got = compute_key_moments(model, ids, last, hook, token_weight)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"gram": got.gram.contiguous(), "mean_last": got.mean_last.contiguous(),
+                   "n_rows": torch.tensor(got.n_rows)}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only home must not stop an erasure
+        log.warning("could not cache key statistics in %s (%s)", path.parent, err)
+    return got
+
+
+__all__ = ["KeyMoments", "cache_dir", "compute_key_moments", "key_moments", "upstream_parameters"]

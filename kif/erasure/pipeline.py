@@ -11,13 +11,29 @@ arXiv 2601.10566; METHODS.md "KIF pipeline").
    by names it never saw (several fresh names per person). That is the oracle-free "never knew"
    reference: a refusal is not what a model that never met the person does, and Forget Quality
    compares against exactly such a model (the retrained oracle).
-3. *Update*: LoRA factors (rank `rank`) on the MLP weights of every layer up to the signature's
-   layer + 1, trained with (a) KL from the never-knew teacher on every position after the name
+3. *Update*: LoRA factors (rank `rank`) on every attention and MLP weight matrix of `layers`
+   (all by default), starting from the closed-form STAMP edit, trained with (a) KL from the never-knew teacher on every position after the name
    (prompt rest and answer), (b) a representation loss pulling the residual stream at those
    positions to the teacher's (the signature must vanish, not only the output), (c) KL to the
-   base model on retain text (other people's facts, shared facts). Every `check_every` steps the
-   surface (forget accuracy) and latent (capsule z) criteria are measured; training stops when
-   both hold or the step budget ends.
+   base model on retain text (other people's facts, shared facts), (d) a signature loss pushing
+   the capsule's z-score on the person's tokens below zero. Every `check_every` steps
+   each checkpoint is measured: forget accuracy (surface), retain accuracy on a sample of other
+   people's facts, the capsule's z-score (latent) and the *never-knew p-value*: the KS test of
+   its truth ratios on the forget facts against the base model's on the same questions about
+   the fresh names (TOFU's Forget Quality with an oracle-free stand-in for the retrained
+   model). The kept checkpoint is the one with the best never-knew p among those that neither
+   answer the forget facts nor lose retain accuracy (the closed-form start included);
+   training stops when every criterion holds or the step budget ends.
+
+Measured on forget10 (`kif bench methods --methods kif`): no LoRA checkpoint has beaten the
+closed-form start, so `kif` returns the STAMP edit. Distilling toward the never-knew teacher
+*raises* forget accuracy (0.05 -> 0.16-0.19 in 25-50 steps): STAMP's edit makes the model say
+"unknown", but the true answer stays the most likely of the candidate answers (median logit gap
+to the wrong candidates 2.2 at the last token, from layer-2 attention and the layer-2/3 MLPs,
+against -0.3 for the oracle), and lowering "unknown" to the teacher's level lets it through.
+The signature and representation losses remove the capsule's signature (z 11 -> -0.6) but take
+other people's facts with them (retain accuracy 0.03-0.16), since the signature lives in layer
+0's attention, which every name goes through.
 
 The result is a weight delta stored as LoRA factors: reversible, no hooks at inference.
 """
@@ -57,6 +73,8 @@ class KifConfig:
     w_signature: float = 1.0  # push the capsule's z-score on forget tokens below zero
     surface_target: float = 0.05  # forget accuracy (training phrasings) to reach
     latent_target: float = 3.0  # capsule z (median over forget prompts) to fall below (= tau)
+    never_knew_target: float = 0.5  # KS p-value vs the never-knew truth ratios that ends training
+    retain_tolerance: float = 0.02  # a checkpoint may lose at most this retain accuracy
     signature_hook: str = "blocks.0.hook_resid_mid"
     stamp_start: bool = True  # begin from the STAMP edit (closed form) instead of the base
     seed: int = 0
@@ -184,6 +202,15 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
         offsets = torch.tensor([0] + [p.n for p in pairs]).cumsum(0)
         t_logp_all, t_resid_all = torch.cat(t_logp), torch.cat(t_resid)
         resid_scale = t_resid_all.pow(2).mean((0, 2), keepdim=True)  # [1, layer, 1]
+        # the never-knew reference for checkpoint selection: the base model's truth ratios on the
+        # forget facts asked about the fresh names (the true answer is the person's; a model that
+        # never met the person has no reason to prefer it)
+        from kif.evaluation import truth_ratios
+
+        select_probes = [p for p in concept.forget if p.template == 0] or list(concept.forget)
+        fresh_probes = [dataclasses.replace(p, prompt=p.prompt.replace(p.subject, n))
+                        for p in select_probes for n in names_for[p.subject]]
+        tr_never = truth_ratios(model, world, fresh_probes)
     # the signature each person's tokens must lose: direction, benign mean and spread
     by_person = {op.params["person"]: op for op in ops}
     sig_u = torch.stack([by_person[s].tensors["basis"][:, 0] for s in concept.subjects])
@@ -220,12 +247,32 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
     history: list[dict[str, Any]] = []
     forget_prompts = [p.prompt for p in concept.forget]
     forget_answers = [p.answer for p in concept.forget]
+    # other people's facts, one phrasing each, for the retain check of every checkpoint
+    check = world.person_probes(others[::max(1, len(others) // 40)], "train", [0])
+    check_prompts, check_answers = [p.prompt for p in check], [p.answer for p in check]
+    with torch.no_grad():
+        base_kept = float(metrics.score_answers(model, check_prompts, check_answers).correct.mean())
     step = 0
 
-    def criteria() -> tuple[float, float]:
+    def criteria() -> dict[str, float]:
         with torch.no_grad():
             surf = float(metrics.score_answers(student, forget_prompts, forget_answers).correct.mean())
-            return surf, _capsule_z(student, concept, ops)
+            kept = float(metrics.score_answers(student, check_prompts, check_answers).correct.mean())
+            p = never_knew_p(student, world, select_probes, tr_never)
+            return {"forget_acc": surf, "retain_acc": kept,
+                    "capsule_z_median": _capsule_z(student, concept, ops), "never_knew_p": p}
+
+    def rank(c: dict[str, float]) -> tuple:
+        # a checkpoint that answers the forget facts or forgets other people's is never
+        # preferred; among the others, the one whose truth ratios look most like a never-knew
+        # model's, then the one with the weaker signature
+        return (max(c["forget_acc"] - cfg.surface_target, 0.0)
+                + max(base_kept - cfg.retain_tolerance - c["retain_acc"], 0.0),
+                -c["never_knew_p"], c["capsule_z_median"])
+
+    def converged(c: dict[str, float]) -> bool:
+        return (rank(c)[0] == 0.0 and c["capsule_z_median"] < cfg.latent_target
+                and c["never_knew_p"] >= cfg.never_knew_target)
 
     def snapshot() -> dict[str, tuple[Tensor, Tensor]]:
         return {n: (l.a.detach().clone(), l.b.detach().clone()) for n, l in loras.items()}
@@ -233,10 +280,10 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
     # the iterations are judged on the surface (forget accuracy) first, the signature second; the
     # best checkpoint is kept (the closed-form start, step 0, included), so a budget that runs out
     # never leaves a worse erasure than the start
-    surf, z = criteria()
-    history.append({"step": 0, "forget_acc": surf, "capsule_z_median": z})
-    best = ((surf, z), 0, snapshot())
-    done = surf <= cfg.surface_target and z < cfg.latent_target
+    c = criteria()
+    history.append({"step": 0, **c})
+    best = (c, 0, snapshot())
+    done = converged(c)
     from rich.progress import Progress
 
     with timer.section("train"), Progress(transient=True, disable=not progress) as bar:
@@ -248,9 +295,16 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
             rtok = _pad(model, [retain_ids[i] for i in ridx])
             with torch.no_grad():
                 base_r = F.log_softmax(model(rtok, padding_side="right").float(), -1)
-            logits, cache = student.run_with_cache(_pad(model, [p.real for p in chunk]),
-                                                   names_filter=lambda n: n in repr_hooks,
-                                                   padding_side="right")
+            # run_with_cache detaches what it stores: capture the activations with their graph
+            cache: dict[str, Tensor] = {}
+
+            def capture(act, hook):
+                cache[hook.name] = act
+                return act
+
+            logits = student.run_with_hooks(_pad(model, [p.real for p in chunk]),
+                                            fwd_hooks=[(h, capture) for h in repr_hooks],
+                                            padding_side="right")
             st, n = [p.start_real for p in chunk], [p.n for p in chunk]
             rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
             s_logp = F.log_softmax(_gather(logits, st, n).float(), -1)
@@ -275,15 +329,14 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
             step += 1
             bar.advance(task)
             if step % cfg.check_every == 0 or step == cfg.steps:
-                surf, z = criteria()
-                if (round(surf, 3), z) < (round(best[0][0], 3), best[0][1]):
-                    best = ((surf, z), step, snapshot())
+                c = criteria()
+                if rank(c) < rank(best[0]):
+                    best = (c, step, snapshot())
                 history.append({"step": step, "loss_forget": float(loss_f.detach()),
                                 "loss_repr": float(loss_r.detach()),
                                 "loss_retain": float(loss_k.detach()),
-                                "loss_signature": float(loss_s.detach()),
-                                "forget_acc": surf, "capsule_z_median": z})
-                done = surf <= cfg.surface_target and z < cfg.latent_target
+                                "loss_signature": float(loss_s.detach()), **c})
+                done = converged(c)
 
     with torch.no_grad():
         for n, (a, b) in best[2].items():
@@ -299,12 +352,20 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
             deltas[name] = low_rank(diff.reshape(diff.shape[0], -1)) if diff.ndim == 2 else Delta(
                 dense=diff.cpu())
     info = {"layers": layers, "steps": step, "converged": done, "best_step": best[1],
-            "forget_acc": best[0][0], "capsule_z_median": best[0][1], "history": history,
+            **best[0], "history": history,
             "n_pairs": len(pairs), "capsule": cap_stats,
             "stamp_start": dict(start.info) if start is not None else None,
             "seconds": {**timer.sections, "total": timer.total}}
     return Erasure(method="kif", concepts=(concept.name,), base_hash=base_hash,
                    base_spec=base_spec, deltas=deltas, settings=dataclasses.asdict(cfg), info=info)
+
+
+def never_knew_p(model, world, probes, tr_never) -> float:
+    """KS p-value between `model`'s truth ratios on `probes` and the never-knew reference's
+    (TOFU's Forget Quality with the base model on fresh names standing in for the oracle)."""
+    from kif.evaluation import truth_ratios
+
+    return float(metrics.forget_quality(truth_ratios(model, world, probes), tr_never))
 
 
 def _capsule_z(model, concept, ops) -> float:
@@ -323,4 +384,4 @@ def _capsule_z(model, concept, ops) -> float:
     return float(torch.tensor(z).median())
 
 
-__all__ = ["KifConfig", "fresh_names", "kif_pipeline"]
+__all__ = ["KifConfig", "fresh_names", "kif_pipeline", "never_knew_p"]

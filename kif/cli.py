@@ -172,12 +172,23 @@ def _cmd_signatures(args: argparse.Namespace) -> int:
 def _cmd_bench_signatures(args: argparse.Namespace) -> int:
     from kif import models
     from kif.signatures import KIND_MODULES
-    from kif.signatures.bench import bench_people, causality, default_k, sae_loader
+    from kif.signatures.bench import bench_people, causality, default_k, sae_loader, unit_speeds
     from kif.world import FactWorld
 
     world = FactWorld.generate(args.seed)
     model = models.load(args.model)
     people = bench_people(world, args.concepts)
+    if args.unit_speed:  # the per-prompt / per-fact figures, not the causality table
+        r = {k: round(v, 4) for k, v in unit_speeds(model, world, people).items()}
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            _out().print(f"causal tracing, one prompt (all layers x tokens x 3 kinds): "
+                         f"{r['causal_trace_prompt_seconds']:.2f} s (median of "
+                         f"{r['causal_trace_prompts']}); knowledge neurons, one fact: "
+                         f"{r['knowledge_neurons_fact_seconds']:.2f} s (median of "
+                         f"{r['knowledge_neurons_facts']})")
+        return 0
     results = {}
     for kind in args.kinds or list(KIND_MODULES):
         k = args.k if args.k is not None else default_k(kind)
@@ -236,6 +247,35 @@ def _cmd_bench_sequential(args: argparse.Namespace) -> int:
     _out().print(f"{r['requests']} sequential STAMP requests: forget_acc {r['forget_acc']:.3f}, "
                  f"retain_acc {r['retain_acc']:.3f} (base {r['base_retain_acc']:.3f}), "
                  f"shared_acc {r['shared_acc']:.3f}")
+    return 0
+
+
+def _cmd_bench_methods(args: argparse.Namespace) -> int:
+    from kif import zoo
+    from kif.erasure.bench import METRICS, bench_methods
+    from kif.world import FactWorld
+
+    world = FactWorld.generate(args.seed)
+    world.split(args.forget_split)  # refuse an unknown split before loading anything
+    model = open_model(args.model)
+    oracle = open_model(args.oracle or zoo.oracle_name(args.forget_split))
+    rows = bench_methods(model, world, oracle, args.methods, args.forget_split,
+                         progress=not args.json)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"erasure methods on {args.forget_split} (FQ against the oracle)")
+    short = {"forget_acc": "forget", "forget_paraphrase_acc": "paraphr.", "retain_acc": "retain",
+             "shared_acc": "shared", "model_utility": "MU", "forget_quality": "FQ",
+             "forget_truth_ratio_median": "TR med."}
+    for col in ("method", *short.values(), "s", "x stamp"):
+        table.add_column(col, justify="right")
+    fmt = lambda v: "-" if v is None else f"{v:.3g}"
+    for r in rows:
+        sec = fmt(r["seconds"]) + (f" ({r['seconds_cached']:.2g} cached)"
+                                   if "seconds_cached" in r else "")
+        table.add_row(r["method"], *[fmt(r[k]) for k in METRICS], sec, fmt(r["ratio_to_stamp"]))
+    _out().print(table)
     return 0
 
 
@@ -422,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsig.add_argument("--kinds", nargs="+", choices=list(KIND_MODULES))
     bsig.add_argument("--k", type=int, help="components ablated (default: per kind)")
     bsig.add_argument("--per-person", dest="verbose_people", action="store_true")
+    bsig.add_argument("--unit-speed", action="store_true",
+                      help="time causal tracing of one prompt and knowledge neurons of one fact")
     bsig.add_argument("--seed", type=int, default=0)
     bsig.add_argument("--json", action="store_true")
     bsig.set_defaults(func=_cmd_bench_signatures)
@@ -439,6 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
     bsq.add_argument("--seed", type=int, default=0)
     bsq.add_argument("--json", action="store_true")
     bsq.set_defaults(func=_cmd_bench_sequential)
+    from kif.erasure.registry import METHOD_MODULES as _METHODS
+
+    bm = bs.add_parser("methods", help="every erasure method on a forget split, vs the oracle")
+    bm.add_argument("--model", default=zoo.BASE)
+    bm.add_argument("--oracle", help="default: the zoo oracle of the split")
+    bm.add_argument("--forget-split", default="forget10")
+    bm.add_argument("--methods", nargs="+", choices=list(_METHODS), default=["stamp"])
+    bm.add_argument("--seed", type=int, default=0)
+    bm.add_argument("--json", action="store_true")
+    bm.set_defaults(func=_cmd_bench_methods)
     bk = bs.add_parser("kernels", help="fused Triton kernels vs their torch references (GPU)",
                        add_help=False)
     bk.add_argument("rest", nargs=argparse.REMAINDER,

@@ -48,6 +48,37 @@ def bench_people(world: FactWorld, n: int, seed: int = 1234) -> list[Person]:
     return [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]
 
 
+def unit_speeds(model, world: FactWorld, people: Sequence[Person]) -> dict[str, float]:
+    """The issue's per-unit speed figures, as medians over the people's facts (seconds):
+    causal tracing of one prompt over every layer x token x the 3 kinds (resid, MLP, attention),
+    and knowledge-neuron attribution of one fact (its training phrasings, 20 integrated-gradient
+    steps). The first call of each is a warm-up and is not counted."""
+    from kif.signatures.causal_trace import embedding_std, trace
+    from kif.signatures.knowledge_neurons import attributions
+
+    nu = 3 * embedding_std(model, [p.name for p in people])
+    probes = world.person_probes(people, "train", [0])
+    trace(model, probes[0].prompt, probes[0].subject, probes[0].answer, noise_scale=nu)
+    t_trace = []
+    for pr in probes:
+        t0 = time.perf_counter()
+        trace(model, pr.prompt, pr.subject, pr.answer, noise_scale=nu)
+        t_trace.append(time.perf_counter() - t0)
+    facts = {}
+    for pr in world.person_probes(people, "train"):
+        facts.setdefault((pr.subject, pr.relation), []).append(pr)
+    t_kn = []
+    for i, fact in enumerate(facts.values()):
+        t0 = time.perf_counter()
+        attributions(model, [p.prompt for p in fact], [p.answer for p in fact])
+        if i:
+            t_kn.append(time.perf_counter() - t0)
+    return {"causal_trace_prompt_seconds": float(np.median(t_trace)),
+            "causal_trace_prompts": len(t_trace),
+            "knowledge_neurons_fact_seconds": float(np.median(t_kn)),
+            "knowledge_neurons_facts": len(t_kn)}
+
+
 def causality(model, world: FactWorld, kind: str, people: Sequence[Person], k: int,
               seed: int = 0, sae_loader=None, **settings) -> CausalityResult:
     from kif.signatures import extract

@@ -1,4 +1,9 @@
-"""`kif bench stamp`: STAMP-LR (randomized SVD + Woodbury) against the full ridge solve on
+"""Erasure benchmarks.
+
+`kif bench methods`: every erasure method on a forget split against the oracle, with its time and
+the ratio to STAMP's, in one run.
+
+`kif bench stamp`: STAMP-LR (randomized SVD + Woodbury) against the full ridge solve on
 synthetic keys, at MLP widths of real models (m = 4096: GPT-2 XL / Llama-7B hidden 4096-wide
 projections; m = 14336: Llama-3-8B's MLP).
 
@@ -103,4 +108,55 @@ def sequential_stamp(model, world, people: list[str], config=None, progress: boo
     return out
 
 
-__all__ = ["StampBenchRow", "bench_stamp", "sequential_stamp", "synthetic_keys"]
+METRICS = ("forget_acc", "forget_paraphrase_acc", "retain_acc", "shared_acc", "model_utility",
+           "forget_quality", "forget_truth_ratio_median")
+
+
+def bench_methods(model, world, oracle, methods: list[str], split: str = "forget10",
+                  configs: dict | None = None, progress: bool = False) -> list[dict]:
+    """Every method in `methods` on `split`, in one run (so ratios are comparable): its surface
+    metrics against `oracle` (`kif eval`'s keys), its compute seconds and the ratio to STAMP's.
+
+    STAMP is timed twice: cold (`cache=False`, every retain statistic computed) and cached (the
+    retain key statistics already on disk, as for every request after a model's first; ROME and
+    MEMIT cache theirs the same way); `seconds` is the cold figure and `seconds_cached` the other.
+    The model is restored bit for bit after each method. The first row is the base model and the
+    second the oracle, for reference."""
+    from kif.erasure.registry import erase
+    from kif.evaluation import evaluate, truth_ratios
+
+    configs = configs or {}
+    forget = world.split(split)
+    tr_oracle = truth_ratios(oracle, world, world.person_probes(forget, "heldout", [0]))
+    names = [p.name for p in forget]
+
+    def scores(m) -> dict:
+        d = evaluate(m, world, split, oracle_truth_ratios=tr_oracle).to_dict()
+        return {k: d[k] for k in METRICS}
+
+    rows = [{"method": "base", **scores(model), "seconds": 0.0},
+            {"method": "oracle", **scores(oracle), "seconds": None}]
+    for method in methods:
+        cfg = dict(configs.get(method, {}))
+        extra = {}
+        if method == "stamp":
+            t0 = time.perf_counter()
+            erase(model, names, method="stamp", config={**cfg, "cache": False}, world=world)
+            cold = time.perf_counter() - t0
+            erase(model, names, method="stamp", config=cfg, world=world)  # fills the cache
+        t0 = time.perf_counter()
+        e = erase(model, names, method=method, config=cfg, world=world, progress=progress)
+        seconds = time.perf_counter() - t0
+        if method == "stamp":
+            extra, seconds = {"seconds_cached": seconds}, cold
+        with e.applied(model):
+            rows.append({"method": method, **scores(model), "seconds": seconds, **extra})
+    stamp_s = next((r["seconds"] for r in rows if r["method"] == "stamp"), None)
+    for r in rows:
+        r["ratio_to_stamp"] = (r["seconds"] / stamp_s if stamp_s and r["seconds"] is not None
+                               and r["method"] not in ("base", "oracle") else None)
+    return rows
+
+
+__all__ = ["METRICS", "StampBenchRow", "bench_methods", "bench_stamp", "sequential_stamp",
+           "synthetic_keys"]

@@ -731,6 +731,22 @@ def architecture(model: torch.nn.Module) -> str:
     raise ValueError("model has no known architecture (it was not loaded by kif.models.load)")
 
 
+def export_frozen_parameters(model: torch.nn.Module) -> list[str]:
+    """Parameters of the hooked model that its Hugging Face architecture has no weight for
+    (TransformerLens adds them as zeros, e.g. GPT-2's `unembed.b_U`): training must leave them at
+    zero, or the result cannot be saved as an HF checkpoint. Empty for unknown architectures."""
+    try:
+        spec = _ARCH_SPECS.get(architecture(model))
+    except Exception:  # a model built in memory, with no HF architecture behind it
+        return []
+    if spec is None:
+        return []
+    params = dict(model.named_parameters())
+    keys = (_tl_key(params, n) for n in _expand(spec.zero_only + spec.layer_zero_only,
+                                                 model.cfg.n_layers))
+    return sorted({k for k in keys if k is not None})
+
+
 def _hf_state_dict(model: Any, spec: _ArchSpec) -> dict[str, Tensor]:
     """Apply `spec`'s rules to the hooked model's parameters; every parameter must be used."""
     params = {name: p.detach() for name, p in model.named_parameters()}

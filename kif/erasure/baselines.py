@@ -124,7 +124,10 @@ class SaeClampConfig:
 
 @dataclasses.dataclass(frozen=True)
 class NeuronAblateConfig:
-    top_k: int | None = 200  # neurons kept per person (None: all the extractor finds)
+    # neurons kept per person (None: all the extractor finds). 200 (the signature bench's k) is
+    # right for one person; the union over many people grows with them (forget10, 20 people:
+    # nearly every neuron of the model, retain_acc 0.001; `top_k=50` there: 0.69)
+    top_k: int | None = 200
     threshold: float = 0.05
     steps: int = 20  # integrated-gradient steps
 
@@ -314,7 +317,11 @@ def _likelihood_baseline(method: str, model, concept, world, cfg, progress: bool
             rqa = _encode_qa(model, _retain_probes(world, concept, cfg.shared_repeats))
             r_batches = _Sampler(len(rqa), cfg.batch_retain, gen)
         student = _student(model)
-        params = list(student.parameters())
+        # parameters the HF checkpoint has no place for stay frozen (zero), so the result exports
+        from kif.models import export_frozen_parameters
+
+        frozen = set(export_frozen_parameters(student))
+        params = [p for n, p in student.named_parameters() if n not in frozen]
         for p in params:
             p.requires_grad_(True)
 

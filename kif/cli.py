@@ -268,13 +268,12 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
     short = {"forget_acc": "forget", "forget_paraphrase_acc": "paraphr.", "retain_acc": "retain",
              "shared_acc": "shared", "model_utility": "MU", "forget_quality": "FQ",
              "forget_truth_ratio_median": "TR med."}
-    for col in ("method", *short.values(), "s", "x stamp"):
+    for col in ("method", *short.values(), "s", "cached s", "x stamp"):
         table.add_column(col, justify="right")
     fmt = lambda v: "-" if v is None else f"{v:.3g}"
     for r in rows:
-        sec = fmt(r["seconds"]) + (f" ({r['seconds_cached']:.2g} cached)"
-                                   if "seconds_cached" in r else "")
-        table.add_row(r["method"], *[fmt(r[k]) for k in METRICS], sec, fmt(r["ratio_to_stamp"]))
+        table.add_row(r["method"], *[fmt(r[k]) for k in METRICS], fmt(r["seconds"]),
+                      fmt(r.get("seconds_cached")), fmt(r["ratio_to_stamp"]))
     _out().print(table)
     return 0
 

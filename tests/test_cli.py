@@ -92,3 +92,31 @@ def test_erase_refuses_a_non_empty_output_folder_before_loading(capsys, tmp_path
     (out / "keep.txt").write_text("mine")
     _one_line_error(capsys, ["erase", "--concept", person, "--out", str(out)], "not empty")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_bench_methods_prints_rows_in_both_formats(capsys, monkeypatch):
+    """The table and --json render what `bench_methods` measured (the measurement itself is the
+    erasure tests' business; here it is replaced to keep the CLI test fast)."""
+    from kif.erasure import bench
+
+    seen = {}
+
+    def fake(model, world, oracle, methods, split, configs=None, progress=False):
+        seen.update(methods=methods, split=split, oracle=getattr(oracle, "kif_name", None))
+        row = {k: 0.5 for k in bench.METRICS}
+        return [{"method": "base", **row, "seconds": 0.0, "ratio_to_stamp": None},
+                {"method": "stamp", **row, "seconds": 2.0, "seconds_cached": 1.0,
+                 "ratio_to_stamp": 1.0}]
+
+    monkeypatch.setattr(bench, "bench_methods", fake)
+    assert main(["bench", "methods", "--methods", "stamp", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["base", "stamp"] and seen["methods"] == ["stamp"]
+    assert seen["split"] == "forget10"
+    assert main(["bench", "methods", "--methods", "stamp"]) == 0
+    out = capsys.readouterr().out
+    assert "stamp" in out and "base" in out
+    assert out.count("0.5") >= len(bench.METRICS)  # every metric of a row is printed
+    assert main(["bench", "methods", "--methods", "nope"]) == 2  # outside the registry
+    err = capsys.readouterr().err.strip()
+    assert "nope" in err and len(err.splitlines()) == 1

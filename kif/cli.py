@@ -351,8 +351,8 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
-    table = Table(title=f"kif erase --method {args.method}: {len(names)} people in "
-                        f"{seconds:.1f} s")
+    who = f"{len(names)} {'person' if len(names) == 1 else 'people'}"
+    table = Table(title=f"kif erase --method {args.method}: {who} in {seconds:.1f} s")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in report.items():

@@ -67,28 +67,18 @@ def gradient_ascent(model, probes, *, target_acc: float, lr: float = 5e-6, batch
                     max_steps: int = 400, check_every: int = 5, seed: int = 0):
     """Gradient ascent on the answers of `probes` (a deep copy), stopped once their greedy
     accuracy is at most `target_acc` (e.g. the oracle's forget accuracy)."""
-    m = copy.deepcopy(model)
-    for p in m.parameters():
-        p.requires_grad_(True)
-    p_ids = metrics.encode_prompts(m, [p.prompt for p in probes])
-    a_ids = metrics.encode_answers(m, [p.answer for p in probes])
-    seqs = [p + a for p, a in zip(p_ids, a_ids)]
+    from kif.meter.probes.relearning import answer_nll, answer_rows, freeze, trainable_copy
+
+    m = trainable_copy(model)
+    rows = answer_rows(m, probes)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
     steps = 0
     acc = 1.0
     while steps < max_steps:
         with torch.enable_grad():
-            idx = torch.randint(len(seqs), (batch,), generator=g).tolist()
-            tokens, _ = metrics._padded(m, [seqs[i] for i in idx])
-            target = torch.full_like(tokens, -100)
-            for r, i in enumerate(idx):
-                lo = len(p_ids[i])
-                target[r, lo - 1: lo - 1 + len(a_ids[i])] = torch.tensor(a_ids[i])
-            logits = m(tokens, return_type="logits", padding_side="right")
-            loss = -torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                ignore_index=-100)
+            idx = torch.randint(len(rows[0]), (batch,), generator=g).tolist()
+            loss = -answer_nll(m, rows, idx)  # ascend the answers' cross-entropy
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -98,9 +88,7 @@ def gradient_ascent(model, probes, *, target_acc: float, lr: float = 5e-6, batch
                                                       [p.answer for p in probes]).correct))
             if acc <= target_acc:
                 break
-    for p in m.parameters():
-        p.requires_grad_(False)
-    m.eval()
+    freeze(m)
     m.kif_name = f"{getattr(model, 'kif_name', 'model')}+ga(lr={lr:g},steps={steps})"
     m.kif_ga = {"steps": steps, "lr": lr, "forget_acc": acc}
     return m

@@ -50,37 +50,59 @@ def split_facts(probes) -> tuple[list, list]:
     return a, b
 
 
-def relearn(model, probes, *, steps: int = STEPS, batch: int = BATCH, lr: float = LR,
-            seed: int = 0, bar=None):
-    """A deep copy of `model` fine-tuned on the answers of `probes` (answer-token cross-entropy)."""
+def trainable_copy(model):
+    """A deep copy of `model` with every weight trainable (the attacks never touch the input)."""
     m = copy.deepcopy(model)
     for p in m.parameters():
         p.requires_grad_(True)
-    p_ids = metrics.encode_prompts(m, [p.prompt for p in probes])
-    a_ids = metrics.encode_answers(m, [p.answer for p in probes])
-    seqs = [p + a for p, a in zip(p_ids, a_ids)]
+    return m
+
+
+def freeze(m):
+    """`m` back to inference: no weight trainable, eval mode."""
+    for p in m.parameters():
+        p.requires_grad_(False)
+    m.eval()
+    return m
+
+
+def answer_rows(model, probes) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Token ids of [BOS] + prompt + answer per probe, with the prompt's and the answer's ids."""
+    p_ids = metrics.encode_prompts(model, [p.prompt for p in probes])
+    a_ids = metrics.encode_answers(model, [p.answer for p in probes])
+    return [p + a for p, a in zip(p_ids, a_ids)], p_ids, a_ids
+
+
+def answer_nll(m, rows, idx: list[int]):
+    """Mean cross-entropy of the answer tokens of rows `idx` (prompt tokens are not scored)."""
+    seqs, p_ids, a_ids = rows
+    tokens, _ = metrics._padded(m, [seqs[i] for i in idx])
+    target = torch.full_like(tokens, -100)
+    for r, i in enumerate(idx):
+        lo = len(p_ids[i])
+        target[r, lo - 1: lo - 1 + len(a_ids[i])] = torch.tensor(a_ids[i])
+    logits = m(tokens, return_type="logits", padding_side="right")
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             target.reshape(-1), ignore_index=-100)
+
+
+def relearn(model, probes, *, steps: int = STEPS, batch: int = BATCH, lr: float = LR,
+            seed: int = 0, bar=None):
+    """A deep copy of `model` fine-tuned on the answers of `probes` (answer-token cross-entropy)."""
+    m = trainable_copy(model)
+    rows = answer_rows(m, probes)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
     with torch.enable_grad():
         for _ in range(steps):
-            idx = torch.randint(len(seqs), (min(batch, len(seqs)),), generator=g).tolist()
-            tokens, _ = metrics._padded(m, [seqs[i] for i in idx])
-            target = torch.full_like(tokens, -100)
-            for r, i in enumerate(idx):
-                lo = len(p_ids[i])
-                target[r, lo - 1: lo - 1 + len(a_ids[i])] = torch.tensor(a_ids[i])
-            logits = m(tokens, return_type="logits", padding_side="right")
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                     target.reshape(-1), ignore_index=-100)
+            idx = torch.randint(len(rows[0]), (min(batch, len(rows[0])),), generator=g).tolist()
+            loss = answer_nll(m, rows, idx)
             opt.zero_grad()
             loss.backward()
             opt.step()
             if bar is not None:
                 bar.advance()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    m.eval()
-    return m
+    return freeze(m)
 
 
 def _attack(audit, role: str, shown, measured, tag: str) -> np.ndarray:

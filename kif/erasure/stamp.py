@@ -202,8 +202,9 @@ def stamp(model, concept, world, cfg: StampConfig, *, progress: bool = False,
         # the retain statistics: every known person and shared fact (cached per model and layer,
         # like ROME/MEMIT's layer statistics) minus the concept's own rows
         own = set(concept.subjects)
-        rows = world.person_probes(world.known(), "train") + world.shared_probes("train")
-        mine = [p for p in world.person_probes(world.known(), "train") if p.subject in own]
+        people = world.person_probes(world.known(), "train")
+        rows = people + world.shared_probes("train")
+        mine = [p for p in people if p.subject in own]
         moments = (key_moments(model, [p.prompt for p in rows], [p.answer for p in rows], key,
                                cfg.token_weight, cache=cfg.cache)
                    - key_moments(model, [p.prompt for p in mine], [p.answer for p in mine], key,

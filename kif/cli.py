@@ -177,7 +177,7 @@ def _cmd_bench_signatures(args: argparse.Namespace) -> int:
 
     world = FactWorld.generate(args.seed)
     model = models.load(args.model)
-    people = bench_people(world, args.concepts)
+    people = bench_people(world, args.concepts, args.people_seed)
     if args.unit_speed:  # the per-prompt / per-fact figures, not the causality table
         r = {k: round(v, 4) for k, v in unit_speeds(model, world, people).items()}
         if args.json:
@@ -464,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsig.add_argument("--unit-speed", action="store_true",
                       help="time causal tracing of one prompt and knowledge neurons of one fact")
     bsig.add_argument("--seed", type=int, default=0)
+    bsig.add_argument("--people-seed", type=int, default=1234,
+                      help="draw of the benchmark people (default 1234; another seed gives a fresh, held-out draw)")
     bsig.add_argument("--json", action="store_true")
     bsig.set_defaults(func=_cmd_bench_signatures)
     bst = bs.add_parser("stamp", help="STAMP-LR vs the full solve on synthetic keys")

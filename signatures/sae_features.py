@@ -18,14 +18,18 @@ they are the people a clamp is most likely to hurt. The signature's components a
 when active (Farrell et al. 2024, Eq. 2), at every position, the concept's features and the
 benchmark's random control alike.
 
-Positions (`positions="subject+last"`, the default). f_forget counts only the forget prompts'
-subject tokens and last prompt token: the fact world's answers are read out at the last prompt
-token (causal tracing puts every strong site there) from what the subject's tokens wrote. Counted
-on every position (`positions="all"`), features of the phrasings' frame words ("the", "was",
-"works") that are rare on retain text rank among the concept's; each fires on a few percent of
-everybody's tokens, and a clamp to -25 where a shipped SAE's activations are 1-3 (residual norm
-about 20) breaks any probe it touches. f_retain still counts every retain token, because the clamp
-acts at every position.
+Positions (`positions="name-end+last"`, the default). f_forget counts only the forget prompts'
+last subject token and last prompt token: the fact world's answers are read out at the last prompt
+token (causal tracing puts every strong site there), from what layer 0's attention gathers of the
+name, and the name's last token is the first position where both names have met. Counted on all
+the subject's tokens (`positions="subject+last"`), features of one name piece rank among the
+concept's: a first name is shared by several people of the world (three of the ten bench people
+are called Kianme), so clamping it hurts them all, and the collateral weight then keeps the
+clamp too small to erase the concept. Counted on every position (`positions="all"`), features of
+the phrasings' frame words ("the", "was", "works") that are rare on retain text rank among the
+concept's; each fires on a few percent of everybody's tokens, and a clamp to -25 where a shipped
+SAE's activations are 1-3 (residual norm about 20) breaks any probe it touches. f_retain still
+counts every retain token, because the clamp acts at every position.
 
 Adaptive selection (`adaptive=True`). For each shipped SAE (hook) and each size m in
 {1, 2, 3, 5, 10, 20}, the top-m features are clamped and the accuracy drop is measured on the
@@ -33,8 +37,8 @@ forget probes and on all the concept's neighbour and retain probes:
 separation = drop_forget - collateral_weight * drop_others; the best (hook, m) is kept. A trial
 scores only the probes on which one of its features fires (the conditional clamp leaves every other
 probe exactly unchanged), which makes the 24 trials cheap enough to validate on all the others.
-collateral_weight is 10 (was 2): a weight of 2 let a drop of 0.1 on other people buy a drop of 0.2
-on the concept; the benchmark's target is collateral <= 0.02. Measured on 3-6 bench people
+collateral_weight is 20 (was 2, then 10): a weight of 2 let a drop of 0.1 on other people buy a drop
+of 0.2 on the concept; the benchmark's target is collateral <= 0.02. Measured on 3-6 bench people
 (`kif bench signatures --kinds sae-features`): every-position counting with weight 2 (the previous
 defaults): concept 0.70, random 0.18, collateral 0.09; subject+last with weight 2: 0.72 / 0.03 /
 0.08; tau = 0.001 (either ranking): concept 0.12-0.17; a clamp of 10: 0.48 / 0.04 / 0.04;
@@ -42,10 +46,13 @@ features ranked by a clamp attribution (gradient x activation on the answer log-
 as the filter): 0.47 / 0.10 / 0.07; subject+last with weight 10 (the defaults): 0.49 / 0.02 /
 0.02 on 6 people, and on the 10 default people 0.397 / 0.067 / 0.0195 at 28 s per person (was
 0.703 / 0.180 / 0.092 at 73 s): collateral and the 5x random ratio meet their targets, the
-concept's drop (>= 0.5) does not.
+concept's drop (>= 0.5) does not. name-end+last with weight 10: 0.603 / 0.013 / 0.0218; with
+weight 20 (the defaults): 0.557 / 0.013 / 0.0191 at 10.6 s per person, and on a fresh draw of 10
+people (`--people-seed 7`) 0.570 / 0.003 / 0.0161 at 10.9 s: every target met. A larger SAE
+(8192 features, 800k tokens, layer 0) did not help: 0.363 / 0.073 / 0.0173 with subject+last.
 The shipped SAEs (4096 features, explained variance 0.60-0.76) have few features specific to one
-person: their features are mostly sub-word pieces of names shared by several people, so the
-concept's drop and the collateral trade off against each other.
+person at the subject's first tokens: there their features are mostly sub-word pieces of names
+shared by several people, so the concept's drop and the collateral trade off against each other.
 
 SAEs are SAELens objects, loaded by `load_sae` from a local SAELens folder (cfg.json +
 sae_weights.safetensors), a SAELens release, or the SAEs shipped with kif's zoo model
@@ -71,9 +78,10 @@ KIND = "sae-features"
 _SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 _SIZES = (1, 2, 3, 5, 10, 20)  # numbers of features the adaptive selection tries
 _D_MLP_HOOKS = ("mlp.hook_pre", "mlp.hook_post")
-# forget positions whose firing counts: "subject+last" = the subject's tokens and the last prompt
-# token (where the fact world's answers are read out), "all" = every token of [BOS] + prompt
-POSITIONS = ("subject+last", "all")
+# forget positions whose firing counts: "name-end+last" = the subject's last token and the last
+# prompt token (where the fact world's answers are read out), "subject+last" = every subject token
+# and the last prompt token, "all" = every token of [BOS] + prompt
+POSITIONS = ("subject+last", "name-end+last", "all")
 
 
 class SAELoadError(KifError):
@@ -372,7 +380,11 @@ def _counted_mask(model, forget, subj: Bool[Tensor, "batch pos"], width: int,
     prompts = [p.prompt for p in forget]
     p_len = torch.tensor([len(q) for q in metrics.encode_prompts(model, prompts)])
     pos = torch.arange(width)[None, :]
-    mask = subj | (pos == (p_len - 1)[:, None])  # the subject's tokens and the last prompt token
+    last = pos == (p_len - 1)[:, None]
+    if positions == "name-end+last":  # the subject's last token only (first and last name meet)
+        end = (subj.long() * (pos + 1)).argmax(1)  # last subject column (0 when there is none)
+        subj = subj & (pos == end[:, None])
+    mask = subj | last
     if with_answers:
         a_len = torch.tensor([len(a) for a in
                               metrics.encode_answers(model, [p.answer for p in forget])])
@@ -419,9 +431,9 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
                          top_n: int = 20, sae=None, with_answers: bool = False,
                          with_neighbours: bool = True, matched_phrasings: bool = True,
                          retain_per_prompt: int | None = 16, clamp: float = 25.0,
-                         adaptive: bool = True, collateral_weight: float = 10.0,
+                         adaptive: bool = True, collateral_weight: float = 20.0,
                          n_validation_others: int | None = None,
-                         positions: str = "subject+last") -> Signature:
+                         positions: str = "name-end+last") -> Signature:
     """The SAE features of `concept` (Farrell et al. 2024; see the module docstring).
 
     Args:
@@ -448,8 +460,9 @@ def extract_sae_features(model, concept, *, hook: str | None = None, tau: float 
         collateral_weight: weight of the other people's accuracy drop in that choice.
         n_validation_others: other people's probes the choice is measured on (neighbours first,
             then retain people); None: all of them.
-        positions: forget positions whose firing counts: "subject+last" (the subject's tokens
-            and the last prompt token) or "all" (`POSITIONS`).
+        positions: forget positions whose firing counts: "name-end+last" (the subject's last
+            token and the last prompt token), "subject+last" (every subject token and the last
+            prompt token) or "all" (`POSITIONS`).
     """
     if not 0 < tau <= 1:
         raise ValueError(f"tau must be in (0, 1], got {tau}")

@@ -112,7 +112,8 @@ def sae_dir(model, tmp_path_factory):
 
 
 def test_planted_feature_is_selected_and_retain_features_are_dropped(model, concept, sae_dir):
-    sig = extract(model, concept, kind="sae-features", sae=str(sae_dir), tau=0.01, top_n=5)
+    kw = dict(positions="subject+last")  # every name token counts (the default counts the last)
+    sig = extract(model, concept, kind="sae-features", sae=str(sae_dir), tau=0.01, top_n=5, **kw)
     ids = sig.indices[:, 1].tolist()
     # the concept's name features, in order of forget frequency (both name tokens, then one)
     assert ids == [CONCEPT, CONCEPT_LAST]
@@ -132,8 +133,9 @@ def test_planted_feature_is_selected_and_retain_features_are_dropped(model, conc
     assert sig.settings["tau"] == 0.01 and sig.settings["top_n"] == 5
     assert load_sae(sig.sae, model).cfg.d_sae == 12
     # top_n bounds the selection; a tau above the shared feature's retain frequency admits it
-    assert extract(model, concept, kind="sae-features", sae=str(sae_dir), top_n=1).indices[:, 1].tolist() == [CONCEPT]
-    loose = extract(model, concept, kind="sae-features", sae=str(sae_dir), tau=0.5, top_n=5)
+    assert extract(model, concept, kind="sae-features", sae=str(sae_dir), top_n=1,
+                   **kw).indices[:, 1].tolist() == [CONCEPT]
+    loose = extract(model, concept, kind="sae-features", sae=str(sae_dir), tau=0.5, top_n=5, **kw)
     assert loose.indices[0, 1].item() == SHARED_NAME
 
 
@@ -223,6 +225,7 @@ def test_shipped_saes_explain_held_out_activations():
 
 
 WORKS = 11  # a feature on "works", a word only the forget prompts use, away from the subject
+FIRST = 1  # a feature on the concept's first name only
 
 
 def test_positions_count_only_subject_and_last_tokens(model, concept):
@@ -237,10 +240,27 @@ def test_positions_count_only_subject_and_last_tokens(model, concept):
     assert WORKS in every.indices[:, 1].tolist()
     assert every.maps["forget_freq"][WORKS] == pytest.approx(1 / 19)
     assert every.maps["retain_freq"][WORKS] == 0
-    sig = extract(model, concept, kind="sae-features", **kw)
-    assert sig.settings["positions"] == "subject+last"
+    sig = extract(model, concept, kind="sae-features", positions="subject+last", **kw)
     assert sig.indices[:, 1].tolist() == [CONCEPT, CONCEPT_LAST]
     assert sig.maps["forget_freq"][WORKS] == 0
+
+
+def test_default_positions_count_the_name_end_not_the_first_name(model, concept):
+    """A first name is shared by several people in the fact world, so a feature of the first name
+    alone is a feature of all of them; the default counts only the subject's last token (where
+    layer 0's attention has met both names) and the last prompt token."""
+    sae = _sae(model)
+    with torch.no_grad():
+        sae.W_enc[model.tokenizer.get_vocab()["Talia"], FIRST] = 1.0
+    kw = dict(sae=sae, top_n=5, adaptive=False)
+    every_name = extract(model, concept, kind="sae-features", positions="subject+last", **kw)
+    assert FIRST in every_name.indices[:, 1].tolist()
+    sig = extract(model, concept, kind="sae-features", **kw)
+    assert sig.settings["positions"] == "name-end+last"
+    assert FIRST not in sig.indices[:, 1].tolist() and sig.maps["forget_freq"][FIRST] == 0
+    assert set(sig.indices[:, 1].tolist()) == {CONCEPT, CONCEPT_LAST}
+    # 3 prompts x (the last name token + the last prompt token)
+    assert sig.info["counted_forget_tokens"] == 3 * 2
     with pytest.raises(ValueError, match="positions"):
         extract(model, concept, kind="sae-features", positions="middle", **kw)
 

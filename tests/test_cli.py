@@ -120,3 +120,20 @@ def test_bench_methods_prints_rows_in_both_formats(capsys, monkeypatch):
     assert main(["bench", "methods", "--methods", "nope"]) == 2  # outside the registry
     err = capsys.readouterr().err.strip()
     assert "nope" in err and len(err.splitlines()) == 1
+
+
+def test_bench_signatures_people_seed_draws_other_people(capsys, monkeypatch):
+    """--people-seed picks the benchmark's people (a held-out draw); the measurement is faked."""
+    from kif.signatures import bench
+
+    drawn = []
+
+    def fake(model, world, kind, people, k, sae_loader=None, **_):
+        drawn.append(tuple(p.name for p in people))
+        return bench.CausalityResult(kind, k, drawn[-1], 0.5, 0.0, 0.0, 1.0, ())
+
+    monkeypatch.setattr(bench, "causality", fake)
+    argv = ["bench", "signatures", "--kinds", "concept-vectors", "--concepts", "3", "--json"]
+    assert main(argv) == 0 and main(argv + ["--people-seed", "7"]) == 0
+    assert main(argv + ["--people-seed", "7"]) == 0
+    assert len(set(drawn[0])) == 3 and drawn[1] == drawn[2] and set(drawn[0]) != set(drawn[1])

@@ -228,14 +228,19 @@ WORKS = 11  # a feature on "works", a word only the forget prompts use, away fro
 FIRST = 1  # a feature on the concept's first name only
 
 
+def _planted_kw(model, word: str, feature: int) -> dict:
+    """Non-adaptive extraction settings with the hand-built SAE plus `feature` firing on `word`."""
+    sae = _sae(model)
+    with torch.no_grad():
+        sae.W_enc[model.tokenizer.get_vocab()[word], feature] = 1.0
+    return dict(sae=sae, top_n=5, adaptive=False)
+
+
 def test_positions_count_only_subject_and_last_tokens(model, concept):
     """A feature that never fires on retain text but fires in the middle of a forget prompt
     ("works") passes Farrell et al.'s filter when every position counts; counted only at the
     subject's tokens and the last prompt token it has no forget frequency and is not selected."""
-    sae = _sae(model)
-    with torch.no_grad():
-        sae.W_enc[model.tokenizer.get_vocab()["works"], WORKS] = 1.0
-    kw = dict(sae=sae, top_n=5, adaptive=False)
+    kw = _planted_kw(model, "works", WORKS)
     every = extract(model, concept, kind="sae-features", positions="all", **kw)
     assert WORKS in every.indices[:, 1].tolist()
     assert every.maps["forget_freq"][WORKS] == pytest.approx(1 / 19)
@@ -249,10 +254,7 @@ def test_default_positions_count_the_name_end_not_the_first_name(model, concept)
     """A first name is shared by several people in the fact world, so a feature of the first name
     alone is a feature of all of them; the default counts only the subject's last token (where
     layer 0's attention has met both names) and the last prompt token."""
-    sae = _sae(model)
-    with torch.no_grad():
-        sae.W_enc[model.tokenizer.get_vocab()["Talia"], FIRST] = 1.0
-    kw = dict(sae=sae, top_n=5, adaptive=False)
+    kw = _planted_kw(model, "Talia", FIRST)
     every_name = extract(model, concept, kind="sae-features", positions="subject+last", **kw)
     assert FIRST in every_name.indices[:, 1].tolist()
     sig = extract(model, concept, kind="sae-features", **kw)

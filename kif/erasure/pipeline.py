@@ -47,8 +47,10 @@ measured on forget10:
   beta 0.5 saturates early (FQ 0.005); beta 0.25 lands between;
 - the representation and signature losses remove the capsule's signature (z 11 -> -0.6) but take
   other people's facts with them (retain accuracy 0.03-0.16), since the signature lives in
-  layer 0's attention, which every name goes through. They are off by default, so `kif` does
-  not remove the signature itself (its capsule z stays near 11).
+  layer 0's attention, which every name goes through. With the NPO defaults a signature weight
+  of 0.05 still takes z to 2.3 and retain to 0.66-0.90 (0.5: z 0.1, retain 0.34-0.61), and no
+  such checkpoint moves the never-knew p above 0. They are off by default, so `kif` does not
+  remove the signature itself (its capsule z stays near 11).
 
 The result is a weight delta stored as LoRA factors: reversible, no hooks at inference.
 """

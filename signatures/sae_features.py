@@ -43,7 +43,7 @@ of 0.2 on the concept; the benchmark's target is collateral <= 0.02. Measured on
 defaults): concept 0.70, random 0.18, collateral 0.09; subject+last with weight 2: 0.72 / 0.03 /
 0.08; tau = 0.001 (either ranking): concept 0.12-0.17; a clamp of 10: 0.48 / 0.04 / 0.04;
 features ranked by a clamp attribution (gradient x activation on the answer log-prob, frequency
-as the filter): 0.47 / 0.10 / 0.07; subject+last with weight 10 (the defaults): 0.49 / 0.02 /
+as the filter): 0.47 / 0.10 / 0.07; subject+last with weight 10 (the previous defaults): 0.49 / 0.02 /
 0.02 on 6 people, and on the 10 default people 0.397 / 0.067 / 0.0195 at 28 s per person (was
 0.703 / 0.180 / 0.092 at 73 s): collateral and the 5x random ratio meet their targets, the
 concept's drop (>= 0.5) does not. name-end+last with weight 10: 0.603 / 0.013 / 0.0218; with
@@ -561,8 +561,8 @@ def _clamp_separation(model, concept, rows: list[dict[str, Any]], clamp: float,
                       sizes: Sequence[int], collateral_weight: float, others: list) -> None:
     """For each candidate hook and each number m in `sizes`, clamp the top-m selected features to
     -`clamp` when active (Farrell et al. 2024, Eq. 2) and measure the accuracy drop on the
-    concept's forget probes and on `n_others` probes of other people (neighbours first, then
-    retain people; None: all of them): separation = drop_forget - collateral_weight * drop_others.
+    concept's forget probes and on `others` (other people's probes, `_validation_others`):
+    separation = drop_forget - collateral_weight * drop_others.
     Sets each row's best m (`n_best`), its separation and all trials.
 
     The clamp changes a probe only where a selected feature is active on one of its tokens (rows

@@ -128,7 +128,7 @@ class _Pair:
     start_real: int  # position of the last name token (first position whose output we match)
     start_anon: int
     n: int  # number of matched positions
-    n_answer: int = 0  # answer tokens (the last n_answer of `real`)
+    n_answer: int  # answer tokens (the last n_answer of `real`)
 
 
 def _pairs(model, probes, names_for: dict[str, list[str]], rng: random.Random) -> list[_Pair]:
@@ -265,22 +265,19 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
         with timer.section("stamp"):
             start = stamp(model, concept, world, StampConfig(), base_spec=base_spec)
             start.apply(student)
-    # NPO's reference: the base model's answer log-probabilities given no refusal
+    # NPO's reference, the base model's answer log-probabilities given no refusal, and the
+    # refusal mass the start gives each matched position (the update keeps it)
+    ref_lp, a_unk = [], []
     with torch.no_grad():
-        ref_lp = torch.cat([
-            _answer_rest_lp(model(_pad(model, [p.real for p in pairs[s:s + 256]]),
-                                  padding_side="right"), pairs[s:s + 256], unk)
-            for s in range(0, len(pairs), 256)])
-    # the refusal mass the start gives each matched position: the update keeps it
-    with torch.no_grad():
-        a_unk = []
         for s in range(0, len(pairs), 256):
             chunk = pairs[s:s + 256]
-            logits = student(_pad(model, [p.real for p in chunk]), padding_side="right")
-            lp = F.log_softmax(_gather(logits, [p.start_real for p in chunk],
+            tokens = _pad(model, [p.real for p in chunk])
+            ref_lp.append(_answer_rest_lp(model(tokens, padding_side="right"), chunk, unk))
+            lp = F.log_softmax(_gather(student(tokens, padding_side="right"),
+                                       [p.start_real for p in chunk],
                                        [p.n for p in chunk]).float(), -1)
             a_unk.append(lp[:, unk].exp())
-        a_unk_all = torch.cat(a_unk).clamp(1e-6, 1 - 1e-6)
+    ref_lp, a_unk_all = torch.cat(ref_lp), torch.cat(a_unk).clamp(1e-6, 1 - 1e-6)
     # 3b. the update: LoRA on every weight matrix of `layers`
     for p in student.parameters():
         p.requires_grad_(False)

@@ -64,11 +64,19 @@ def _truth_ratio_probes(world: FactWorld, probes: Sequence[Probe], seed: int) ->
 def truth_ratios(model: HookedTransformer, world: FactWorld, probes: Sequence[Probe],
                  fwd_hooks=(), seed: int = 0) -> np.ndarray:
     """TOFU truth ratio per probe: geometric mean P(perturbed) / P(true), P length-normalised."""
+    return truth_ratios_and_correct(model, world, probes, fwd_hooks, seed)[0]
+
+
+def truth_ratios_and_correct(model: HookedTransformer, world: FactWorld, probes: Sequence[Probe],
+                             fwd_hooks=(), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`truth_ratios` and, from the same batched pass, whether each probe's own answer is the
+    model's greedy one (its accuracy, as `metrics.score_answers(...).correct`)."""
     expanded = _truth_ratio_probes(world, probes, seed)
     s = metrics.score_answers(model, [p.prompt for p in expanded], [p.answer for p in expanded],
                               fwd_hooks=fwd_hooks)
     prob = np.asarray(s.prob, dtype=np.float64).reshape(len(probes), 1 + N_PERTURBED)
-    return np.asarray(metrics.truth_ratio(prob[:, 0], prob[:, 1:]), dtype=np.float64)
+    correct = np.asarray(s.correct, dtype=bool).reshape(len(probes), 1 + N_PERTURBED)[:, 0]
+    return np.asarray(metrics.truth_ratio(prob[:, 0], prob[:, 1:]), dtype=np.float64), correct
 
 
 def _acc(model, probes: Sequence[Probe], fwd_hooks) -> tuple[float, metrics.AnswerScores]:

@@ -141,6 +141,9 @@ def test_kif_pipeline_erases_toward_the_never_knew_model(model, world, others):
     # that keep other people's facts; the closed-form start is step 0
     assert e.info["never_knew_p"] > hist[0]["never_knew_p"]
     assert e.info["best_step"] > 0
+    # and the representation no longer carries the person: the capsule built on the base (whose
+    # gate opens at z > 3 on the person's prompts) stays shut on the erased model
+    assert e.info["capsule"]["forget_z_median"] > 3.0 > e.info["capsule_z_median"]
 
 
 def test_kif_refuses_an_unknown_forget_loss(model, world):
@@ -290,3 +293,49 @@ def test_key_moments_cache_is_keyed_on_upstream_weights_and_data(model, world, m
     with caplog.at_level("WARNING"):
         healed = stats.key_moments(model, *args)
     assert "unreadable" in caplog.text and torch.equal(healed.gram, first.gram)
+
+
+def test_unbind_removes_the_signature_and_keeps_other_people(model, world, others):
+    from kif.concepts import Concept
+    from kif.erasure.pipeline import _capsule_z
+    from kif.erasure.suppress import SuppressConfig, build_capsule
+    from kif.erasure.unbind import UnbindConfig, sites, unbind_delta
+
+    hook = "blocks.0.hook_resid_mid"
+    concept = Concept.from_world(world, [PERSON])
+    ops, _ = build_capsule(model, world, concept, hook, SuppressConfig(hook=hook))
+    before = _capsule_z(model, concept, ops)
+    param, dw, info = unbind_delta(model, world, concept, ops, UnbindConfig())
+    assert param == "blocks.0.attn.W_O" and info["key_hook"] == "blocks.0.attn.hook_z"
+    w = dict(model.named_parameters())[param]
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.add_(dw)
+        after = _capsule_z(model, concept, ops)
+        # the capsule's gate (tau = 3) would open on the person before and not after
+        assert before > 3.0 > after
+        assert _acc(model, others) >= 0.95
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert sites("blocks.2.hook_resid_post") == ("blocks.2.mlp.hook_post", "blocks.2.mlp.W_out")
+    with pytest.raises(ErasureError, match="hook_resid_mid"):
+        sites("blocks.0.attn.hook_z")
+
+
+def test_attention_key_statistics_are_keyed_on_what_runs_before_the_heads(model, world):
+    from kif.erasure import stats
+
+    hook = "blocks.0.attn.hook_z"
+    up = stats.upstream_parameters(model, hook)
+    assert "blocks.0.attn.W_V" in up and "blocks.0.ln1.w" in up
+    assert not {"blocks.0.attn.W_O", "blocks.0.attn.b_O", "blocks.0.mlp.W_in"} & set(up)
+    probes = world.person_probes([world.person(PERSON)], "train")
+    got = stats.key_moments(model, [p.prompt for p in probes], [p.answer for p in probes], hook,
+                            0.0, cache=False)
+    from kif.erasure.keys import last_token_states
+
+    k = last_token_states(model, [p.prompt for p in probes], [hook])[hook].reshape(len(probes), -1)
+    assert got.gram.shape == (stats.key_dim(model, hook),) * 2
+    torch.testing.assert_close(got.gram, k.double().T @ k.double(), rtol=1e-4, atol=1e-4)

@@ -23,7 +23,8 @@ def _batches(n: int, size: int) -> list[range]:
 def last_token_states(model, prompts: Sequence[str], hooks: Sequence[str], batch_size: int = 512
                       ) -> dict[str, Float[Tensor, "n d"]]:
     """Each prompt's activation at each hook at its last token (float32, CPU), from right-padded
-    batched forwards stopped after the deepest hook's layer."""
+    batched forwards stopped after the deepest hook's layer; per-head hooks (`attn.hook_z`) come
+    with their heads concatenated."""
     ids = metrics.encode_prompts(model, list(prompts))
     names = set(hooks)
     stop = max(int(h.split(".")[1]) for h in hooks) + 1
@@ -36,7 +37,7 @@ def last_token_states(model, prompts: Sequence[str], hooks: Sequence[str], batch
         rows = torch.arange(len(chunk), device=tokens.device)
         last = (lengths - 1).to(tokens.device)
         for h in hooks:
-            out[h].append(cache[h][rows, last].float().cpu())
+            out[h].append(cache[h][rows, last].reshape(len(chunk), -1).float().cpu())
     return {h: torch.cat(v) if v else torch.zeros(0) for h, v in out.items()}
 
 

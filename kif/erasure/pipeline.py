@@ -89,20 +89,24 @@ class KifConfig:
     # the representation and signature losses are off: at any weight that moved the signature
     # they took other people's facts with it (module docstring)
     w_repr: float = 0.0
-    w_retain: float = 20.0
+    w_retain: float = 40.0
     w_signature: float = 0.0  # push the capsule's z-score on forget tokens below zero
     surface_target: float = 0.05  # forget accuracy (training phrasings) to reach
     latent_target: float = 3.0  # capsule z (median over forget prompts) to fall below (= tau)
     never_knew_target: float = 0.5  # KS p-value vs the never-knew truth ratios that ends training
     retain_tolerance: float = 0.02  # a checkpoint may lose at most this retain accuracy
     signature_hook: str = "blocks.0.hook_resid_mid"
+    unbind: bool = True  # remove the signature in closed form first (kif.erasure.unbind)
+    unbind_weight: float = 10.0  # its forget rows' weight against the retain keys
     stamp_start: bool = True  # begin from the STAMP edit (closed form) instead of the base
     forget_loss: str = "npo"  # one of FORGET_LOSSES
     npo_beta: float = 0.25  # NPO saturates at log-ratio ~ -2/beta: about ln(#candidates) per token
+    n_choices: int = 8  # wrong answers of the relation per fact and step for the "match" loss
+    w_npo: float = 0.0  # NPO added to the "match" loss
     seed: int = 0
 
 
-FORGET_LOSSES = ("npo", "kl")
+FORGET_LOSSES = ("npo", "kl", "match")
 
 
 def fresh_names(world, n: int, seed: int) -> list[str]:
@@ -129,6 +133,7 @@ class _Pair:
     start_anon: int
     n: int  # number of matched positions
     n_answer: int  # answer tokens (the last n_answer of `real`)
+    relation: str
 
 
 def _pairs(model, probes, names_for: dict[str, list[str]], rng: random.Random) -> list[_Pair]:
@@ -147,7 +152,7 @@ def _pairs(model, probes, names_for: dict[str, list[str]], rng: random.Random) -
             continue  # BPE merged across the name boundary: no clean alignment
         n_answer = len(metrics.encode_answers(model, [p.answer])[0])
         out.append(_Pair(subjects.index(p.subject), ids_r[0], ids_a[0], len(ids_r[1]) - 1,
-                         len(ids_a[1]) - 1, len(tail_r), n_answer))
+                         len(ids_a[1]) - 1, len(tail_r), n_answer, p.relation))
     return out
 
 
@@ -259,12 +264,21 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
     # never-knew side in one solve (the distillation below is slow to get there alone)
     student = copy.deepcopy(model)
     start = None
+    unbound = None
+    if cfg.unbind:
+        from kif.erasure.unbind import UnbindConfig, unbind_delta
+
+        with timer.section("unbind"):
+            unbound, dw, unbind_info = unbind_delta(model, world, concept, ops,
+                                                       UnbindConfig(forget_weight=cfg.unbind_weight))
+            with torch.no_grad():
+                dict(student.named_parameters())[unbound].add_(dw.to(model.cfg.dtype))
     if cfg.stamp_start:
         from kif.erasure.stamp import StampConfig, stamp
 
         with timer.section("stamp"):
             start = stamp(model, concept, world, StampConfig(), base_spec=base_spec)
-            start.apply(student)
+            start.apply(student, check=False)  # computed on the base; the student may be unbound
     # NPO's reference, the base model's answer log-probabilities given no refusal, and the
     # refusal mass the start gives each matched position (the update keeps it)
     ref_lp, a_unk = [], []
@@ -289,10 +303,10 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
         parametrize.register_parametrization(mod, attr, lora, unsafe=True)
         loras[name] = lora
     params = [p for l in loras.values() for p in l.parameters()]
+    choice_ids = {r: metrics.encode_answers(model, world.answer_choices(r))
+                  for r in {p.relation for p in pairs}}
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     history: list[dict[str, Any]] = []
-    forget_prompts = [p.prompt for p in concept.forget]
-    forget_answers = [p.answer for p in concept.forget]
     # other people's facts, one phrasing each, for the retain check of every checkpoint
     check = world.person_probes(others[::max(1, len(others) // 40)], "train", [0])
     check_prompts, check_answers = [p.prompt for p in check], [p.answer for p in check]
@@ -302,9 +316,8 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
 
     def criteria() -> dict[str, float]:
         with torch.no_grad():
-            surf = float(metrics.score_answers(student, forget_prompts, forget_answers).correct.mean())
+            p, surf = never_knew_check(student, world, select_probes, tr_never)
             kept = float(metrics.score_answers(student, check_prompts, check_answers).correct.mean())
-            p = never_knew_p(student, world, select_probes, tr_never)
             return {"forget_acc": surf, "retain_acc": kept,
                     "capsule_z_median": _capsule_z(student, concept, ops), "never_knew_p": p}
 
@@ -364,6 +377,22 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
                 kl_unk = a * (a / p).log() + (1 - a) * ((1 - a) / (1 - p)).log()
                 loss_f = (2.0 / cfg.npo_beta * F.softplus(cfg.npo_beta * ratio).mean()
                           + kl_unk.sum() / len(chunk))
+            elif cfg.forget_loss == "match":
+                # the answer slot as a model that never met the person sees it: per fact, the
+                # length-normalised log-probabilities of the true answer and sampled wrong answers
+                # of the relation, centred, matched to the base model's on the fresh-name prompt
+                sets = [_candidate_set(p, choice_ids, cfg.n_choices, rng) for p in chunk]
+                s_c = _choice_lp(student, [p.real[:len(p.real) - p.n_answer] for p in chunk], sets)
+                with torch.no_grad():
+                    t_c = _choice_lp(model, [p.anon[:len(p.anon) - p.n_answer] for p in chunk], sets)
+                d = (s_c - s_c.mean(1, keepdim=True)) - (t_c - t_c.mean(1, keepdim=True))
+                p = s_logp[:, unk].exp().clamp(1e-6, 1 - 1e-6)
+                a = a_unk_all[rows]
+                kl_unk = a * (a / p).log() + (1 - a) * ((1 - a) / (1 - p)).log()
+                loss_f = F.smooth_l1_loss(d[:, 0], torch.zeros_like(d[:, 0])) + kl_unk.sum() / len(chunk)
+                if cfg.w_npo:
+                    ratio = _answer_rest_lp(logits, chunk, unk) - ref_lp[idx]
+                    loss_f = loss_f + cfg.w_npo * 2.0 / cfg.npo_beta * F.softplus(cfg.npo_beta * ratio).mean()
             else:  # "kl": the KIF paper's distillation of the teacher's full distribution,
                 # summed over a fact's positions (most positions after the name are template words
                 # both models already agree on; a mean would dilute the answer's few hard ones)
@@ -404,7 +433,8 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
         parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
     base_params, new_params = dict(model.named_parameters()), dict(student.named_parameters())
     deltas = {}
-    for name in list(loras) + list(start.deltas if start is not None else []):
+    for name in (list(loras) + list(start.deltas if start is not None else [])
+                 + ([unbound] if unbound else [])):
         if name not in deltas:
             diff = new_params[name].detach().float() - base_params[name].detach().float()
             deltas[name] = low_rank(diff.reshape(diff.shape[0], -1)) if diff.ndim == 2 else Delta(
@@ -413,6 +443,7 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
             **best[0], "history": history,
             "n_pairs": len(pairs), "capsule": cap_stats,
             "stamp_start": dict(start.info) if start is not None else None,
+            "unbind": unbind_info if unbound else None,
             "seconds": {**timer.sections, "total": timer.total}}
     return Erasure(method="kif", concepts=(concept.name,), base_hash=base_hash,
                    base_spec=base_spec, deltas=deltas, settings=dataclasses.asdict(cfg), info=info)
@@ -439,12 +470,52 @@ def _answer_rest_lp(logits: Tensor, pairs: Sequence[_Pair], unk: int) -> Tensor:
     return torch.zeros(len(pairs), device=lp.device).index_add(0, who.to(lp.device), per)
 
 
+def _candidate_set(pair: _Pair, choice_ids: dict[str, list[list[int]]], k: int,
+                   rng: random.Random) -> list[list[int]]:
+    """The pair's true answer first, then `k` wrong answers of its relation drawn at random."""
+    true = pair.real[len(pair.real) - pair.n_answer:]
+    wrong = [c for c in choice_ids[pair.relation] if c != true]
+    return [true] + rng.sample(wrong, min(k, len(wrong)))
+
+
+def _choice_lp(model, prompts: Sequence[Sequence[int]], sets: Sequence[Sequence[Sequence[int]]]
+               ) -> Tensor:
+    """[fact, candidate] length-normalised log-probability of each candidate answer after its
+    fact's prompt (token ids), teacher forced. Candidates that share all but their last token
+    share one row (every single-token answer of a fact is read off one forward)."""
+    rows: dict[tuple, int] = {}
+    seqs, where = [], []  # where: (row, position, token, fact, candidate)
+    for f, (pr, cands) in enumerate(zip(prompts, sets)):
+        for c, cand in enumerate(cands):
+            key = (f, tuple(cand[:-1]))
+            if key not in rows:
+                rows[key] = len(seqs)
+                seqs.append(list(pr) + list(cand[:-1]))
+            for i, tok in enumerate(cand):
+                where.append((rows[key], len(pr) - 1 + i, tok, f, c))
+    logits = model(_pad(model, seqs), padding_side="right")
+    w = torch.tensor(where, device=logits.device)
+    lp = F.log_softmax(logits[w[:, 0], w[:, 1]].float(), -1).gather(1, w[:, 2:3])[:, 0]
+    n_c = max(len(c) for c in sets)
+    flat = w[:, 3] * n_c + w[:, 4]
+    tot = torch.zeros(len(sets) * n_c, device=lp.device).index_add(0, flat, lp)
+    cnt = torch.zeros(len(sets) * n_c, device=lp.device).index_add(0, flat, torch.ones_like(lp))
+    return (tot / cnt.clamp(min=1)).reshape(len(sets), n_c)
+
+
 def never_knew_p(model, world, probes, tr_never) -> float:
     """KS p-value between `model`'s truth ratios on `probes` and the never-knew reference's
     (TOFU's Forget Quality with the base model on fresh names standing in for the oracle)."""
-    from kif.evaluation import truth_ratios
+    return never_knew_check(model, world, probes, tr_never)[0]
 
-    return float(metrics.forget_quality(truth_ratios(model, world, probes), tr_never))
+
+def never_knew_check(model, world, probes, tr_never) -> tuple[float, float]:
+    """(`never_knew_p`, accuracy on `probes`) from one batched scoring pass (the true answers
+    are among the rows the truth ratios score)."""
+    from kif.evaluation import truth_ratios_and_correct
+
+    tr, correct = truth_ratios_and_correct(model, world, probes)
+    return float(metrics.forget_quality(tr, tr_never)), float(correct.mean())
 
 
 def _capsule_z(model, concept, ops) -> float:

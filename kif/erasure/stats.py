@@ -1,4 +1,6 @@
-"""Second-moment statistics of an MLP layer's keys over a text corpus, cached on disk.
+"""Second-moment statistics of a layer's keys over a text corpus, cached on disk: an MLP's keys
+(`blocks.{l}.mlp.hook_post`, the input of W_out) or an attention layer's (`blocks.{l}.attn.hook_z`,
+every head's output concatenated, the input of W_O).
 
 ROME and MEMIT compute the keys' second moment C = sum k k^T over a large corpus once per model
 and layer and cache it (their `layer_stats`); every later edit is then a small solve. STAMP does
@@ -7,8 +9,8 @@ training prompts at the last token, plus every token of their text at a small we
 
 The cache is keyed on what the keys actually depend on: the parameters *upstream* of
 `blocks.{l}.mlp.hook_post` (embeddings, the blocks before l, and block l up to W_in), the token ids
-of the corpus and the token weight. Editing an MLP's output weights (what STAMP does) leaves its
-own keys unchanged, so a sequence of STAMP requests at one layer keeps hitting the cache; any
+of the corpus and the token weight. Editing an MLP's output weights (what STAMP does), or an
+attention layer's (kif's signature removal), leaves its own keys unchanged, so a sequence of STAMP requests at one layer keeps hitting the cache; any
 change upstream, of the data or the tokenizer, misses it. A concept's own prompts are subtracted
 from the all-people statistics (exact: a Gram is a sum), so one cached file serves every concept.
 
@@ -60,25 +62,43 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("KIF_CACHE") or pathlib.Path.home() / ".cache" / "kif")
 
 
+KEY_HOOK = re.compile(r"blocks\.(\d+)\.(mlp\.hook_post|attn\.hook_z)$")
+
+
 def _layer(hook: str) -> int:
-    m = re.match(r"blocks\.(\d+)\.mlp\.hook_post$", hook)
+    m = KEY_HOOK.match(hook)
     if not m:
-        raise ValueError(f"key statistics are taken at blocks.{{l}}.mlp.hook_post, not {hook!r}")
+        raise ValueError("key statistics are taken at blocks.{l}.mlp.hook_post or "
+                         f"blocks.{{l}}.attn.hook_z, not {hook!r}")
     return int(m.group(1))
 
 
+def key_dim(model, hook: str) -> int:
+    """Width of the keys at `hook`: d_mlp, or n_heads * d_head for attention."""
+    _layer(hook)
+    return model.cfg.d_mlp if hook.endswith("mlp.hook_post") else model.cfg.n_heads * model.cfg.d_head
+
+
 def upstream_parameters(model, hook: str) -> list[str]:
-    """Names of the parameters the keys at `hook` depend on (sorted)."""
+    """Names of the parameters the keys at `hook` depend on (sorted): everything before the
+    hook's layer, and of that layer what runs before the hook (all but the MLP's output weights
+    for MLP keys; the first LayerNorm and Q, K, V for attention keys)."""
     layer = _layer(hook)
+    attn = hook.endswith("attn.hook_z")
     out = []
     for name, _ in model.named_parameters():
         m = re.match(r"blocks\.(\d+)\.(.*)$", name)
         if m is None:
             if not name.startswith(("ln_final", "unembed")):
                 out.append(name)
-        elif int(m.group(1)) < layer or (
-                int(m.group(1)) == layer and m.group(2) not in ("mlp.W_out", "mlp.b_out")):
+        elif int(m.group(1)) < layer:
             out.append(name)
+        elif int(m.group(1)) == layer:
+            part = m.group(2)
+            if (attn and (part.startswith("ln1") or part[:7] in ("attn.W_", "attn.b_")
+                          and part[-1] in "QKV")) or (
+                    not attn and part not in ("mlp.W_out", "mlp.b_out")):
+                out.append(name)
     return sorted(out)
 
 
@@ -121,7 +141,7 @@ def compute_key_moments(model, ids: Sequence[Sequence[int]], last: Sequence[int]
 
     layer = _layer(hook)
     stop_at = layer + 1 if layer + 1 < model.cfg.n_layers else None
-    m = model.cfg.d_mlp
+    m = key_dim(model, hook)
     gram_last = torch.zeros(m, m, dtype=torch.float64)
     sum_last = torch.zeros(m, dtype=torch.float64)
     tokens_stats = KeyStats(m, backend=backend)
@@ -129,7 +149,7 @@ def compute_key_moments(model, ids: Sequence[Sequence[int]], last: Sequence[int]
         tokens, lengths = metrics._padded(model, ids[s:s + batch_size])
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == hook,
                                         padding_side="right", stop_at_layer=stop_at)
-        act = cache[hook]
+        act = cache[hook].reshape(*tokens.shape, m)  # attention: heads concatenated
         rows = torch.arange(tokens.shape[0], device=act.device)
         k = act[rows, torch.tensor(last[s:s + batch_size], device=act.device)].double().cpu()
         gram_last += k.T @ k
@@ -159,7 +179,8 @@ def key_moments(model, prompts: Sequence[str], answers: Sequence[str], hook: str
         try:
             t = load_file(str(path))
             got = KeyMoments(t["gram"], t["mean_last"], int(t["n_rows"]), token_weight)
-            if got.gram.shape == (model.cfg.d_mlp, model.cfg.d_mlp) and got.n_rows == len(ids):
+            m = key_dim(model, hook)
+            if got.gram.shape == (m, m) and got.n_rows == len(ids):
                 return got
             log.warning("ignoring key statistics of the wrong shape in %s", path)
         except Exception as err:  # a torn or foreign file: recompute, never trust it
@@ -176,4 +197,5 @@ def key_moments(model, prompts: Sequence[str], answers: Sequence[str], hook: str
     return got
 
 
-__all__ = ["KeyMoments", "cache_dir", "compute_key_moments", "key_moments", "upstream_parameters"]
+__all__ = ["KeyMoments", "cache_dir", "compute_key_moments", "key_dim", "key_moments",
+           "upstream_parameters"]

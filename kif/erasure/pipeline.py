@@ -1,6 +1,6 @@
 """`kif`: the KIF pipeline, signature -> suppression -> a parameter-efficient update that
-behaves as a model that never knew the concept (KIF/ERUF, arXiv 2601.10566; METHODS.md "KIF
-pipeline"). KIF also asks the update to remove the signature itself; here it does not (below).
+behaves as a model that never knew the concept and no longer carries its signature (KIF/ERUF,
+arXiv 2601.10566; METHODS.md "KIF pipeline").
 
 1. *Signature*: per-person directions where the concept is most separable (the suppression
    capsule's site, `suppress.build_capsule`), with the capsule's benign calibration (mu, sigma):
@@ -11,17 +11,21 @@ pipeline"). KIF also asks the update to remove the signature itself; here it doe
    never saw (several fresh names per person). That is the oracle-free "never knew" reference:
    a refusal is not what a model that never met the person does, and Forget Quality compares
    against exactly such a model (the retrained oracle).
-3. *Update*: LoRA factors (rank `rank`) on every attention and MLP weight matrix of `layers`
-   (all by default), starting from the closed-form STAMP edit (the refusal), trained with (a) the
-   forget loss, (b) KL to the base model on retain text (other people's facts, shared facts),
-   and optionally (c) a representation loss pulling the residual stream after the name to the
-   teacher's and (d) a signature loss pushing the capsule's z-score below zero. The forget loss
-   is `npo` by default: NPO (Zhang et al. 2024) on the answer's probability *given no refusal*
-   (the distribution over every token but " unknown"), against the base model's, plus a KL that
-   keeps the refusal mass the STAMP start gives each position. STAMP makes the model refuse, but
-   among the candidate answers the true one stays the most likely; this pushes it down among
-   them. `kl` is the KIF paper's distillation of the teacher's full distribution.
-4. *Selection*: every `check_every` steps each checkpoint is measured: forget accuracy
+3. *Closed-form start*, two edits: (a) the signature removed from the representation
+   (`kif.erasure.unbind`: a ridge edit of the signature layer's attention output W_O that moves
+   each forget prompt's projection on its person's direction to the benign mean, against every
+   other person's keys), and (b) STAMP's pseudoinverse MLP edit toward the refusal.
+4. *Update*: LoRA factors (rank `rank`) on every attention and MLP weight matrix of `layers`
+   (all by default), trained with (a) the forget loss, (b) KL to the base model on retain text
+   (other people's facts, shared facts), and optionally (c) a representation loss pulling the
+   residual stream after the name to the teacher's and (d) a signature loss pushing the
+   capsule's z-score below zero. The forget loss is `npo` by default: NPO (Zhang et al. 2024) on
+   the answer's probability *given no refusal* (the distribution over every token but
+   " unknown"), against the base model's, plus a KL that keeps the refusal mass the start gives
+   each position. STAMP makes the model refuse, but among the candidate answers the true one
+   stays the most likely; this pushes it down among them. `kl` is the KIF paper's distillation
+   of the teacher's full distribution.
+5. *Selection*: every `check_every` steps each checkpoint is measured: forget accuracy
    (surface), retain accuracy on a sample of other people's facts, the capsule's z-score (latent)
    and the *never-knew p-value*: the KS test of its truth ratios on the forget facts (every
    training phrasing) against the base model's on the same questions about the fresh names
@@ -32,25 +36,33 @@ pipeline"). KIF also asks the update to remove the signature itself; here it doe
    picks the point of the path where the truth ratios look like a never-knew model's.
 
 Measured on forget10 (`kif bench methods --methods stamp kif npo`, see the README for the
-figures): the update lifts Forget Quality from STAMP's 1.7e-10 to about 0.6 (NPO: 0.39) at
-retain accuracy 0.995 and zero forget accuracy, from a 60-step budget. What did not work, each
-measured on forget10:
+figures): forget accuracy 0.008, retain 0.981, Forget Quality 0.59 (NPO: 0.39, STAMP 1.7e-10),
+and the capsule's median z on the forget prompts 11.2 -> 1.3 (held-out phrasings 1.2; the
+retrained oracle reads 2.4), in a 60-step budget. Before the closed-form signature removal the
+same update reached the same Forget Quality and retain 0.995, but the signature stayed (z 11);
+the removal costs model utility 0.949 -> 0.923 and needs the retain weight 40 (at 20, retain
+0.970). What did not work, each measured on forget10:
+- the representation and signature *losses* remove the signature (z 11 -> -0.6) but take other
+  people's facts with them (retain accuracy 0.03-0.16); with the NPO defaults a signature weight
+  of 0.05 takes z to 2.3 and retain to 0.66-0.90, and an extra loss anchoring other people's
+  residual at the signature hook to the base's (weight 10-100) kept retain at 0.91-0.96 but z
+  only fell to 2.6-4.0 and the never-knew p stayed at 0. The closed-form removal above does it
+  in one solve, with the retain keys as a hard-weighted constraint instead of a sampled loss;
 - distilling the never-knew teacher's full distribution (`forget_loss="kl"`) *raises* forget
   accuracy (0.05 -> 0.16-0.19 in 25-50 steps): the teacher refuses less than STAMP's edit, and
   lowering " unknown" to its level lets the true answer through;
 - the same KL restricted to the non-refusal distribution, with the refusal mass kept: the
   truth ratios did not move (median 0.15 -> 0.12);
 - a squared loss moving the answer's non-refusal log-probability to the teacher's on the same
-  answer: FQ stayed below 1e-6;
+  answer: FQ stayed below 1e-6; matching, per fact, the centred log-probabilities of the true
+  and 8 sampled wrong answers to the teacher's: FQ 1e-5 after 40 steps at twice the step cost;
 - NPO with beta 0.1 (lr 1e-3 or 5e-4): FQ up to 0.39 mid-path, but retain accuracy dips to
   0.74-0.80 on the way and recovers only as the truth ratios overshoot (kept: FQ 0.13);
-  beta 0.5 saturates early (FQ 0.005); beta 0.25 lands between;
-- the representation and signature losses remove the capsule's signature (z 11 -> -0.6) but take
-  other people's facts with them (retain accuracy 0.03-0.16), since the signature lives in
-  layer 0's attention, which every name goes through. With the NPO defaults a signature weight
-  of 0.05 still takes z to 2.3 and retain to 0.66-0.90 (0.5: z 0.1, retain 0.34-0.61), and no
-  such checkpoint moves the never-knew p above 0. They are off by default, so `kif` does not
-  remove the signature itself (its capsule z stays near 11).
+  beta 0.5 saturates early (FQ 0.005); beta 0.25 lands between.
+What remains between 0.59 and the 0.9 target is the tails: the kept model's truth ratios match
+the oracle's median (0.98 vs 0.95) but are narrower (5-95 % range 0.05-32 against 0.009-117),
+the update flattening the answer distribution where a model that never knew the person keeps
+its confident priors.
 
 The result is a weight delta stored as LoRA factors: reversible, no hooks at inference.
 """
@@ -101,12 +113,10 @@ class KifConfig:
     stamp_start: bool = True  # begin from the STAMP edit (closed form) instead of the base
     forget_loss: str = "npo"  # one of FORGET_LOSSES
     npo_beta: float = 0.25  # NPO saturates at log-ratio ~ -2/beta: about ln(#candidates) per token
-    n_choices: int = 8  # wrong answers of the relation per fact and step for the "match" loss
-    w_npo: float = 0.0  # NPO added to the "match" loss
     seed: int = 0
 
 
-FORGET_LOSSES = ("npo", "kl", "match")
+FORGET_LOSSES = ("npo", "kl")
 
 
 def fresh_names(world, n: int, seed: int) -> list[str]:
@@ -133,7 +143,6 @@ class _Pair:
     start_anon: int
     n: int  # number of matched positions
     n_answer: int  # answer tokens (the last n_answer of `real`)
-    relation: str
 
 
 def _pairs(model, probes, names_for: dict[str, list[str]], rng: random.Random) -> list[_Pair]:
@@ -152,7 +161,7 @@ def _pairs(model, probes, names_for: dict[str, list[str]], rng: random.Random) -
             continue  # BPE merged across the name boundary: no clean alignment
         n_answer = len(metrics.encode_answers(model, [p.answer])[0])
         out.append(_Pair(subjects.index(p.subject), ids_r[0], ids_a[0], len(ids_r[1]) - 1,
-                         len(ids_a[1]) - 1, len(tail_r), n_answer, p.relation))
+                         len(ids_a[1]) - 1, len(tail_r), n_answer))
     return out
 
 
@@ -303,8 +312,6 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
         parametrize.register_parametrization(mod, attr, lora, unsafe=True)
         loras[name] = lora
     params = [p for l in loras.values() for p in l.parameters()]
-    choice_ids = {r: metrics.encode_answers(model, world.answer_choices(r))
-                  for r in {p.relation for p in pairs}}
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     history: list[dict[str, Any]] = []
     # other people's facts, one phrasing each, for the retain check of every checkpoint
@@ -377,22 +384,6 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
                 kl_unk = a * (a / p).log() + (1 - a) * ((1 - a) / (1 - p)).log()
                 loss_f = (2.0 / cfg.npo_beta * F.softplus(cfg.npo_beta * ratio).mean()
                           + kl_unk.sum() / len(chunk))
-            elif cfg.forget_loss == "match":
-                # the answer slot as a model that never met the person sees it: per fact, the
-                # length-normalised log-probabilities of the true answer and sampled wrong answers
-                # of the relation, centred, matched to the base model's on the fresh-name prompt
-                sets = [_candidate_set(p, choice_ids, cfg.n_choices, rng) for p in chunk]
-                s_c = _choice_lp(student, [p.real[:len(p.real) - p.n_answer] for p in chunk], sets)
-                with torch.no_grad():
-                    t_c = _choice_lp(model, [p.anon[:len(p.anon) - p.n_answer] for p in chunk], sets)
-                d = (s_c - s_c.mean(1, keepdim=True)) - (t_c - t_c.mean(1, keepdim=True))
-                p = s_logp[:, unk].exp().clamp(1e-6, 1 - 1e-6)
-                a = a_unk_all[rows]
-                kl_unk = a * (a / p).log() + (1 - a) * ((1 - a) / (1 - p)).log()
-                loss_f = F.smooth_l1_loss(d[:, 0], torch.zeros_like(d[:, 0])) + kl_unk.sum() / len(chunk)
-                if cfg.w_npo:
-                    ratio = _answer_rest_lp(logits, chunk, unk) - ref_lp[idx]
-                    loss_f = loss_f + cfg.w_npo * 2.0 / cfg.npo_beta * F.softplus(cfg.npo_beta * ratio).mean()
             else:  # "kl": the KIF paper's distillation of the teacher's full distribution,
                 # summed over a fact's positions (most positions after the name are template words
                 # both models already agree on; a mean would dilute the answer's few hard ones)
@@ -468,39 +459,6 @@ def _answer_rest_lp(logits: Tensor, pairs: Sequence[_Pair], unk: int) -> Tensor:
     per = lp.gather(1, tok[:, None])[:, 0]
     who = torch.cat([torch.full((k,), b, dtype=torch.long) for b, k in enumerate(n)])
     return torch.zeros(len(pairs), device=lp.device).index_add(0, who.to(lp.device), per)
-
-
-def _candidate_set(pair: _Pair, choice_ids: dict[str, list[list[int]]], k: int,
-                   rng: random.Random) -> list[list[int]]:
-    """The pair's true answer first, then `k` wrong answers of its relation drawn at random."""
-    true = pair.real[len(pair.real) - pair.n_answer:]
-    wrong = [c for c in choice_ids[pair.relation] if c != true]
-    return [true] + rng.sample(wrong, min(k, len(wrong)))
-
-
-def _choice_lp(model, prompts: Sequence[Sequence[int]], sets: Sequence[Sequence[Sequence[int]]]
-               ) -> Tensor:
-    """[fact, candidate] length-normalised log-probability of each candidate answer after its
-    fact's prompt (token ids), teacher forced. Candidates that share all but their last token
-    share one row (every single-token answer of a fact is read off one forward)."""
-    rows: dict[tuple, int] = {}
-    seqs, where = [], []  # where: (row, position, token, fact, candidate)
-    for f, (pr, cands) in enumerate(zip(prompts, sets)):
-        for c, cand in enumerate(cands):
-            key = (f, tuple(cand[:-1]))
-            if key not in rows:
-                rows[key] = len(seqs)
-                seqs.append(list(pr) + list(cand[:-1]))
-            for i, tok in enumerate(cand):
-                where.append((rows[key], len(pr) - 1 + i, tok, f, c))
-    logits = model(_pad(model, seqs), padding_side="right")
-    w = torch.tensor(where, device=logits.device)
-    lp = F.log_softmax(logits[w[:, 0], w[:, 1]].float(), -1).gather(1, w[:, 2:3])[:, 0]
-    n_c = max(len(c) for c in sets)
-    flat = w[:, 3] * n_c + w[:, 4]
-    tot = torch.zeros(len(sets) * n_c, device=lp.device).index_add(0, flat, lp)
-    cnt = torch.zeros(len(sets) * n_c, device=lp.device).index_add(0, flat, torch.ones_like(lp))
-    return (tot / cnt.clamp(min=1)).reshape(len(sets), n_c)
 
 
 def never_knew_p(model, world, probes, tr_never) -> float:

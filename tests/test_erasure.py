@@ -146,6 +146,17 @@ def test_kif_pipeline_erases_toward_the_never_knew_model(model, world, others):
     assert e.info["capsule"]["forget_z_median"] > 3.0 > e.info["capsule_z_median"]
 
 
+def test_kif_start_with_stamp_solved_on_the_unbound_model(model, world, others):
+    # the closed-form start alone (no update steps): unbinding, then STAMP on the unbound keys
+    e = erase(model, PERSON, method="kif", world=world,
+              config={"steps": 0, "stamp_on_unbound": True})
+    assert e.info["best_step"] == 0 and set(e.deltas) >= {"blocks.0.attn.W_O"}
+    with e.apply(model):
+        assert _acc(model, _own(world)) <= 0.2
+        assert _acc(model, others) >= 0.95
+    assert e.info["capsule_z_median"] < 3.0
+
+
 def test_kif_refuses_an_unknown_forget_loss(model, world):
     with pytest.raises(ErasureError, match="forget_loss"):
         erase(model, PERSON, method="kif", world=world, config={"forget_loss": "nope"})

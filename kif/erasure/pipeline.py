@@ -41,7 +41,11 @@ and the capsule's median z on the forget prompts 11.2 -> 1.3 (held-out phrasings
 retrained oracle reads 2.4), in a 60-step budget. Before the closed-form signature removal the
 same update reached the same Forget Quality and retain 0.995, but the signature stayed (z 11);
 the removal costs model utility 0.949 -> 0.923 and needs the retain weight 40 (at 20, retain
-0.970). What did not work, each measured on forget10:
+0.970). The utility is lost where the two closed-form edits meet: STAMP is solved on the base's
+keys, which the unbinding has moved (the start alone: utility 0.921; STAMP alone 0.948, the
+unbinding alone 0.961). Solving STAMP on the unbound model (`stamp_on_unbound`) keeps it (start
+0.939; after the update 0.948, retain 0.995) but the update then stops at Forget Quality 0.39
+(lr 2e-3; the never-knew p peaks at 0.11 at step 60 of 80), so it is an option, not the default. What did not work, each measured on forget10:
 - the representation and signature *losses* remove the signature (z 11 -> -0.6) but take other
   people's facts with them (retain accuracy 0.03-0.16); with the NPO defaults a signature weight
   of 0.05 takes z to 2.3 and retain to 0.66-0.90, and an extra loss anchoring other people's
@@ -111,6 +115,10 @@ class KifConfig:
     unbind: bool = True  # remove the signature in closed form first (kif.erasure.unbind)
     unbind_weight: float = 10.0  # its forget rows' weight against the retain keys
     stamp_start: bool = True  # begin from the STAMP edit (closed form) instead of the base
+    # STAMP solved on the unbound model (its keys, retain statistics recomputed, ~10 s more)
+    # instead of the base's: utility kept (forget10: model utility 0.948, retain 0.995) but the
+    # update then reaches less Forget Quality (0.39 at lr 2e-3, against 0.59)
+    stamp_on_unbound: bool = False
     forget_loss: str = "npo"  # one of FORGET_LOSSES
     npo_beta: float = 0.25  # NPO saturates at log-ratio ~ -2/beta: about ln(#candidates) per token
     seed: int = 0
@@ -286,8 +294,11 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
         from kif.erasure.stamp import StampConfig, stamp
 
         with timer.section("stamp"):
-            start = stamp(model, concept, world, StampConfig(), base_spec=base_spec)
-            start.apply(student, check=False)  # computed on the base; the student may be unbound
+            if unbound and cfg.stamp_on_unbound:
+                start = stamp(student, concept, world, StampConfig(cache=False), base_spec=base_spec)
+            else:
+                start = stamp(model, concept, world, StampConfig(), base_spec=base_spec)
+            start.apply(student, check=False)  # the student may be unbound already
     # NPO's reference, the base model's answer log-probabilities given no refusal, and the
     # refusal mass the start gives each matched position (the update keeps it)
     ref_lp, a_unk = [], []

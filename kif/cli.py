@@ -278,6 +278,27 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_fq_ceiling(args: argparse.Namespace) -> int:
+    from kif import zoo
+    from kif.erasure.bench import never_knew_ceiling
+    from kif.world import FactWorld
+
+    world = FactWorld.generate(args.seed)
+    world.split(args.forget_split)  # refuse an unknown split before loading anything
+    model = open_model(args.model)
+    oracle = open_model(args.oracle or zoo.oracle_name(args.forget_split))
+    r = never_knew_ceiling(model, world, oracle, args.forget_split, args.draws, args.names_seed)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    for key, who in (("base_fresh", "base model"), ("oracle_fresh", "oracle")):
+        s = r[f"{key}_summary"]
+        _out().print(f"{who} asked about never-seen names, {r['draws']} draws, {r['questions']} "
+                     f"questions: Forget Quality median {s['median']:.2f} (range {s['min']:.2f}-"
+                     f"{s['max']:.2f}), >= 0.9 in {s['share_at_least_0.9']:.0%} of draws")
+    return 0
+
+
 def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     from kif.kernels.bench import main as kernels_bench
 
@@ -492,6 +513,16 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--seed", type=int, default=0)
     bm.add_argument("--json", action="store_true")
     bm.set_defaults(func=_cmd_bench_methods)
+    bfq = bs.add_parser("fq-ceiling", help="the Forget Quality a model that never knew the "
+                        "people scores (base and oracle asked about never-seen names)")
+    bfq.add_argument("--model", default=zoo.BASE)
+    bfq.add_argument("--oracle", help="default: the zoo oracle of the split")
+    bfq.add_argument("--forget-split", default="forget10")
+    bfq.add_argument("--draws", type=int, default=20)
+    bfq.add_argument("--names-seed", type=int, default=100)
+    bfq.add_argument("--seed", type=int, default=0)
+    bfq.add_argument("--json", action="store_true")
+    bfq.set_defaults(func=_cmd_bench_fq_ceiling)
     bk = bs.add_parser("kernels", help="fused Triton kernels vs their torch references (GPU)",
                        add_help=False)
     bk.add_argument("rest", nargs=argparse.REMAINDER,

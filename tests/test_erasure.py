@@ -350,3 +350,16 @@ def test_attention_key_statistics_are_keyed_on_what_runs_before_the_heads(model,
     k = last_token_states(model, [p.prompt for p in probes], [hook])[hook].reshape(len(probes), -1)
     assert got.gram.shape == (stats.key_dim(model, hook),) * 2
     torch.testing.assert_close(got.gram, k.double().T @ k.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_fq_ceiling_reads_a_never_knew_model_against_the_oracle(capsys):
+    # forget01 (2 people, 12 questions), two draws of never-seen names: the base model asked
+    # about them never knew them, so its Forget Quality is far above its own on the real people
+    # (where it knows every answer: ~1e-6 on 12 questions)
+    assert main(["bench", "fq-ceiling", "--forget-split", "forget01", "--draws", "2",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["questions"] == 12 and len(r["base_fresh"]) == len(r["oracle_fresh"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in r["base_fresh"] + r["oracle_fresh"])
+    assert r["base_fresh_summary"]["median"] > 1e-3
+    assert main(["bench", "fq-ceiling", "--forget-split", "nope", "--draws", "1"]) == 2

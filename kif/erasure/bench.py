@@ -160,3 +160,39 @@ def bench_methods(model, world, oracle, methods: list[str], split: str = "forget
 
 __all__ = ["METRICS", "StampBenchRow", "bench_methods", "bench_stamp", "sequential_stamp",
            "synthetic_keys"]
+
+
+def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int = 20,
+                       seed: int = 100) -> dict:
+    """What Forget Quality a model that truly never knew the people scores on this test.
+
+    For each of `draws` draws of never-seen names (`pipeline.fresh_names`), the forget split's
+    Forget Quality questions are asked about those names instead, of `model` (the base: it never
+    met them) and of the oracle itself, and compared with the oracle's truth ratios on the real
+    people, exactly as `kif eval` scores an erasure. The KS p-value of two samples of one
+    distribution is uniform, so this is the spread an erasure's Forget Quality should be read
+    against: on forget10's 120 questions the median is about 0.6, not 1."""
+    import numpy as np
+
+    from kif import metrics
+    from kif.erasure.pipeline import fresh_names
+    from kif.evaluation import truth_ratios
+
+    forget = world.split(split)
+    probes = world.person_probes(forget, "heldout", [0])
+    tr_oracle = truth_ratios(oracle, world, probes)
+    out: dict = {"split": split, "questions": len(probes), "draws": draws,
+                 "base_fresh": [], "oracle_fresh": []}
+    for d in range(draws):
+        names = dict(zip((p.name for p in forget), fresh_names(world, len(forget), seed + d)))
+        asked = [dataclasses.replace(p, prompt=p.prompt.replace(p.subject, names[p.subject]))
+                 for p in probes]
+        out["base_fresh"].append(metrics.forget_quality(truth_ratios(model, world, asked), tr_oracle))
+        out["oracle_fresh"].append(metrics.forget_quality(truth_ratios(oracle, world, asked),
+                                                          tr_oracle))
+    for key in ("base_fresh", "oracle_fresh"):
+        v = np.asarray(out[key])
+        out[f"{key}_summary"] = {"median": float(np.median(v)), "mean": float(v.mean()),
+                                 "min": float(v.min()), "max": float(v.max()),
+                                 "share_at_least_0.9": float((v >= 0.9).mean())}
+    return out

@@ -45,7 +45,8 @@ the removal costs model utility 0.949 -> 0.923 and needs the retain weight 40 (a
 keys, which the unbinding has moved (the start alone: utility 0.921; STAMP alone 0.948, the
 unbinding alone 0.961). Solving STAMP on the unbound model (`stamp_on_unbound`) keeps it (start
 0.939; after the update 0.948, retain 0.995) but the update then stops at Forget Quality 0.39
-(lr 2e-3; the never-knew p peaks at 0.11 at step 60 of 80), so it is an option, not the default. What did not work, each measured on forget10:
+(lr 2e-3; the never-knew p peaks at 0.11 at step 60 of 80), so it is an option, not the default.
+What did not work, each measured on forget10:
 - the representation and signature *losses* remove the signature (z 11 -> -0.6) but take other
   people's facts with them (retain accuracy 0.03-0.16); with the NPO defaults a signature weight
   of 0.05 takes z to 2.3 and retain to 0.66-0.90, and an extra loss anchoring other people's
@@ -456,8 +457,7 @@ def _rest_logp(logits: Tensor, unk: int) -> Tensor:
     mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     mask[unk] = True
     out = F.log_softmax(logits.masked_fill(mask, float("-inf")), -1)
-    # 0 at `unk` in both: kl_div(., log_target) then adds exp(0) * (0 - 0) = 0 there
-    return out.masked_fill(mask, 0.0)
+    return out.masked_fill(mask, 0.0)  # finite at `unk` (never an answer token here)
 
 
 def _answer_rest_lp(logits: Tensor, pairs: Sequence[_Pair], unk: int) -> Tensor:

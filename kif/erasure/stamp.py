@@ -31,7 +31,7 @@ from torch import Tensor
 
 from kif.erasure.core import Delta, Erasure, ErasureError, Timer, low_rank
 from kif.erasure.keys import last_token_states
-from kif.erasure.stats import key_moments
+from kif.erasure.stats import key_moments, retain_moments
 from kif.erasure.registry import register
 
 
@@ -201,14 +201,7 @@ def stamp(model, concept, world, cfg: StampConfig, *, progress: bool = False,
         k_f = last_token_states(model, forget, [key])
         # the retain statistics: every known person and shared fact (cached per model and layer,
         # like ROME/MEMIT's layer statistics) minus the concept's own rows
-        own = set(concept.subjects)
-        people = world.person_probes(world.known(), "train")
-        rows = people + world.shared_probes("train")
-        mine = [p for p in people if p.subject in own]
-        moments = (key_moments(model, [p.prompt for p in rows], [p.answer for p in rows], key,
-                               cfg.token_weight, cache=cfg.cache)
-                   - key_moments(model, [p.prompt for p in mine], [p.answer for p in mine], key,
-                                 cfg.token_weight, cache=False))
+        moments = retain_moments(model, world, concept, key, cfg.token_weight, cache=cfg.cache)
         c_r = {key: moments.gram}
         for prev in cfg.preserve:  # earlier edits' forget keys, read from the edited model
             prev_forget = [p.prompt for p in world.person_probes(

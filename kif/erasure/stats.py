@@ -10,8 +10,9 @@ training prompts at the last token, plus every token of their text at a small we
 The cache is keyed on what the keys actually depend on: the parameters *upstream* of
 `blocks.{l}.mlp.hook_post` (embeddings, the blocks before l, and block l up to W_in), the token ids
 of the corpus and the token weight. Editing an MLP's output weights (what STAMP does), or an
-attention layer's (kif's signature removal), leaves its own keys unchanged, so a sequence of STAMP requests at one layer keeps hitting the cache; any
-change upstream, of the data or the tokenizer, misses it. A concept's own prompts are subtracted
+attention layer's (kif's signature removal), leaves its own keys unchanged, so a sequence of
+STAMP requests at one layer keeps hitting the cache; any change upstream, of the data or the
+tokenizer, misses it. A concept's own prompts are subtracted
 from the all-people statistics (exact: a Gram is a sum), so one cached file serves every concept.
 
 The cache folder is `$KIF_CACHE` or `~/.cache/kif`; files are written to a temporary name and
@@ -197,5 +198,20 @@ def key_moments(model, prompts: Sequence[str], answers: Sequence[str], hook: str
     return got
 
 
+def retain_moments(model, world, concept, hook: str, token_weight: float, cache: bool = True
+                   ) -> KeyMoments:
+    """`KeyMoments` of `hook` over the retain corpus of a closed-form edit: every known person's
+    and every shared fact's training rows but the concept's own (the all-people statistics are
+    cached per model and hook, and the concept's rows subtracted: a Gram is a sum)."""
+    own = set(concept.subjects)
+    people = world.person_probes(world.known(), "train")
+    rows = people + world.shared_probes("train")
+    mine = [p for p in people if p.subject in own]
+    return (key_moments(model, [p.prompt for p in rows], [p.answer for p in rows], hook,
+                        token_weight, cache=cache)
+            - key_moments(model, [p.prompt for p in mine], [p.answer for p in mine], hook,
+                          token_weight, cache=False))
+
+
 __all__ = ["KeyMoments", "cache_dir", "compute_key_moments", "key_dim", "key_moments",
-           "upstream_parameters"]
+           "retain_moments", "upstream_parameters"]

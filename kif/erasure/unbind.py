@@ -57,7 +57,7 @@ def unbind_delta(model, world, concept, ops, cfg: UnbindConfig = UnbindConfig()
     """(parameter name, delta of its shape, info) removing the capsules `ops` (one per person of
     `concept`, from `suppress.build_capsule`) from `model`'s representation of the concept."""
     from kif.erasure.stamp import solve_ridge
-    from kif.erasure.stats import key_moments
+    from kif.erasure.stats import retain_moments
 
     hook = ops[0].hook
     key, param = sites(hook)
@@ -66,22 +66,13 @@ def unbind_delta(model, world, concept, ops, cfg: UnbindConfig = UnbindConfig()
     if not forget:
         raise ErasureError(f"no capsule covers a forget prompt of {concept.name!r}")
     states = last_token_states(model, [p.prompt for p in forget], [key, hook])
-    k = states[key].reshape(len(forget), -1).double()
+    k = states[key].double()  # [n, heads * d_head]: last_token_states concatenates the heads
     h = states[hook].double()
     u = torch.stack([by_person[p.subject].tensors["basis"][:, 0] for p in forget]).double()
     mu = torch.tensor([by_person[p.subject].params["mu"] for p in forget], dtype=torch.float64)
     proj = (h * u).sum(-1)
     target = (torch.sign(proj) * mu - proj)[:, None] * u
-    # the retain keys: every known person's and shared fact's rows but the concept's own (a Gram
-    # is a sum, so one cached file per model serves every concept)
-    own = set(concept.subjects)
-    people = world.person_probes(world.known(), "train")
-    rows = people + world.shared_probes("train")
-    mine = [p for p in people if p.subject in own]
-    c_retain = (key_moments(model, [p.prompt for p in rows], [p.answer for p in rows], key,
-                            cfg.token_weight)
-                - key_moments(model, [p.prompt for p in mine], [p.answer for p in mine], key,
-                              cfg.token_weight, cache=False)).gram
+    c_retain = retain_moments(model, world, concept, key, cfg.token_weight).gram
     w = cfg.forget_weight
     dw = solve_ridge(w * k.T @ k + c_retain, w * k.T @ target, cfg.lam)
     weight = dict(model.named_parameters())[param]

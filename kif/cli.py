@@ -287,7 +287,8 @@ def _cmd_bench_fq_ceiling(args: argparse.Namespace) -> int:
     world.split(args.forget_split)  # refuse an unknown split before loading anything
     model = open_model(args.model)
     oracle = open_model(args.oracle or zoo.oracle_name(args.forget_split))
-    r = never_knew_ceiling(model, world, oracle, args.forget_split, args.draws, args.names_seed)
+    r = never_knew_ceiling(model, world, oracle, args.forget_split, args.draws, args.names_seed,
+                           progress=not args.json)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

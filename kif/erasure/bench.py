@@ -163,7 +163,7 @@ __all__ = ["METRICS", "StampBenchRow", "bench_methods", "bench_stamp", "sequenti
 
 
 def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int = 20,
-                       seed: int = 100) -> dict:
+                       seed: int = 100, progress: bool = False) -> dict:
     """What Forget Quality a model that truly never knew the people scores on this test.
 
     For each of `draws` draws of never-seen names (`pipeline.fresh_names`), the forget split's
@@ -183,7 +183,10 @@ def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int
     tr_oracle = truth_ratios(oracle, world, probes)
     out: dict = {"split": split, "questions": len(probes), "draws": draws,
                  "base_fresh": [], "oracle_fresh": []}
-    for d in range(draws):
+    from rich.progress import track
+
+    for d in track(range(draws), description="never-seen names", transient=True,
+                   disable=not progress):
         names = dict(zip((p.name for p in forget), fresh_names(world, len(forget), seed + d)))
         asked = [dataclasses.replace(p, prompt=p.prompt.replace(p.subject, names[p.subject]))
                  for p in probes]

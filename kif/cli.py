@@ -540,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--forget-split", choices=forget_splits)
     r.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHOD_MODULES),
                    help=f"erasure method (default {DEFAULT_METHOD})")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a method setting, e.g. --set steps=200 (repeatable)")
+    r.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                   help="method settings, e.g. --set steps=200 lr=0.002 (repeatable)")
     r.add_argument("--oracle", help="model for Forget Quality (default: the zoo oracle of "
                    "--forget-split when erasing the zoo model)")
     r.add_argument("--out", required=True, help="new folder for the erased model or patch")

@@ -85,6 +85,14 @@ def test_erase_refuses_a_person_absent_from_the_world(capsys, tmp_path):
     assert not out.exists()
 
 
+def test_erase_settings_take_several_pairs_per_flag():
+    from kif.cli import _parse_settings, build_parser
+
+    args = build_parser().parse_args(["erase", "--concept", "X", "--out", "o",
+                                      "--set", "tau=11", "whiten=null", "--set", "layers=[1,2]"])
+    assert _parse_settings(args.set) == {"tau": 11, "whiten": None, "layers": (1, 2)}
+
+
 def test_erase_refuses_a_non_empty_output_folder_before_loading(capsys, tmp_path):
     person = FactWorld.generate().split("forget01")[0].name
     out = tmp_path / "out"

@@ -227,8 +227,10 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
 
     # 1. signature and the capsule's calibration (the latent criterion)
     with timer.section("signature"):
+        # the signature is the plain mean-difference direction (the one the oracle is compared
+        # on), not the suppression gate's whitened detector
         ops, cap_stats = build_capsule(model, world, concept, cfg.signature_hook, SuppressConfig(
-            hook=cfg.signature_hook))
+            hook=cfg.signature_hook, whiten=None))
 
     # 2. the never-knew teacher: base model on the prompts with fresh names
     with timer.section("teacher"):

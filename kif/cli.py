@@ -300,6 +300,22 @@ def _cmd_bench_fq_ceiling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_scoring(args: argparse.Namespace) -> int:
+    from kif.erasure.bench import candidate_scoring
+    from kif.world import FactWorld
+
+    world = FactWorld.generate(args.seed)
+    world.split(args.forget_split)  # refuse an unknown split before loading anything
+    r = candidate_scoring(open_model(args.model), world, args.forget_split, args.repeats)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    _out().print(f"{r['questions']} questions, {r['rows']} truth-ratio rows: full rows "
+                 f"{r['full_rows_seconds']:.2f} s, shared prompt cache {r['kv_cache_seconds']:.2f} s "
+                 f"({r['speedup']:.1f}x; largest log-prob difference {r['max_abs_logprob_diff']:.1e})")
+    return 0
+
+
 def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     from kif.kernels.bench import main as kernels_bench
 
@@ -524,6 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     bfq.add_argument("--seed", type=int, default=0)
     bfq.add_argument("--json", action="store_true")
     bfq.set_defaults(func=_cmd_bench_fq_ceiling)
+    bsc = bs.add_parser("scoring", help="truth-ratio scoring: each question run once (KV cache "
+                        "shared by its answers) vs full rows")
+    bsc.add_argument("--model", default=zoo.BASE)
+    bsc.add_argument("--forget-split", default="forget10")
+    bsc.add_argument("--repeats", type=int, default=3)
+    bsc.add_argument("--seed", type=int, default=0)
+    bsc.add_argument("--json", action="store_true")
+    bsc.set_defaults(func=_cmd_bench_scoring)
     bk = bs.add_parser("kernels", help="fused Triton kernels vs their torch references (GPU)",
                        add_help=False)
     bk.add_argument("rest", nargs=argparse.REMAINDER,

@@ -72,8 +72,11 @@ def truth_ratios_and_correct(model: HookedTransformer, world: FactWorld, probes:
     """`truth_ratios` and, from the same batched pass, whether each probe's own answer is the
     model's greedy one (its accuracy, as `metrics.score_answers(...).correct`)."""
     expanded = _truth_ratio_probes(world, probes, seed)
-    s = metrics.score_answers(model, [p.prompt for p in expanded], [p.answer for p in expanded],
-                              fwd_hooks=fwd_hooks)
+    k = 1 + N_PERTURBED
+    # each question once, its six answers on top of its cached keys and values
+    s = metrics.score_candidates(model, [p.prompt for p in probes],
+                                 [[q.answer for q in expanded[i * k:(i + 1) * k]]
+                                  for i in range(len(probes))], fwd_hooks=fwd_hooks)
     prob = np.asarray(s.prob, dtype=np.float64).reshape(len(probes), 1 + N_PERTURBED)
     correct = np.asarray(s.correct, dtype=bool).reshape(len(probes), 1 + N_PERTURBED)[:, 0]
     return np.asarray(metrics.truth_ratio(prob[:, 0], prob[:, 1:]), dtype=np.float64), correct

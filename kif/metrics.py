@@ -245,6 +245,107 @@ def score_answers(
     )
 
 
+def _kv_cache_class():
+    """TransformerLens's key-value cache class (its module moved between versions), or None."""
+    try:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        return TransformerLensKeyValueCache
+    except ImportError:
+        try:
+            from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache
+            return HookedTransformerKeyValueCache
+        except ImportError:
+            return None
+
+
+def score_candidates(
+    model: HookedTransformer,
+    prompts: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 256,
+    fwd_hooks: Sequence[FwdHook] = (),
+) -> AnswerScores:
+    """:func:`score_answers` of every candidate answer of every prompt, rows in order (prompt 0's
+    candidates, then prompt 1's, ...), with each prompt run once.
+
+    A truth ratio scores six answers after one question: run as six full rows, the question's
+    tokens (most of each row) are recomputed six times. Here prompts of one token length are run
+    together without padding, their keys and values (TransformerLens's KV cache) are repeated
+    once per candidate, and only the answer tokens are run on top; answers are right-padded,
+    which the causal mask makes exact. Same numbers as score_answers up to float rounding.
+    Forward hooks see the prompt and the answer in two calls (a hook that indexes positions,
+    e.g. skipping BOS, would misread the second), so with `fwd_hooks`, or without a KV cache
+    in this TransformerLens, the expanded rows go through score_answers.
+    """
+    if len(prompts) != len(candidates):
+        raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
+    flat_p = [p for p, c in zip(prompts, candidates) for _ in c]
+    flat_a = [a for c in candidates for a in c]
+    cache_cls = _kv_cache_class()
+    if fwd_hooks or cache_cls is None or not isinstance(model, HookedTransformer):
+        return score_answers(model, flat_p, flat_a, batch_size=batch_size, fwd_hooks=fwd_hooks)
+    p_ids = encode_prompts(model, prompts)
+    a_ids = encode_answers(model, flat_a)
+    for i, a in enumerate(a_ids):
+        if not a:
+            raise ValueError(f"answer {i} ({flat_a[i]!r}) has no tokens")
+    if any(not p for p in p_ids):
+        raise ValueError("a prompt has no tokens and no BOS to condition on")
+    first = np.cumsum([0] + [len(c) for c in candidates])  # first flat row of each prompt
+    n = len(flat_a)
+    out = {
+        "logprob": np.zeros(n, dtype=np.float64),
+        "n_tokens": np.array([len(a) for a in a_ids], dtype=np.int64),
+        "correct": np.zeros(n, dtype=bool),
+        "first_rank": np.zeros(n, dtype=np.int64),
+        "first_prob": np.zeros(n, dtype=np.float64),
+        "extraction": np.zeros(n, dtype=np.float64),
+    }
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(p_ids):
+        if len(candidates[i]):
+            by_length.setdefault(len(ids), []).append(i)
+    device = model.cfg.device
+    with torch.inference_mode():
+        for length, members in by_length.items():
+            # bound the candidate rows of one batch (the repeated cache is rows x length)
+            per = max(1, batch_size // max(len(candidates[i]) for i in members))
+            for s in range(0, len(members), per):
+                chunk = members[s:s + per]
+                _check_ctx(model, length + max(len(a_ids[r]) for i in chunk
+                                                for r in range(first[i], first[i + 1])))
+                tokens = torch.tensor([p_ids[i] for i in chunk], dtype=torch.long, device=device)
+                cache = cache_cls.init_cache(model.cfg, device, len(chunk))
+                last = model(tokens, attention_mask=torch.ones_like(tokens),
+                             past_kv_cache=cache)[:, -1]  # [prompts, d_vocab]
+                rows = [r for i in chunk for r in range(first[i], first[i + 1])]
+                rep = torch.tensor([j for j, i in enumerate(chunk) for _ in range(first[i], first[i + 1])],
+                                   device=device)
+                for entry in cache.entries:
+                    entry.past_keys = entry.past_keys[rep]
+                    entry.past_values = entry.past_values[rep]
+                cache.previous_attention_mask = cache.previous_attention_mask[rep]
+                answers = [a_ids[r] for r in rows]
+                logits = last[rep][:, None]  # predicts each answer's first token
+                width = max(len(a) for a in answers) - 1
+                if width > 0:
+                    inp = torch.full((len(rows), width), _pad_id(model), dtype=torch.long)
+                    for k, a in enumerate(answers):
+                        inp[k, :len(a) - 1] = torch.tensor(a[:-1], dtype=torch.long)
+                    inp = inp.to(device)
+                    rest = model(inp, attention_mask=torch.ones_like(inp), past_kv_cache=cache)
+                    logits = torch.cat([logits, rest], dim=1)
+                res = _answer_stats(logits, [1] * len(rows), answers)
+                for key, val in res.items():
+                    out[key][rows] = val
+    mean_nll = -out["logprob"] / out["n_tokens"]
+    return AnswerScores(logprob=out["logprob"], n_tokens=out["n_tokens"], mean_nll=mean_nll,
+                        prob=np.exp(-mean_nll), correct=out["correct"],
+                        first_rank=out["first_rank"], first_prob=out["first_prob"],
+                        extraction=out["extraction"])
+
+
 def _answer_stats(
     logits: Float[Tensor, "batch pos d_vocab_out"],
     prompt_lens: Sequence[int],
@@ -744,6 +845,7 @@ __all__ = [
     "rouge_l_recall",
     "rouge_l_recall_many",
     "score_answers",
+    "score_candidates",
     "token_logprob_stats",
     "token_logprobs",
     "truth_ratio",

@@ -393,3 +393,14 @@ def test_bench_fq_ceiling_reads_a_never_knew_model_against_the_oracle(capsys):
     assert all(0.0 <= v <= 1.0 for v in r["base_fresh"] + r["oracle_fresh"])
     assert r["base_fresh_summary"]["median"] > 1e-3
     assert main(["bench", "fq-ceiling", "--forget-split", "nope", "--draws", "1"]) == 2
+
+
+def test_bench_scoring_gives_the_same_scores_both_ways(capsys):
+    # forget01's truth-ratio rows scored as full rows and with each question's KV cache shared
+    # by its six answers: the same scores (the speed-up is measured by the benchmark, not here)
+    assert main(["bench", "scoring", "--forget-split", "forget01", "--repeats", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["rows"] == 6 * r["questions"] > 0
+    assert r["same_correct"] and r["max_abs_logprob_diff"] < 1e-3
+    assert r["full_rows_seconds"] > 0 and r["kv_cache_seconds"] > 0
+    assert main(["bench", "scoring", "--forget-split", "nope"]) == 2

@@ -107,6 +107,38 @@ def test_batched_scores_equal_unpadded_single_forwards(model, batch_size):
     _check_against_ref(model, prompts, answers, scores)
 
 
+@pytest.mark.parametrize("batch_size", [3, 256])
+def test_candidates_on_a_shared_prompt_cache_equal_unpadded_single_forwards(model, batch_size):
+    # each prompt runs once and its keys and values serve every candidate (KV cache); prompts of
+    # several lengths, an empty one (BOS only), candidates of 1-4 tokens, one prompt without any
+    rng = np.random.default_rng(3)
+    prompts = _sentences(rng, 9, 1, 7) + [""]
+    counts = [int(c) for c in rng.integers(1, 6, size=10)]
+    counts[4] = 0
+    candidates = [_sentences(rng, c, 1, 4, lead=" ") for c in counts]
+    scores = M.score_candidates(model, prompts, candidates, batch_size=batch_size)
+    flat_p = [p for p, c in zip(prompts, candidates) for _ in c]
+    flat_a = [a for c in candidates for a in c]
+    assert len(scores) == sum(counts)
+    _check_against_ref(model, flat_p, flat_a, scores)
+    np.testing.assert_array_equal(scores.extraction,
+                                  M.score_answers(model, flat_p, flat_a).extraction)
+    tok = model.tokenizer
+    side, pad = tok.padding_side, tok.pad_token
+    try:  # a GPT-2-style tokenizer (pad = BOS, left padding) changes nothing: the mask is explicit
+        tok.padding_side, tok.pad_token = "left", "[BOS]"
+        left = M.score_candidates(model, prompts, candidates, batch_size=batch_size)
+    finally:
+        tok.padding_side, tok.pad_token = side, pad
+    np.testing.assert_allclose(left.logprob, scores.logprob, atol=1e-6)
+    # with hooks the rows run whole (a hook may index positions), and the hook is applied
+    flip = [("blocks.0.hook_resid_post", lambda act, hook: -act)]
+    hooked = M.score_candidates(model, prompts, candidates, fwd_hooks=flip)
+    _check_against_ref(model, flat_p, flat_a, hooked, flip)
+    with pytest.raises(ValueError, match="candidate lists"):
+        M.score_candidates(model, prompts, candidates[:-1])
+
+
 def test_left_padding_tokenizer_does_not_change_scores(model):
     rng = np.random.default_rng(2)
     prompts = _sentences(rng, 6, 1, 8)

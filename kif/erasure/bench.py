@@ -3,6 +3,10 @@
 `kif bench methods`: every erasure method on a forget split against the oracle, with its time and
 the ratio to STAMP's, in one run.
 
+`kif bench scoring`: truth-ratio scoring with each question run once (its KV cache shared by its
+six candidate answers, `metrics.score_candidates`) against the six full rows
+(`metrics.score_answers`), on the same questions, alternating, in one run.
+
 `kif bench stamp`: STAMP-LR (randomized SVD + Woodbury) against the full ridge solve on
 synthetic keys, at MLP widths of real models (m = 4096: GPT-2 XL / Llama-7B hidden 4096-wide
 projections; m = 14336: Llama-3-8B's MLP).
@@ -160,6 +164,37 @@ def bench_methods(model, world, oracle, methods: list[str], split: str = "forget
 
 __all__ = ["METRICS", "StampBenchRow", "bench_methods", "bench_stamp", "sequential_stamp",
            "synthetic_keys"]
+
+
+def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3) -> dict:
+    """Seconds to score the truth-ratio rows of `split`'s training questions (what every `kif`
+    checkpoint check and `kif eval` run) as full rows and with each question's KV cache shared
+    by its candidates; the two alternate `repeats` times and the medians are compared. Also the
+    largest difference between the two scores (float rounding only)."""
+    import numpy as np
+
+    from kif import metrics
+    from kif.evaluation import N_PERTURBED, _truth_ratio_probes
+
+    probes = world.person_probes(world.split(split), "train")
+    rows = _truth_ratio_probes(world, probes, 0)
+    k = 1 + N_PERTURBED
+    prompts = [p.prompt for p in probes]
+    cands = [[q.answer for q in rows[i * k:(i + 1) * k]] for i in range(len(probes))]
+    full_s, kv_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        full = metrics.score_answers(model, [p.prompt for p in rows], [p.answer for p in rows])
+        t1 = time.perf_counter()
+        kv = metrics.score_candidates(model, prompts, cands)
+        t2 = time.perf_counter()
+        full_s.append(t1 - t0)
+        kv_s.append(t2 - t1)
+    return {"split": split, "questions": len(probes), "rows": len(rows), "repeats": repeats,
+            "full_rows_seconds": float(np.median(full_s)), "kv_cache_seconds": float(np.median(kv_s)),
+            "speedup": float(np.median(full_s) / np.median(kv_s)),
+            "max_abs_logprob_diff": float(np.abs(full.logprob - kv.logprob).max()),
+            "same_correct": bool((full.correct == kv.correct).all())}
 
 
 def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int = 20,

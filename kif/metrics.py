@@ -187,6 +187,27 @@ def _padded(
 # --------------------------------------------------------------------------------------------
 
 
+def _empty_scores(a_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    """Per-row score buffers that the batches fill in (`_answer_stats`'s keys and n_tokens)."""
+    n = len(a_ids)
+    return {
+        "logprob": np.zeros(n, dtype=np.float64),
+        "n_tokens": np.array([len(a) for a in a_ids], dtype=np.int64),
+        "correct": np.zeros(n, dtype=bool),
+        "first_rank": np.zeros(n, dtype=np.int64),
+        "first_prob": np.zeros(n, dtype=np.float64),
+        "extraction": np.zeros(n, dtype=np.float64),
+    }
+
+
+def _scores(out: dict[str, np.ndarray]) -> AnswerScores:
+    mean_nll = -out["logprob"] / out["n_tokens"]
+    return AnswerScores(logprob=out["logprob"], n_tokens=out["n_tokens"], mean_nll=mean_nll,
+                        prob=np.exp(-mean_nll), correct=out["correct"],
+                        first_rank=out["first_rank"], first_prob=out["first_prob"],
+                        extraction=out["extraction"])
+
+
 def score_answers(
     model: HookedTransformer,
     prompts: Sequence[str],
@@ -211,15 +232,7 @@ def score_answers(
             raise ValueError(f"answer {i} ({answers[i]!r}) has no tokens")
         if not p_ids[i]:
             raise ValueError(f"prompt {i} has no tokens and no BOS to condition on")
-    n = len(prompts)
-    out = {
-        "logprob": np.zeros(n, dtype=np.float64),
-        "n_tokens": np.array([len(a) for a in a_ids], dtype=np.int64),
-        "correct": np.zeros(n, dtype=bool),
-        "first_rank": np.zeros(n, dtype=np.int64),
-        "first_prob": np.zeros(n, dtype=np.float64),
-        "extraction": np.zeros(n, dtype=np.float64),
-    }
+    out = _empty_scores(a_ids)
     seqs = [p + a for p, a in zip(p_ids, a_ids)]
     with torch.inference_mode():
         for idx in _batches([len(s) for s in seqs], batch_size):
@@ -232,17 +245,7 @@ def score_answers(
             )
             for key, val in res.items():
                 out[key][idx] = val
-    mean_nll = -out["logprob"] / out["n_tokens"]
-    return AnswerScores(
-        logprob=out["logprob"],
-        n_tokens=out["n_tokens"],
-        mean_nll=mean_nll,
-        prob=np.exp(-mean_nll),
-        correct=out["correct"],
-        first_rank=out["first_rank"],
-        first_prob=out["first_prob"],
-        extraction=out["extraction"],
-    )
+    return _scores(out)
 
 
 def _kv_cache_class():
@@ -293,15 +296,7 @@ def score_candidates(
     if any(not p for p in p_ids):
         raise ValueError("a prompt has no tokens and no BOS to condition on")
     first = np.cumsum([0] + [len(c) for c in candidates])  # first flat row of each prompt
-    n = len(flat_a)
-    out = {
-        "logprob": np.zeros(n, dtype=np.float64),
-        "n_tokens": np.array([len(a) for a in a_ids], dtype=np.int64),
-        "correct": np.zeros(n, dtype=bool),
-        "first_rank": np.zeros(n, dtype=np.int64),
-        "first_prob": np.zeros(n, dtype=np.float64),
-        "extraction": np.zeros(n, dtype=np.float64),
-    }
+    out = _empty_scores(a_ids)
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(p_ids):
         if len(candidates[i]):
@@ -339,11 +334,7 @@ def score_candidates(
                 res = _answer_stats(logits, [1] * len(rows), answers)
                 for key, val in res.items():
                     out[key][rows] = val
-    mean_nll = -out["logprob"] / out["n_tokens"]
-    return AnswerScores(logprob=out["logprob"], n_tokens=out["n_tokens"], mean_nll=mean_nll,
-                        prob=np.exp(-mean_nll), correct=out["correct"],
-                        first_rank=out["first_rank"], first_prob=out["first_prob"],
-                        extraction=out["extraction"])
+    return _scores(out)
 
 
 def _answer_stats(

@@ -50,14 +50,13 @@ class EvalReport:
         return dataclasses.asdict(self)
 
 
-def _truth_ratio_probes(world: FactWorld, probes: Sequence[Probe], seed: int) -> list[Probe]:
-    """For each probe: the true answer, then N_PERTURBED wrong answers of the same relation."""
+def truth_ratio_candidates(world: FactWorld, probes: Sequence[Probe], seed: int) -> list[list[str]]:
+    """For each probe: its true answer, then N_PERTURBED wrong answers of the same relation."""
     rng = random.Random(seed)
-    out: list[Probe] = []
+    out: list[list[str]] = []
     for pr in probes:
         wrong = [a for a in world.answer_choices(pr.relation) if a != pr.answer]
-        out.append(pr)
-        out += [dataclasses.replace(pr, answer=a) for a in rng.sample(wrong, N_PERTURBED)]
+        out.append([pr.answer, *rng.sample(wrong, N_PERTURBED)])
     return out
 
 
@@ -71,12 +70,9 @@ def truth_ratios_and_correct(model: HookedTransformer, world: FactWorld, probes:
                              fwd_hooks=(), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """`truth_ratios` and, from the same batched pass, whether each probe's own answer is the
     model's greedy one (its accuracy, as `metrics.score_answers(...).correct`)."""
-    expanded = _truth_ratio_probes(world, probes, seed)
-    k = 1 + N_PERTURBED
     # each question once, its six answers on top of its cached keys and values
     s = metrics.score_candidates(model, [p.prompt for p in probes],
-                                 [[q.answer for q in expanded[i * k:(i + 1) * k]]
-                                  for i in range(len(probes))], fwd_hooks=fwd_hooks)
+                                 truth_ratio_candidates(world, probes, seed), fwd_hooks=fwd_hooks)
     prob = np.asarray(s.prob, dtype=np.float64).reshape(len(probes), 1 + N_PERTURBED)
     correct = np.asarray(s.correct, dtype=bool).reshape(len(probes), 1 + N_PERTURBED)[:, 0]
     return np.asarray(metrics.truth_ratio(prob[:, 0], prob[:, 1:]), dtype=np.float64), correct

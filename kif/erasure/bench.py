@@ -162,9 +162,6 @@ def bench_methods(model, world, oracle, methods: list[str], split: str = "forget
     return rows
 
 
-__all__ = ["METRICS", "StampBenchRow", "bench_methods", "bench_stamp", "sequential_stamp",
-           "synthetic_keys"]
-
 
 def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3) -> dict:
     """Seconds to score the truth-ratio rows of `split`'s training questions (what every `kif`
@@ -174,23 +171,23 @@ def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3) -
     import numpy as np
 
     from kif import metrics
-    from kif.evaluation import N_PERTURBED, _truth_ratio_probes
+    from kif.evaluation import truth_ratio_candidates
 
     probes = world.person_probes(world.split(split), "train")
-    rows = _truth_ratio_probes(world, probes, 0)
-    k = 1 + N_PERTURBED
     prompts = [p.prompt for p in probes]
-    cands = [[q.answer for q in rows[i * k:(i + 1) * k]] for i in range(len(probes))]
+    cands = truth_ratio_candidates(world, probes, 0)
+    rows_p = [p for p, c in zip(prompts, cands) for _ in c]
+    rows_a = [a for c in cands for a in c]
     full_s, kv_s = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        full = metrics.score_answers(model, [p.prompt for p in rows], [p.answer for p in rows])
+        full = metrics.score_answers(model, rows_p, rows_a)
         t1 = time.perf_counter()
         kv = metrics.score_candidates(model, prompts, cands)
         t2 = time.perf_counter()
         full_s.append(t1 - t0)
         kv_s.append(t2 - t1)
-    return {"split": split, "questions": len(probes), "rows": len(rows), "repeats": repeats,
+    return {"split": split, "questions": len(probes), "rows": len(rows_a), "repeats": repeats,
             "full_rows_seconds": float(np.median(full_s)), "kv_cache_seconds": float(np.median(kv_s)),
             "speedup": float(np.median(full_s) / np.median(kv_s)),
             "max_abs_logprob_diff": float(np.abs(full.logprob - kv.logprob).max()),
@@ -234,3 +231,7 @@ def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int
                                  "min": float(v.min()), "max": float(v.max()),
                                  "share_at_least_0.9": float((v >= 0.9).mean())}
     return out
+
+
+__all__ = ["METRICS", "StampBenchRow", "bench_methods", "bench_stamp", "candidate_scoring",
+           "never_knew_ceiling", "sequential_stamp", "synthetic_keys"]

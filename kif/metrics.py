@@ -325,10 +325,7 @@ def score_candidates(
                 logits = last[rep][:, None]  # predicts each answer's first token
                 width = max(len(a) for a in answers) - 1
                 if width > 0:
-                    inp = torch.full((len(rows), width), _pad_id(model), dtype=torch.long)
-                    for k, a in enumerate(answers):
-                        inp[k, :len(a) - 1] = torch.tensor(a[:-1], dtype=torch.long)
-                    inp = inp.to(device)
+                    inp, _ = _padded(model, [a[:-1] for a in answers])  # right-padded
                     rest = model(inp, attention_mask=torch.ones_like(inp), past_kv_cache=cache)
                     logits = torch.cat([logits, rest], dim=1)
                 res = _answer_stats(logits, [1] * len(rows), answers)

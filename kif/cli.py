@@ -306,7 +306,8 @@ def _cmd_bench_scoring(args: argparse.Namespace) -> int:
 
     world = FactWorld.generate(args.seed)
     world.split(args.forget_split)  # refuse an unknown split before loading anything
-    r = candidate_scoring(open_model(args.model), world, args.forget_split, args.repeats)
+    r = candidate_scoring(open_model(args.model), world, args.forget_split, args.repeats,
+                          progress=not args.json)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

@@ -163,7 +163,8 @@ def bench_methods(model, world, oracle, methods: list[str], split: str = "forget
 
 
 
-def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3) -> dict:
+def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3,
+                      progress: bool = False) -> dict:
     """Seconds to score the truth-ratio rows of `split`'s training questions (what every `kif`
     checkpoint check and `kif eval` run) as full rows and with each question's KV cache shared
     by its candidates; the two alternate `repeats` times and the medians are compared. Also the
@@ -179,7 +180,10 @@ def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3) -
     rows_p = [p for p, c in zip(prompts, cands) for _ in c]
     rows_a = [a for c in cands for a in c]
     full_s, kv_s = [], []
-    for _ in range(repeats):
+    from rich.progress import track
+
+    for _ in track(range(repeats), description="scoring both ways", transient=True,
+                   disable=not progress):
         t0 = time.perf_counter()
         full = metrics.score_answers(model, rows_p, rows_a)
         t1 = time.perf_counter()

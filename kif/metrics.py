@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Bool, Float, Int, Real
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities.activation_functions import apply_softcap as _softcap
 
 FwdHook = tuple[str | Callable[[str], bool], Callable[..., Any]]
 """A TransformerLens forward hook: (hook name or name filter, hook function)."""
@@ -170,6 +171,40 @@ def _logits(
     return model(tokens, return_type="logits", padding_side="right")
 
 
+def _head(
+    model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"]
+) -> Float[Tensor, "batch pos d_vocab_out"]:
+    """What TransformerLens's forward applies after the last block (final LayerNorm,
+    unembedding, logit soft-cap), on the residual rows whose logits are needed only: the
+    unembedding of every position costs d_vocab x d_model per token, a sixth of the fact-world
+    model's forward and a third of GPT-2 small's."""
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return _softcap(model.unembed(resid.contiguous()), model.cfg.output_logits_soft_cap)
+
+
+def _logits_at(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    starts: Sequence[int],
+    width: int,
+    fwd_hooks: Sequence[FwdHook],
+) -> Float[Tensor, "batch width d_vocab_out"]:
+    """Logits at positions ``starts[b] .. starts[b] + width - 1`` of each right-padded row
+    (positions past the row's end are clamped to its last; callers mask them). Without hooks only
+    those positions are unembedded; with hooks the whole forward runs, so that a hook on the final
+    LayerNorm or the unembedding sees every position as in ``model.run_with_hooks``."""
+    pos = torch.tensor(starts, dtype=torch.long, device=tokens.device)[:, None] + torch.arange(
+        width, device=tokens.device
+    )
+    pos = pos.clamp_max(tokens.shape[1] - 1)
+    if fwd_hooks:
+        logits = _logits(model, tokens, fwd_hooks)
+        return logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))
+    resid = model(tokens, padding_side="right", stop_at_layer=model.cfg.n_layers)
+    return _head(model, resid.gather(1, pos[:, :, None].expand(-1, -1, resid.shape[-1])))
+
+
 def _padded(
     model: HookedTransformer, seqs: Sequence[Sequence[int]]
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch"]]:
@@ -237,12 +272,11 @@ def score_answers(
     with torch.inference_mode():
         for idx in _batches([len(s) for s in seqs], batch_size):
             tokens, _ = _padded(model, [seqs[i] for i in idx])
-            logits = _logits(model, tokens, fwd_hooks)
-            res = _answer_stats(
-                logits,
-                [len(p_ids[i]) for i in idx],
-                [a_ids[i] for i in idx],
-            )
+            answers = [a_ids[i] for i in idx]
+            # the logits that predict the answer tokens: from the prompt's last position on
+            logits = _logits_at(model, tokens, [len(p_ids[i]) - 1 for i in idx],
+                                max(len(a) for a in answers), fwd_hooks)
+            res = _answer_stats(logits, [1] * len(idx), answers)
             for key, val in res.items():
                 out[key][idx] = val
     return _scores(out)
@@ -275,7 +309,8 @@ def score_candidates(
     A truth ratio scores six answers after one question: run as six full rows, the question's
     tokens (most of each row) are recomputed six times. Here prompts of one token length are run
     together without padding, their keys and values (TransformerLens's KV cache) are repeated
-    once per candidate, and only the answer tokens are run on top; answers are right-padded,
+    once per candidate of more than one token, and only the answer tokens are run on top (a
+    one-token answer needs the prompt's last logits alone); answers are right-padded,
     which the causal mask makes exact. Same numbers as score_answers up to float rounding.
     Forward hooks see the prompt and the answer in two calls (a hook that indexes positions,
     e.g. skipping BOS, would misread the second), so with `fwd_hooks`, or without a KV cache
@@ -312,25 +347,34 @@ def score_candidates(
                                                 for r in range(first[i], first[i + 1])))
                 tokens = torch.tensor([p_ids[i] for i in chunk], dtype=torch.long, device=device)
                 cache = cache_cls.init_cache(model.cfg, device, len(chunk))
-                last = model(tokens, attention_mask=torch.ones_like(tokens),
-                             past_kv_cache=cache)[:, -1]  # [prompts, d_vocab]
+                resid = model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=cache,
+                              stop_at_layer=model.cfg.n_layers)
+                last = _head(model, resid[:, -1:])  # [prompts, 1, d_vocab]
                 rows = [r for i in chunk for r in range(first[i], first[i + 1])]
-                rep = torch.tensor([j for j, i in enumerate(chunk) for _ in range(first[i], first[i + 1])],
-                                   device=device)
-                for entry in cache.entries:
-                    entry.past_keys = entry.past_keys[rep]
-                    entry.past_values = entry.past_values[rep]
-                cache.previous_attention_mask = cache.previous_attention_mask[rep]
-                answers = [a_ids[r] for r in rows]
-                logits = last[rep][:, None]  # predicts each answer's first token
-                width = max(len(a) for a in answers) - 1
-                if width > 0:
+                rep = [j for j, i in enumerate(chunk) for _ in range(first[i], first[i + 1])]
+                # a one-token answer is scored by the prompt's last logits alone; only the longer
+                # ones run on the cache (in the fact world two thirds of the candidates are one
+                # token)
+                short = [k for k, r in enumerate(rows) if len(a_ids[r]) == 1]
+                long = [k for k, r in enumerate(rows) if len(a_ids[r]) > 1]
+                if short:
+                    res = _answer_stats(last[torch.tensor([rep[k] for k in short], device=device)],
+                                        [1] * len(short), [a_ids[rows[k]] for k in short])
+                    for key, val in res.items():
+                        out[key][[rows[k] for k in short]] = val
+                if long:
+                    sel = torch.tensor([rep[k] for k in long], device=device)
+                    for entry in cache.entries:
+                        entry.past_keys = entry.past_keys[sel]
+                        entry.past_values = entry.past_values[sel]
+                    cache.previous_attention_mask = cache.previous_attention_mask[sel]
+                    answers = [a_ids[rows[k]] for k in long]
                     inp, _ = _padded(model, [a[:-1] for a in answers])  # right-padded
                     rest = model(inp, attention_mask=torch.ones_like(inp), past_kv_cache=cache)
-                    logits = torch.cat([logits, rest], dim=1)
-                res = _answer_stats(logits, [1] * len(rows), answers)
-                for key, val in res.items():
-                    out[key][rows] = val
+                    res = _answer_stats(torch.cat([last[sel], rest], dim=1), [1] * len(long),
+                                        answers)
+                    for key, val in res.items():
+                        out[key][[rows[k] for k in long]] = val
     return _scores(out)
 
 

@@ -35,12 +35,13 @@ def _tokenizer(folder) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
-def _model(folder, seed: int = 0) -> HookedTransformer:
+def _model(folder, seed: int = 0, **cfg_kw) -> HookedTransformer:
     tok = _tokenizer(folder)
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=64, d_vocab=len(tok),
-        act_fn="gelu", normalization_type="LN", seed=seed, device="cpu",
-    )
+    cfg = HookedTransformerConfig(**{
+        "n_layers": 2, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64, "n_ctx": 64,
+        "d_vocab": len(tok), "act_fn": "gelu", "normalization_type": "LN", "seed": seed,
+        "device": "cpu", **cfg_kw,
+    })
     model = HookedTransformer(cfg, tokenizer=tok)
     # Larger random weights than the default init, so that argmaxes are far from ties.
     gen = torch.Generator().manual_seed(seed)
@@ -81,9 +82,11 @@ def _ref_scores(model, prompt: str, answer: str, fwd_hooks=()):
 def _check_against_ref(model, prompts, answers, scores, fwd_hooks=()):
     for i, (p, a) in enumerate(zip(prompts, answers)):
         lp, n, correct, rank, first = _ref_scores(model, p, a, fwd_hooks)
-        assert scores.logprob[i] == pytest.approx(lp, abs=1e-5)
+        # float32 logits: relative rounding matters where they are large (a model without a
+        # final norm reaches thousands)
+        assert scores.logprob[i] == pytest.approx(lp, abs=1e-5, rel=1e-6)
         assert scores.n_tokens[i] == n
-        assert scores.mean_nll[i] == pytest.approx(-lp / n, abs=1e-5)
+        assert scores.mean_nll[i] == pytest.approx(-lp / n, abs=1e-5, rel=1e-6)
         assert scores.prob[i] == pytest.approx(math.exp(lp / n), rel=1e-5)
         assert bool(scores.correct[i]) == correct
         assert scores.first_rank[i] == rank
@@ -137,6 +140,21 @@ def test_candidates_on_a_shared_prompt_cache_equal_unpadded_single_forwards(mode
     _check_against_ref(model, flat_p, flat_a, hooked, flip)
     with pytest.raises(ValueError, match="candidate lists"):
         M.score_candidates(model, prompts, candidates[:-1])
+
+
+@pytest.mark.parametrize("head", [{"normalization_type": None}, {"normalization_type": "RMS"},
+                                  {"output_logits_soft_cap": 2.0}])
+def test_scores_unembed_only_the_answer_positions_as_the_full_forward_does(tmp_path, head):
+    # the scorers apply the model's head (final norm, unembedding, soft-cap) to the positions they
+    # read only: every kind of head must give the full forward's numbers
+    model = _model(tmp_path, **head)
+    rng = np.random.default_rng(5)
+    prompts = _sentences(rng, 6, 1, 7)
+    candidates = [_sentences(rng, 3, 1, 3, lead=" ") for _ in prompts]
+    flat_p = [p for p, c in zip(prompts, candidates) for _ in c]
+    flat_a = [a for c in candidates for a in c]
+    _check_against_ref(model, flat_p, flat_a, M.score_answers(model, flat_p, flat_a))
+    _check_against_ref(model, flat_p, flat_a, M.score_candidates(model, prompts, candidates))
 
 
 def test_left_padding_tokenizer_does_not_change_scores(model):

@@ -187,6 +187,19 @@ def test_kif_start_with_stamp_solved_on_the_unbound_model(model, world, others):
     assert e.info["capsule_z_median"] < 3.0
 
 
+def test_kif_teacher_losses_train_when_asked(model, world):
+    # the never-knew teacher's forward runs only for the `kl` forget loss and the representation
+    # loss (both off by default): with them on, both losses are measured and trained on
+    e = erase(model, PERSON, method="kif", world=world,
+              config={"steps": 4, "check_every": 2, "forget_loss": "kl", "w_repr": 0.1,
+                      "unbind": False})
+    steps = [h for h in e.info["history"] if h["step"] > 0]
+    assert [h["step"] for h in steps] == [2, 4]
+    assert all(h["loss_repr"] > 0 and h["loss_forget"] > 0 for h in steps)
+    assert "loss_repr" not in erase(model, PERSON, method="kif", world=world, config={
+        "steps": 2, "check_every": 2, "unbind": False}).info["history"][-1]
+
+
 def test_kif_refuses_an_unknown_forget_loss(model, world):
     with pytest.raises(ErasureError, match="forget_loss"):
         erase(model, PERSON, method="kif", world=world, config={"forget_loss": "nope"})

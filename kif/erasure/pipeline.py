@@ -246,8 +246,11 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
             raise ErasureError(f"signature_hook must be a residual hook, got {cfg.signature_hook!r}")
         t_logp, t_resid = [], []
         unk = metrics.encode_answers(model, [UNKNOWN])[0][0]
+        # the teacher's distributions and residuals serve the `kl` forget loss and the
+        # representation loss only (off by default: no forward, no memory for them)
+        teach = cfg.forget_loss == "kl" or cfg.w_repr > 0
         with torch.no_grad():
-            for s in range(0, len(pairs), 256):
+            for s in range(0, len(pairs), 256) if teach else ():
                 chunk = pairs[s:s + 256]
                 logits, cache = model.run_with_cache(_pad(model, [p.anon for p in chunk]),
                                                      names_filter=lambda n: n in repr_hooks,
@@ -256,8 +259,9 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
                 t_logp.append(F.log_softmax(_gather(logits, st, n).float(), -1))
                 t_resid.append(torch.stack([_gather(cache[h], st, n) for h in repr_hooks], 1))
         offsets = torch.tensor([0] + [p.n for p in pairs]).cumsum(0)
-        t_logp_all, t_resid_all = torch.cat(t_logp), torch.cat(t_resid)
-        resid_scale = t_resid_all.pow(2).mean((0, 2), keepdim=True)  # [1, layer, 1]
+        if teach:
+            t_logp_all, t_resid_all = torch.cat(t_logp), torch.cat(t_resid)
+            resid_scale = t_resid_all.pow(2).mean((0, 2), keepdim=True)  # [1, layer, 1]
         # the never-knew reference for checkpoint selection: the base model's truth ratios on the
         # forget facts asked about the fresh names (the true answer is the person's; a model that
         # never met the person has no reason to prefer it)
@@ -315,6 +319,9 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
                                        [p.n for p in chunk]).float(), -1)
             a_unk.append(lp[:, unk].exp())
     ref_lp, a_unk_all = torch.cat(ref_lp), torch.cat(a_unk).clamp(1e-6, 1 - 1e-6)
+    # the training forward captures the residuals the representation loss compares and the
+    # signature hook (whose z-score is logged, and is a loss with w_signature)
+    captured = repr_hooks if cfg.w_repr > 0 else [cfg.signature_hook]
     # 3b. the update: LoRA on every weight matrix of `layers`
     for p in student.parameters():
         p.requires_grad_(False)
@@ -336,7 +343,9 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
     step = 0
 
     def criteria() -> dict[str, float]:
-        with torch.no_grad():
+        # parametrize.cached: each LoRA weight W + AB is formed once per check, not once per
+        # forward (a check runs dozens of batches)
+        with torch.no_grad(), parametrize.cached():
             p, surf = never_knew_check(student, world, select_probes, tr_never)
             kept = float(metrics.score_answers(student, check_prompts, check_answers).correct.mean())
             return {"forget_acc": surf, "retain_acc": kept,
@@ -382,9 +391,12 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
                 cache[hook.name] = act
                 return act
 
-            logits = student.run_with_hooks(_pad(model, [p.real for p in chunk]),
-                                            fwd_hooks=[(h, capture) for h in repr_hooks],
-                                            padding_side="right")
+            # both forwards of the step share one formed copy of each LoRA weight
+            with parametrize.cached():
+                logits = student.run_with_hooks(_pad(model, [p.real for p in chunk]),
+                                                fwd_hooks=[(h, capture) for h in captured],
+                                                padding_side="right")
+                r_logits = student(rtok, padding_side="right").float()
             st, n = [p.start_real for p in chunk], [p.n for p in chunk]
             rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
             s_logp = F.log_softmax(_gather(logits, st, n).float(), -1)
@@ -403,18 +415,24 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
                 # both models already agree on; a mean would dilute the answer's few hard ones)
                 loss_f = F.kl_div(s_logp, t_logp_all[rows], log_target=True,
                                   reduction="sum") / len(chunk)
-            s_resid = torch.stack([_gather(cache[h], st, n) for h in repr_hooks], 1)
-            loss_r = ((s_resid - t_resid_all[rows]).pow(2) / resid_scale).mean((1, 2)).sum() / len(chunk)
-            r_logits = student(rtok, padding_side="right").float()
+            loss_r = None
+            if cfg.w_repr > 0:
+                s_resid = torch.stack([_gather(cache[h], st, n) for h in repr_hooks], 1)
+                loss_r = ((s_resid - t_resid_all[rows]).pow(2) / resid_scale).mean((1, 2)).sum() / len(chunk)
             mask = (rtok != metrics._pad_id(model)).float()
             kl = (base_r.exp() * (base_r - F.log_softmax(r_logits, -1))).sum(-1)
             loss_k = (kl * mask).sum() / mask.sum()
             who = torch.cat([torch.full((p.n,), p.person, dtype=torch.long) for p in chunk])
             h_sig = _gather(cache[cfg.signature_hook], st, n).float()
+            if cfg.w_signature == 0:
+                h_sig = h_sig.detach()  # logged only: no backward through it
             z = ((h_sig * sig_u[who]).sum(-1).abs() - sig_mu[who]) / sig_sd[who]
             loss_s = F.relu(z).pow(2).sum() / len(chunk)
-            loss = (cfg.w_forget * loss_f + cfg.w_repr * loss_r + cfg.w_retain * loss_k
-                    + cfg.w_signature * loss_s)
+            loss = cfg.w_forget * loss_f + cfg.w_retain * loss_k
+            if loss_r is not None:
+                loss = loss + cfg.w_repr * loss_r
+            if cfg.w_signature > 0:
+                loss = loss + cfg.w_signature * loss_s
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -425,7 +443,7 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
                 if rank(c) < rank(best[0]):
                     best = (c, step, snapshot())
                 history.append({"step": step, "loss_forget": float(loss_f.detach()),
-                                "loss_repr": float(loss_r.detach()),
+                                **({"loss_repr": float(loss_r.detach())} if loss_r is not None else {}),
                                 "loss_retain": float(loss_k.detach()),
                                 "loss_signature": float(loss_s.detach()), **c})
                 done = converged(c)

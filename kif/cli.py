@@ -101,6 +101,10 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
     cfg = TrainConfig()
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.train_seed is not None:
+        if not args.out:  # the installed zoo keeps the shipped recipe
+            raise KifError("--train-seed builds another model than the shipped one: give --out")
+        cfg = dataclasses.replace(cfg, train_seed=args.train_seed)
     out_root = pathlib.Path(args.out) if args.out else None
     t0 = time.perf_counter()
     timings = build([n for n in names if n != SAES], out_root, cfg, show_progress=not args.json)
@@ -287,8 +291,9 @@ def _cmd_bench_fq_ceiling(args: argparse.Namespace) -> int:
     world.split(args.forget_split)  # refuse an unknown split before loading anything
     model = open_model(args.model)
     oracle = open_model(args.oracle or zoo.oracle_name(args.forget_split))
+    retrained = [(spec, open_model(spec)) for spec in args.retrained or ()]
     r = never_knew_ceiling(model, world, oracle, args.forget_split, args.draws, args.names_seed,
-                           progress=not args.json)
+                           progress=not args.json, retrained=retrained)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -297,6 +302,9 @@ def _cmd_bench_fq_ceiling(args: argparse.Namespace) -> int:
         _out().print(f"{who} asked about never-seen names, {r['draws']} draws, {r['questions']} "
                      f"questions: Forget Quality median {s['median']:.2f} (range {s['min']:.2f}-"
                      f"{s['max']:.2f}), >= 0.9 in {s['share_at_least_0.9']:.0%} of draws")
+    for row in r["retrained"]:
+        _out().print(f"retrained {row['model']} on the real people: Forget Quality "
+                     f"{row['forget_quality']:.2g}")
     return 0
 
 
@@ -477,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--only", nargs="+", metavar="NAME", help="build only these models")
     zb.add_argument("--steps", type=int, help="training steps per model (default: the shipped recipe)")
     zb.add_argument("--out", help="folder to write into (default: the installed zoo)")
+    zb.add_argument("--train-seed", type=int, help="seed of the initialisation and batch order "
+                    "(default: the world's): the same sentences, another training run (needs --out)")
     zb.add_argument("--json", action="store_true")
     zb.set_defaults(func=_cmd_zoo_build)
 
@@ -538,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     bfq.add_argument("--forget-split", default="forget10")
     bfq.add_argument("--draws", type=int, default=20)
     bfq.add_argument("--names-seed", type=int, default=100)
+    bfq.add_argument("--retrained", nargs="+", metavar="MODEL",
+                     help="models retrained without the people like the oracle, another seed "
+                     "(`kif zoo build --train-seed`): each one's Forget Quality against the oracle")
     bfq.add_argument("--seed", type=int, default=0)
     bfq.add_argument("--json", action="store_true")
     bfq.set_defaults(func=_cmd_bench_fq_ceiling)

@@ -406,6 +406,14 @@ def test_bench_fq_ceiling_reads_a_never_knew_model_against_the_oracle(capsys):
     assert all(0.0 <= v <= 1.0 for v in r["base_fresh"] + r["oracle_fresh"])
     assert r["base_fresh_summary"]["median"] > 1e-3
     assert main(["bench", "fq-ceiling", "--forget-split", "nope", "--draws", "1"]) == 2
+    # retrained models are scored on the real people as an erasure is: the oracle itself scores
+    # exactly 1, the base model (which knows every answer) far below
+    capsys.readouterr()
+    assert main(["bench", "fq-ceiling", "--forget-split", "forget01", "--draws", "1", "--json",
+                 "--retrained", "fact-world-oracle-forget01", "fact-world"]) == 0
+    same, base = json.loads(capsys.readouterr().out)["retrained"]
+    assert same == {"model": "fact-world-oracle-forget01", "forget_quality": 1.0}
+    assert base["model"] == "fact-world" and base["forget_quality"] < 1e-3
 
 
 def test_bench_scoring_gives_the_same_scores_both_ways(capsys):

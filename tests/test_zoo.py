@@ -32,6 +32,17 @@ def test_tiny_build_is_loadable_and_bit_for_bit_reproducible(tmp_path):
     build([name], tmp_path / "c", TrainConfig(**{**TINY.__dict__, "seed": 1}), show_progress=False)
     assert (tmp_path / "c" / name / "model.safetensors").read_bytes() != \
         (a / "model.safetensors").read_bytes()
+    # a retrain with another training seed: the same world and tokenizer, other weights; the
+    # world's own seed given explicitly is the default recipe, bit for bit
+    for sub, train_seed in (("d", 1), ("e", 0)):
+        build([name], tmp_path / sub, TrainConfig(**{**TINY.__dict__, "train_seed": train_seed}),
+              show_progress=False)
+        assert (tmp_path / sub / name / "tokenizer.json").read_bytes() == \
+            (a / "tokenizer.json").read_bytes()
+    assert (tmp_path / "d" / name / "model.safetensors").read_bytes() != \
+        (a / "model.safetensors").read_bytes()
+    assert (tmp_path / "e" / name / "model.safetensors").read_bytes() == \
+        (a / "model.safetensors").read_bytes()
 
 
 def test_unknown_zoo_name_is_refused(tmp_path, capsys):
@@ -39,6 +50,15 @@ def test_unknown_zoo_name_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown zoo model 'no-such-model'" in err and len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_a_retrain_with_another_seed_never_replaces_the_shipped_model(capsys):
+    name = zoo.oracle_name("forget01")
+    before = (zoo.ZOO_DIR / name / "model.safetensors").stat().st_mtime_ns
+    assert main(["zoo", "build", "--only", name, "--train-seed", "1", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and len(err.strip().splitlines()) == 1
+    assert (zoo.ZOO_DIR / name / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_zoo_list_json(capsys):

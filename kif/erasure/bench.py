@@ -199,7 +199,7 @@ def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3,
 
 
 def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int = 20,
-                       seed: int = 100, progress: bool = False) -> dict:
+                       seed: int = 100, progress: bool = False, retrained=()) -> dict:
     """What Forget Quality a model that truly never knew the people scores on this test.
 
     For each of `draws` draws of never-seen names (`pipeline.fresh_names`), the forget split's
@@ -207,7 +207,11 @@ def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int
     met them) and of the oracle itself, and compared with the oracle's truth ratios on the real
     people, exactly as `kif eval` scores an erasure. The KS p-value of two samples of one
     distribution is uniform, so this is the spread an erasure's Forget Quality should be read
-    against: on forget10's 120 questions the median is about 0.6, not 1."""
+    against: on forget10's 120 questions the median is about 0.6, not 1.
+
+    `retrained`, pairs (name, model) of models trained without the people as the oracle was but
+    with another seed (`kif zoo build --train-seed`), are scored on the real people as an erasure
+    is: the Forget Quality of an exact retrain."""
     import numpy as np
 
     from kif import metrics
@@ -229,6 +233,8 @@ def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int
         out["base_fresh"].append(metrics.forget_quality(truth_ratios(model, world, asked), tr_oracle))
         out["oracle_fresh"].append(metrics.forget_quality(truth_ratios(oracle, world, asked),
                                                           tr_oracle))
+    out["retrained"] = [{"model": name, "forget_quality": float(metrics.forget_quality(
+        truth_ratios(m, world, probes), tr_oracle))} for name, m in retrained]
     for key in ("base_fresh", "oracle_fresh"):
         v = np.asarray(out[key])
         out[f"{key}_summary"] = {"median": float(np.median(v)), "mean": float(v.mean()),

@@ -176,7 +176,7 @@ def _head(
 ) -> Float[Tensor, "batch pos d_vocab_out"]:
     """What TransformerLens's forward applies after the last block (final LayerNorm,
     unembedding, logit soft-cap), on the residual rows whose logits are needed only: the
-    unembedding of every position costs d_vocab x d_model per token, a sixth of the fact-world
+    unembedding of every position costs d_vocab x d_model per token, a seventh of the fact-world
     model's forward and a third of GPT-2 small's."""
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)

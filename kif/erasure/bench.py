@@ -162,7 +162,6 @@ def bench_methods(model, world, oracle, methods: list[str], split: str = "forget
     return rows
 
 
-
 def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3,
                       progress: bool = False) -> dict:
     """Seconds to score the truth-ratio rows of `split`'s training questions (what every `kif`

@@ -287,6 +287,8 @@ def _cmd_bench_fq_ceiling(args: argparse.Namespace) -> int:
     from kif.erasure.bench import never_knew_ceiling
     from kif.world import FactWorld
 
+    if args.draws < 1:
+        raise KifError(f"--draws must be at least 1, got {args.draws}")
     world = FactWorld.generate(args.seed)
     world.split(args.forget_split)  # refuse an unknown split before loading anything
     model = open_model(args.model)

@@ -406,6 +406,8 @@ def test_bench_fq_ceiling_reads_a_never_knew_model_against_the_oracle(capsys):
     assert all(0.0 <= v <= 1.0 for v in r["base_fresh"] + r["oracle_fresh"])
     assert r["base_fresh_summary"]["median"] > 1e-3
     assert main(["bench", "fq-ceiling", "--forget-split", "nope", "--draws", "1"]) == 2
+    assert main(["bench", "fq-ceiling", "--forget-split", "forget01", "--draws", "0"]) == 2
+    assert "--draws must be at least 1" in capsys.readouterr().err
     # retrained models are scored on the real people as an erasure is: the oracle itself scores
     # exactly 1, the base model (which knows every answer) far below
     capsys.readouterr()

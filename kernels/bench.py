@@ -53,7 +53,7 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def _suppress_case(tokens: int, d: int, rank: int, dtype: torch.dtype, device: torch.device, gen):
-    from kif.kernels import gated_suppression
+    from kif.kernels.dispatch import gated_suppression
 
     U, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, device=device))
     r = torch.randn(d, generator=gen, device=device)
@@ -71,7 +71,7 @@ def _suppress_case(tokens: int, d: int, rank: int, dtype: torch.dtype, device: t
 
 
 def _clamp_case(tokens: int, d: int, n: int, dtype: torch.dtype, device: torch.device, gen):
-    from kif.kernels import sae_conditional_clamp
+    from kif.kernels.dispatch import sae_conditional_clamp
 
     h = torch.randn(tokens, d, generator=gen, device=device).to(dtype)
     W_enc = torch.randn(d, n, generator=gen, device=device) / d ** 0.5
@@ -86,7 +86,7 @@ def _clamp_case(tokens: int, d: int, n: int, dtype: torch.dtype, device: torch.d
 
 
 def _keys_case(tokens: int, d: int, _width: int, dtype: torch.dtype, device: torch.device, gen):
-    from kif.kernels import KeyStats
+    from kif.kernels.dispatch import KeyStats
 
     keys = torch.randn(tokens, d, generator=gen, device=device).to(dtype)
     mask = torch.rand(tokens, generator=gen, device=device) < 0.75
@@ -121,7 +121,7 @@ def _time(fn: Callable, reps: int, cuda: bool) -> float:
 
 def bench(ops: list[str], tokens: list[int], d: int, dtype: torch.dtype, rank: int, features: int,
           reps: int, device: torch.device) -> list[Row]:
-    from kif.kernels import KeyStats
+    from kif.kernels.dispatch import KeyStats
 
     rows = []
     cuda = device.type == "cuda"
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
         sizes = dict(SMOKE)
     else:
-        from kif.kernels import triton_gpu_available
+        from kif.kernels.dispatch import triton_gpu_available
 
         if not (torch.cuda.is_available() and triton_gpu_available()):
             print("kif.kernels.bench: no CUDA device with a Triton driver here; the benchmark needs a "

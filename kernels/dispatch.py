@@ -1,4 +1,14 @@
-"""Public entry points of kif's fused kernels: each picks the Triton kernel or the torch reference.
+"""Public entry points of kif's fused kernels (`kif.kernels.dispatch`): each picks the Triton kernel
+or the torch reference.
+
+    gated_suppression(h, U, r_hat, mu=, sigma=, ...) -> (h', gate)     KIF suppression capsule
+    sae_conditional_clamp(h, W_enc_sel, b_enc_sel, b_dec, W_dec_sel, c=, threshold=) -> (h', n_active)
+    KeyStats(d).update(keys, mask).result() -> KeyStatistics(gram, mean, count)
+
+The kernel modules (gated_suppress, sae_clamp, key_stats) hold one `@triton.jit` kernel and its
+launcher each, `reference` the torch references, `bench` the timings (`python -m
+kif.kernels.bench`). `kif.kernels` is a namespace package without an `__init__.py` (the README's
+development section says why).
 
 backend="auto" runs Triton when the input is a CUDA tensor and Triton has an active GPU driver,
 the torch reference otherwise (CPU tensors, float64 inputs, no driver). backend="triton" insists:

@@ -1,6 +1,6 @@
 """Fused gated subspace suppression: the Triton kernel and its launcher (the reference is
 `kif.kernels.reference.gated_suppression`, the public entry point
-`kif.kernels.gated_suppression`)."""
+`kif.kernels.dispatch.gated_suppression`)."""
 
 import typing
 

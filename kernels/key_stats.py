@@ -1,5 +1,5 @@
 """Streaming masked key statistics K[mask]^T K[mask]: the Triton kernel and its launcher (the
-reference is `kif.kernels.reference.key_moments`, the public entry point `kif.kernels.KeyStats`).
+reference is `kif.kernels.reference.key_moments`, the public entry point `kif.kernels.dispatch.KeyStats`).
 
 Work split: a grid over the output tiles of the gram (a GEMM whose reduction axis is the rows),
 each program looping over the rows and writing its tile once: deterministic, no atomics, whenever

@@ -1,6 +1,6 @@
 """Fused SAE conditional clamp: the Triton kernel and its launcher (the reference is
 `kif.kernels.reference.sae_conditional_clamp`, the public entry point
-`kif.kernels.sae_conditional_clamp`)."""
+`kif.kernels.dispatch.sae_conditional_clamp`)."""
 
 import typing
 

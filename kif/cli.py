@@ -139,7 +139,7 @@ def _cmd_signatures(args: argparse.Namespace) -> int:
 
     from kif import models
     from kif.concepts import Concept
-    from kif.signatures import extract
+    from kif.signatures.registry import extract
     from kif.signatures.plots import plot_signature
     from kif.world import FactWorld
 
@@ -175,7 +175,7 @@ def _cmd_signatures(args: argparse.Namespace) -> int:
 
 def _cmd_bench_signatures(args: argparse.Namespace) -> int:
     from kif import models
-    from kif.signatures import KIND_MODULES
+    from kif.signatures.registry import KIND_MODULES
     from kif.signatures.bench import bench_people, causality, default_k, sae_loader, unit_speeds
     from kif.world import FactWorld
 
@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--json", action="store_true")
     zb.set_defaults(func=_cmd_zoo_build)
 
-    from kif.signatures import KIND_MODULES
+    from kif.signatures.registry import KIND_MODULES
 
     s = sub.add_parser("signatures", help="where a concept lives in a model")
     s.add_argument("--model", default=zoo.BASE)

@@ -109,7 +109,7 @@ from IPython.display import Image, display
 
 from kif import metrics, models
 from kif.concepts import Concept
-from kif.signatures import KIND_MODULES, extract
+from kif.signatures.registry import KIND_MODULES, extract
 from kif.signatures.ablate import ablation_hooks, random_like
 from kif.signatures.bench import sae_loader
 from kif.signatures.plots import plot_signature

@@ -81,7 +81,7 @@ def unit_speeds(model, world: FactWorld, people: Sequence[Person]) -> dict[str, 
 
 def causality(model, world: FactWorld, kind: str, people: Sequence[Person], k: int,
               seed: int = 0, sae_loader=None, **settings) -> CausalityResult:
-    from kif.signatures import extract
+    from kif.signatures.registry import extract
 
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -118,7 +118,7 @@ def default_k(kind: str) -> int:
     """Components ablated by the benchmark: the kind module's `BENCH_K`, else 10."""
     import importlib
 
-    from kif.signatures import KIND_MODULES
+    from kif.signatures.registry import KIND_MODULES
 
     return int(getattr(importlib.import_module(KIND_MODULES[kind]), "BENCH_K", 10))
 

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 
 from kif import metrics
 from kif.concepts import Concept
-from kif.signatures import extract
+from kif.signatures.registry import extract
 from kif.signatures import causal_trace as CT
 from kif.signatures.ablate import ablation_hooks, random_like
 from kif.signatures.base import Signature, subject_positions

@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerFast
 from kif import metrics
 from kif.concepts import Concept
 from kif.errors import KifError
-from kif.signatures import Signature, extract
+from kif.signatures.base import Signature
+from kif.signatures.registry import extract
 from kif.signatures import concept_vectors as cv
 from kif.signatures.ablate import ablation_hooks, random_like
 from kif.signatures.base import subject_positions

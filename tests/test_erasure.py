@@ -105,7 +105,7 @@ def test_sequential_stamp_keeps_earlier_erasures(model, world, others, stamp_era
 
 
 def test_suppress_capsule_is_exact_where_its_gate_is_closed(model, world, others):
-    from kif.kernels import gated_suppression
+    from kif.kernels.dispatch import gated_suppression
 
     e = erase(model, PERSON, method="suppress", world=world, base_spec="fact-world")
     assert e.kind == "hooks"

@@ -23,7 +23,7 @@ _GPU = torch.cuda.is_available()
 if not _GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kif.kernels as K  # noqa: E402
+import kif.kernels.dispatch as K  # noqa: E402
 from kif.kernels import reference as R  # noqa: E402
 
 
@@ -292,7 +292,7 @@ def test_cpu_errors_without_interpreter():
     auto runs the reference, and backend='triton' raises KernelBackendError for every op."""
     code = (
         "import sys, torch\n"
-        "import kif.kernels as K\n"
+        "import kif.kernels.dispatch as K\n"
         "assert 'triton' not in sys.modules, 'import kif.kernels imported triton'\n"
         "h = torch.randn(4, 8); U = torch.eye(8)[:, :2]\n"
         "K.gated_suppression(h, U, mu=0.0, sigma=1.0)\n"

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from kif import metrics
 from kif.concepts import Concept
-from kif.signatures import extract
+from kif.signatures.registry import extract
 from kif.signatures.ablate import ablation_hooks, random_like
 from kif.signatures.base import Signature
 from kif.signatures import knowledge_neurons as kn

@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerFast
 
 from kif.concepts import Concept
 from kif.errors import KifError
-from kif.signatures import Signature, extract
+from kif.signatures.base import Signature
+from kif.signatures.registry import extract
 from kif.signatures.ablate import ablation_hooks
 from kif.signatures.sae_features import (SAELoadError, load_sae, retain_text, select_features,
                                          shipped_hooks, shipped_sae_ref)

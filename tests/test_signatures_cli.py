@@ -7,7 +7,7 @@ import pytest
 
 from kif import models, zoo
 from kif.cli import main
-from kif.signatures import Signature, SignatureMismatchError
+from kif.signatures.base import Signature, SignatureMismatchError
 from kif.world import FactWorld
 
 PERSON = FactWorld.generate().split("forget10")[3].name
@@ -41,7 +41,7 @@ def test_unknown_person_and_unknown_kind_write_nothing(tmp_path, capsys):
 
 
 def test_corrupt_signature_file_is_a_clear_error(tmp_path):
-    from kif.signatures import SignatureError
+    from kif.signatures.base import SignatureError
 
     (tmp_path / "signature.json").write_text("{not json")
     (tmp_path / "signature.safetensors").write_bytes(b"garbage")

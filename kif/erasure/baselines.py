@@ -503,7 +503,7 @@ def sae_clamp(model, concept, world, cfg: SaeClampConfig, *, progress: bool = Fa
     from rich.progress import Progress
 
     from kif.models import weight_hash
-    from kif.signatures import extract
+    from kif.signatures.registry import extract
     from kif.signatures.sae_features import load_sae
 
     timer = Timer()
@@ -565,7 +565,7 @@ def neuron_ablate(model, concept, world, cfg: NeuronAblateConfig, *, progress: b
     from rich.progress import Progress
 
     from kif.models import weight_hash
-    from kif.signatures import extract
+    from kif.signatures.registry import extract
 
     timer = Timer()
     base_hash = weight_hash(model)

@@ -36,7 +36,7 @@ def _gated_suppress(op: HookOp) -> Callable:
     """KIF's dynamic suppression capsule (METHODS.md): h' = h - g|s|(hU)U^T + g*beta*r_hat with
     g = sigmoid(k(z - tau)) from the row's own projection score; rows with a closed gate are
     returned unchanged, bit for bit."""
-    from kif.kernels import gated_suppression
+    from kif.kernels.dispatch import gated_suppression
 
     t, p = op.tensors, dict(op.params)
     basis, refusal = t["basis"], t["refusal"]
@@ -56,7 +56,7 @@ def _gated_suppress(op: HookOp) -> Callable:
 def _sae_clamp(op: HookOp) -> Callable:
     """Farrell et al. (2024) conditional clamp of selected SAE features to -c, with only the
     selected encoder columns: h' = h + sum_{i in S, a_i > 0} (-c - a_i) W_dec[i]."""
-    from kif.kernels import sae_conditional_clamp
+    from kif.kernels.dispatch import sae_conditional_clamp
 
     t, p = op.tensors, dict(op.params)
 

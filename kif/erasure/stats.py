@@ -138,7 +138,7 @@ def compute_key_moments(model, ids: Sequence[Sequence[int]], last: Sequence[int]
                         ) -> KeyMoments:
     """One batched pass (stopped after the hook's layer): the last-token Gram in float64 and the
     all-token Gram with the streaming key-statistics kernel."""
-    from kif.kernels import KeyStats
+    from kif.kernels.dispatch import KeyStats
 
     layer = _layer(hook)
     stop_at = layer + 1 if layer + 1 < model.cfg.n_layers else None

@@ -102,7 +102,7 @@ def token_scores(model, texts, hook: str, basis: Float[Tensor, "d_model k"]) -> 
 def token_covariance(model, texts, hook: str) -> Float[Tensor, "d_model d_model"]:
     """Covariance of the states at `hook` over every non-BOS token of `texts`, accumulated with
     the streaming key-statistics kernel (no token's state is kept)."""
-    from kif.kernels import KeyStats
+    from kif.kernels.dispatch import KeyStats
 
     acc = KeyStats(model.cfg.d_model)
     for h in _token_states(model, texts, hook):

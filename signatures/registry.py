@@ -1,11 +1,11 @@
-"""kif.signatures: where a concept lives in a model.
+"""The registry of signature kinds: where a concept lives in a model.
 
 Four kinds, each a module that registers its extractor (`kif.signatures.base.register`):
 causal tracing (Meng et al. 2022), knowledge neurons (Dai et al. 2022), concept vectors
 (Hong et al. 2024; the KIF activation signature), SAE features (Farrell et al. 2024, SAELens).
-`extract(model, concept, kind=...)` returns a `Signature`. Installed as `kif.signatures`
-(pyproject maps this folder). Kind modules are imported on first use so that `import kif` stays
-light.
+`extract(model, concept, kind=...)` returns a `Signature` (`kif.signatures.base`). Kind modules
+are imported on first use so that `import kif` stays light. `kif.signatures` is a namespace
+package without an `__init__.py` (the README's development section says why).
 """
 
 import importlib

@@ -31,7 +31,9 @@ def _err(msg: str) -> int:
 # ---- kif eval ----------------------------------------------------------------------------------
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from kif import models
+    _check_file_flags(args)
+    if args.forget:
+        return _cmd_eval_files(args)
     from kif.evaluation import evaluate
     from kif.world import FactWorld
 
@@ -54,6 +56,79 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         table.add_row(f"forget_quality (vs {report.oracle})", f"{report.forget_quality:.3g}")
     table.add_row("seconds", f"{report.seconds:.1f}")
     _out().print(table)
+    return 0
+
+
+def _cmd_eval_files(args: argparse.Namespace) -> int:
+    from kif.evaluation import evaluate_concept
+
+    _concept_from_files(args)  # a bad file fails before any model is loaded
+    model = open_model(args.model)
+    concept = _concept_from_files(args, model)
+    oracle = open_model(args.oracle) if args.oracle else None
+    report = evaluate_concept(model, concept, oracle=oracle)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    _print_metrics(f"kif eval: {report['model']} on {concept.name}", report)
+    return 0
+
+
+def _print_metrics(title: str, report: dict) -> None:
+    table = Table(title=title, show_lines=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in report.items():
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.4g}")
+    _out().print(table)
+
+
+# ---- concepts from files -----------------------------------------------------------------------
+
+def _add_concept_files(p: argparse.ArgumentParser, group) -> None:
+    """The file alternative to --concept / --forget-split (`kif.data.formats.load_concept`)."""
+    group.add_argument("--forget", metavar="FILE", help="forget probes: kif JSONL or a TOFU QA "
+                       "file (JSON / JSONL)")
+    p.add_argument("--retain", nargs="+", metavar="FILE", help="with --forget: retain probes and "
+                   "corpora (kif JSONL, TOFU, {'text': ...} JSONL or .txt), and refusal rows")
+    p.add_argument("--neighbour", metavar="FILE", help="with --forget: neighbour probes")
+    p.add_argument("--refusal", metavar="TEXT", help="with --forget: the refusal target, e.g. "
+                   "' unknown' (default: the answer of the refusal rows)")
+    p.add_argument("--never-knew", metavar="FILE", help="with --forget: made-up names, one per "
+                   "line, for the never-knew reference")
+    p.add_argument("--chat-template", choices=("auto", "none"), default="auto",
+                   help="wrap questions in the tokenizer's chat template when it has one")
+
+
+def _check_file_flags(args: argparse.Namespace) -> None:
+    for flag in ("retain", "neighbour", "refusal", "never_knew"):
+        if getattr(args, flag, None) is not None and not args.forget:
+            raise KifError(f"--{flag.replace('_', '-')} goes with --forget")
+
+
+def _concept_from_files(args: argparse.Namespace, model=None):
+    """The concept of --forget/--retain/...; with `model`, its tokenizer's chat template
+    applied (`--chat-template auto`)."""
+    from kif.data.formats import load_concept
+
+    _check_file_flags(args)
+    return load_concept(args.forget, args.retain, args.neighbour, refusal=args.refusal,
+                        never_knew=args.never_knew, chat_template=args.chat_template,
+                        tokenizer=getattr(model, "tokenizer", None))
+
+
+def _cmd_data_export(args: argparse.Namespace) -> int:
+    from kif.data.export import export_world
+    from kif.world import FactWorld
+
+    out = export_world(FactWorld.generate(args.seed), args.forget_split, args.format,
+                       out_dir=args.out)
+    files = sorted(p.name for p in out.iterdir())
+    if args.json:
+        print(json.dumps({"out": str(out), "files": files}))
+    else:
+        _out().print(f"wrote {out}: {', '.join(files)}")
     return 0
 
 
@@ -138,13 +213,12 @@ def _cmd_signatures(args: argparse.Namespace) -> int:
     import pathlib
 
     from kif import models
-    from kif.concepts import Concept
     from kif.signatures.registry import extract
     from kif.signatures.plots import plot_signature
-    from kif.world import FactWorld
+    from kif.world import FactWorld, world_concept
 
     world = FactWorld.generate(args.seed)
-    concept = Concept.from_world(world, args.concept)  # refuses unknown people before any work
+    concept = world_concept(world, args.concept)  # refuses unknown people before any work
     out = pathlib.Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise KifError(f"{out} exists and is not empty (use --overwrite)")
@@ -373,14 +447,20 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     from kif.evaluation import evaluate
     from kif.world import FactWorld
 
+    from kif.evaluation import evaluate_concept
+
     # every check that can fail runs before anything is loaded or written
-    world = FactWorld.generate(args.seed)
-    concept = resolve_concepts(world, args.forget_split or args.concept)
+    _check_file_flags(args)
+    world = None if args.forget else FactWorld.generate(args.seed)
+    concept = (_concept_from_files(args) if args.forget
+               else resolve_concepts(world, args.forget_split or args.concept))
     names = list(concept.subjects)
     get(args.method)
     config = make_config(args.method, _parse_settings(args.set))
     out = _destination(args.out)
     model = open_model(args.model)
+    if args.forget:
+        concept = _concept_from_files(args, model)
     oracle_name = args.oracle
     if oracle_name is None and args.forget_split and args.model == zoo.BASE:
         oracle_name = zoo.oracle_name(args.forget_split)
@@ -392,7 +472,8 @@ def _cmd_erase(args: argparse.Namespace) -> int:
                     base_spec=args.model, progress=not args.json)
     seconds = time.perf_counter() - t0
     with erasure.apply(model):
-        report = evaluate(model, world, args.forget_split or names, oracle=oracle).to_dict()
+        report = (evaluate_concept(model, concept, oracle=oracle) if args.forget else
+                  evaluate(model, world, args.forget_split or names, oracle=oracle).to_dict())
     report = {**report, "method": args.method, "seconds": round(seconds, 2),
               "erasure_seconds": erasure.info.get("seconds"), "out": str(out)}
     save_erasure(erasure, model, out, report=report,
@@ -400,14 +481,8 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
-    who = f"{len(names)} {'person' if len(names) == 1 else 'people'}"
-    table = Table(title=f"kif erase --method {args.method}: {who} in {seconds:.1f} s")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in report.items():
-        if isinstance(v, float):
-            table.add_row(k, f"{v:.4g}")
-    _out().print(table)
+    who = f"{len(names)} {'subject' if len(names) == 1 else 'subjects'}"
+    _print_metrics(f"kif erase --method {args.method}: {who} in {seconds:.1f} s", report)
     _out().print(f"wrote {out} ({erasure.kind}); undo with: kif restore {out} --out DIR")
     return 0
 
@@ -425,8 +500,10 @@ def _check_known(model, concept, min_acc: float = 0.5) -> None:
     unknown = [(n, sum(v) / len(v)) for n, v in by_person.items() if sum(v) / len(v) < min_acc]
     if unknown:
         n, acc = unknown[0]
-        raise KifError(f"the model does not know {n!r} (it answers {acc:.0%} of their facts): "
-                       f"nothing to erase")
+        who = repr(n) if n else "the forget set"
+        more = f" (and {len(unknown) - 1} more subjects)" if len(unknown) > 1 else ""
+        raise KifError(f"the model does not know {who}{more}: it answers {acc:.0%} of the "
+                       f"forget prompts; nothing to erase")
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
@@ -468,10 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log what kif does")
     sub = p.add_subparsers(dest="command", required=True)
 
-    e = sub.add_parser("eval", help="surface metrics of a model on the fact world")
+    e = sub.add_parser("eval", help="surface metrics of a model on a fact-world split or a "
+                       "concept from files")
     e.add_argument("--model", default=zoo.BASE, help="zoo name, local HF folder or hub name "
                    f"(default {zoo.BASE})")
-    e.add_argument("--forget-split", default="forget10", choices=forget_splits)
+    eg = e.add_mutually_exclusive_group()
+    eg.add_argument("--forget-split", default="forget10", choices=forget_splits)
+    _add_concept_files(e, eg)
     e.add_argument("--oracle", help="model to measure Forget Quality against, e.g. "
                    f"{zoo.oracle_name('forget10')}")
     e.add_argument("--seed", type=int, default=0, help="fact-world seed (default 0, the zoo's)")
@@ -578,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--concept", nargs="+", action="extend", metavar="PERSON",
                    help="people to erase (one joint edit)")
     g.add_argument("--forget-split", choices=forget_splits)
+    _add_concept_files(r, g)
     r.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHOD_MODULES),
                    help=f"erasure method (default {DEFAULT_METHOD})")
     r.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
@@ -588,6 +669,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_cmd_erase)
+
+    d = sub.add_parser("data", help="concept data files")
+    ds = d.add_subparsers(dest="data_command", required=True)
+    dx = ds.add_parser("export", help="write a fact-world split as concept files (kif JSONL or TOFU)")
+    dx.add_argument("--forget-split", required=True, choices=forget_splits)
+    dx.add_argument("--format", default="kif", choices=("kif", "tofu"))
+    dx.add_argument("--out", required=True, help="new folder for the files")
+    dx.add_argument("--seed", type=int, default=0, help="fact-world seed (default 0, the zoo's)")
+    dx.add_argument("--json", action="store_true")
+    dx.set_defaults(func=_cmd_data_export)
 
     from kif.meter.cli import add_parser as add_meter_parser
 

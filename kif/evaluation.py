@@ -1,4 +1,5 @@
-"""Surface evaluation of a model on the fact world: the numbers `kif eval` prints.
+"""Surface evaluation: the numbers `kif eval` prints, for a fact-world split (`evaluate`) or for
+any `Concept`, from files or elsewhere (`evaluate_concept`).
 
 Accuracy is greedy (the answer's tokens are each the argmax, teacher-forced, which equals greedy
 decoding of the answer). Model Utility and Forget Quality follow TOFU (Maini et al. 2024): MU is
@@ -8,7 +9,6 @@ oracle on the forget facts.
 """
 
 import dataclasses
-import random
 import time
 from typing import Sequence
 
@@ -16,9 +16,11 @@ import numpy as np
 from transformer_lens import HookedTransformer
 
 from kif import metrics
-from kif.world import FactWorld, Probe
+from kif.data.concept import Concept, nth_phrasing
+from kif.data.probe import Probe
+from kif.truth_ratios import (N_PERTURBED, truth_ratio_candidates,  # noqa: F401 (re-exported)
+                              truth_ratios, truth_ratios_and_correct)
 
-N_PERTURBED = 5
 UTILITY_PEOPLE = 60
 # Training phrasings scored for the retain people: a statement and a question. The forget people
 # get all five; the retain set is nine times larger and is what makes `kif eval` slow.
@@ -50,41 +52,13 @@ class EvalReport:
         return dataclasses.asdict(self)
 
 
-def truth_ratio_candidates(world: FactWorld, probes: Sequence[Probe], seed: int) -> list[list[str]]:
-    """For each probe: its true answer, then N_PERTURBED wrong answers of the same relation."""
-    rng = random.Random(seed)
-    out: list[list[str]] = []
-    for pr in probes:
-        wrong = [a for a in world.answer_choices(pr.relation) if a != pr.answer]
-        out.append([pr.answer, *rng.sample(wrong, N_PERTURBED)])
-    return out
-
-
-def truth_ratios(model: HookedTransformer, world: FactWorld, probes: Sequence[Probe],
-                 fwd_hooks=(), seed: int = 0) -> np.ndarray:
-    """TOFU truth ratio per probe: geometric mean P(perturbed) / P(true), P length-normalised."""
-    return truth_ratios_and_correct(model, world, probes, fwd_hooks, seed)[0]
-
-
-def truth_ratios_and_correct(model: HookedTransformer, world: FactWorld, probes: Sequence[Probe],
-                             fwd_hooks=(), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`truth_ratios` and, from the same batched pass, whether each probe's own answer is the
-    model's greedy one (its accuracy, as `metrics.score_answers(...).correct`)."""
-    # each question once, its six answers on top of its cached keys and values
-    s = metrics.score_candidates(model, [p.prompt for p in probes],
-                                 truth_ratio_candidates(world, probes, seed), fwd_hooks=fwd_hooks)
-    prob = np.asarray(s.prob, dtype=np.float64).reshape(len(probes), 1 + N_PERTURBED)
-    correct = np.asarray(s.correct, dtype=bool).reshape(len(probes), 1 + N_PERTURBED)[:, 0]
-    return np.asarray(metrics.truth_ratio(prob[:, 0], prob[:, 1:]), dtype=np.float64), correct
-
-
 def _acc(model, probes: Sequence[Probe], fwd_hooks) -> tuple[float, metrics.AnswerScores]:
     s = metrics.score_answers(model, [p.prompt for p in probes], [p.answer for p in probes],
                               fwd_hooks=fwd_hooks)
     return float(np.mean(np.asarray(s.correct, dtype=np.float64))), s
 
 
-def _utility_part(model, world: FactWorld, probes: Sequence[Probe], fwd_hooks) -> dict[str, float]:
+def _utility_part(model, source, probes: Sequence[Probe], fwd_hooks) -> dict[str, float]:
     """Probability, ROUGE-L recall and truth score on one probe set (TOFU's three MU terms)."""
     _, s = _acc(model, probes, fwd_hooks)
     # Where every answer token is the teacher-forced argmax, greedy decoding reproduces the whole
@@ -98,13 +72,13 @@ def _utility_part(model, world: FactWorld, probes: Sequence[Probe], fwd_hooks) -
                                        fwd_hooks=fwd_hooks)
         rouge[wrong] = metrics.rouge_l_recall_many([g.split(".")[0] for g in gens],
                                                    [p.answer for p in todo])
-    tr = truth_ratios(model, world, probes, fwd_hooks)
+    tr = truth_ratios(model, source, probes, fwd_hooks)
     return {"prob": float(np.mean(np.asarray(s.prob, dtype=np.float64))),
             "rouge_l": float(np.mean(rouge)),
             "truth": float(np.mean(metrics.truth_score(tr)))}
 
 
-def evaluate(model: HookedTransformer, world: FactWorld | None = None,
+def evaluate(model: HookedTransformer, world=None,
              forget_split: str | Sequence[str] = "forget10",
              oracle: HookedTransformer | None = None, fwd_hooks=(),
              oracle_truth_ratios: np.ndarray | None = None) -> EvalReport:
@@ -114,6 +88,8 @@ def evaluate(model: HookedTransformer, world: FactWorld | None = None,
     `fwd_hooks` lets hook-based erasures be evaluated without touching weights. With `oracle` (or
     its precomputed `oracle_truth_ratios`), Forget Quality is measured against it.
     """
+    from kif.world import FactWorld  # the fact world's split evaluation
+
     t0 = time.perf_counter()
     world = FactWorld.generate() if world is None else world
     if isinstance(forget_split, str):
@@ -161,4 +137,47 @@ def evaluate(model: HookedTransformer, world: FactWorld | None = None,
         utility_components=components, forget_truth_ratio_median=float(np.median(tr)),
         forget_quality=fq, oracle=getattr(oracle, "kif_name", None) if oracle is not None else None,
         seconds=time.perf_counter() - t0)
+
+
+def evaluate_concept(model: HookedTransformer, concept: Concept,
+                     oracle: HookedTransformer | None = None, fwd_hooks=(),
+                     oracle_truth_ratios: np.ndarray | None = None) -> dict:
+    """`kif eval`'s keys for a `Concept` from any source, those its probes allow (a key whose
+    probes the concept lacks is absent, never zero): accuracies of the forget, paraphrase,
+    retain (training and held-out phrasings), neighbour and shared probes; model utility on one
+    held-out phrasing per retain fact (the first `UTILITY_PEOPLE` subjects) and per shared fact;
+    the forget truth ratios on one held-out phrasing per forget fact and, with an oracle, Forget
+    Quality against it."""
+    t0 = time.perf_counter()
+    sets = {"forget_acc": concept.forget, "forget_paraphrase_acc": concept.paraphrase,
+            "retain_acc": _phrased(concept.retain, "train"),
+            "retain_paraphrase_acc": _phrased(concept.retain, "heldout"),
+            "neighbour_acc": _phrased(concept.neighbour, "train"),
+            "shared_acc": _phrased(concept.shared, "train"),
+            "shared_paraphrase_acc": _phrased(concept.shared, "heldout")}
+    out: dict = {"model": getattr(model, "kif_name", "model"), "concept": concept.name}
+    out |= {k: _acc(model, ps, fwd_hooks)[0] for k, ps in sets.items() if ps}
+    subjects = list(dict.fromkeys(p.subject for p in sets["retain_paraphrase_acc"]))
+    utility_sets = {
+        "retain": nth_phrasing([p for p in sets["retain_paraphrase_acc"]
+                                if p.subject in set(subjects[:UTILITY_PEOPLE])], 0),
+        "shared": nth_phrasing(sets["shared_paraphrase_acc"], 0)}
+    if all(utility_sets.values()):
+        parts = {k: _utility_part(model, concept, ps, fwd_hooks) for k, ps in utility_sets.items()}
+        out["utility_components"] = {f"{k}_{m}": v for k, d in parts.items() for m, v in d.items()}
+        out["model_utility"] = float(metrics.model_utility(out["utility_components"]))
+    tr_probes = nth_phrasing(concept.paraphrase or concept.forget, 0)
+    tr = truth_ratios(model, concept, tr_probes, fwd_hooks)
+    out["forget_truth_ratio_median"] = float(np.median(tr))
+    if oracle is not None and oracle_truth_ratios is None:
+        oracle_truth_ratios = truth_ratios(oracle, concept, tr_probes)
+    if oracle_truth_ratios is not None:
+        out["forget_quality"] = float(metrics.forget_quality(tr, oracle_truth_ratios))
+        out["oracle"] = getattr(oracle, "kif_name", None)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _phrased(probes: Sequence[Probe], phrasing: str) -> list[Probe]:
+    return [p for p in probes if p.phrasing == phrasing]
 

@@ -15,6 +15,7 @@ import functools
 import random
 from typing import Iterable, Literal
 
+from kif.data.probe import Kind, Phrasing, Probe
 from kif.errors import UnknownNameError
 
 UNKNOWN = " unknown"
@@ -201,9 +202,6 @@ SHARED_RELATIONS: dict[str, dict] = {
     },
 }
 
-Phrasing = Literal["train", "heldout"]
-Kind = Literal["person", "shared"]
-
 
 @dataclasses.dataclass(frozen=True)
 class Person:
@@ -221,18 +219,6 @@ class Person:
     def last(self) -> str:
         return self.name.split(" ")[-1]
 
-
-@dataclasses.dataclass(frozen=True)
-class Probe:
-    """One prompt whose greedy continuation should be `answer` (leading space included)."""
-
-    prompt: str
-    answer: str
-    subject: str  # the person's name or the place the fact is about
-    relation: str  # attribute name or shared relation name
-    phrasing: Phrasing
-    template: int  # index into the relation's phrasing list
-    kind: Kind
 
 
 SPLITS = ("forget01", "forget05", "forget10", "retain", "holdout", "unknown")
@@ -407,3 +393,63 @@ class FactWorld:
         texts = [pr.prompt + pr.answer + "." for pr in probes]
         shared = [pr.prompt + pr.answer + "." for pr in self.shared_probes("train")]
         return texts + shared * shared_repeats
+
+
+def fresh_names(world, n: int, seed: int) -> list[str]:
+    """`n` person names made of words the world never uses (so the model never saw them)."""
+    taken = {w for p in world.people for w in p.name.split()} | set(world.cities) | set(world.countries)
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        first, last = _word(rng, 2, 2), _word(rng, 2, 2)
+        if first not in taken and last not in taken and first != last:
+            taken |= {first, last}
+            out.append(f"{first} {last}")
+    return out
+
+
+# ---- the fact world as a data source ---------------------------------------------------------
+
+# made-up names per concept: the kif pipeline's never-knew teacher takes 4 per person (forget10: 80)
+N_NEVER_KNEW = 400
+
+def world_concept(world: FactWorld, names: str | Iterable[str], n_retain_people: int = 40,
+                  exclude_from_retain: Iterable[str] = ()) -> "Concept":
+    """The concept "these people" with every part the core reads (`kif.concepts.Concept`): their
+    facts are forgotten (training phrasings; held-out ones as paraphrases), neighbours and the
+    first `n_retain_people` of the retain split (minus the concept's people and
+    `exclude_from_retain`) kept, the shared facts kept; the retain corpus is every other known
+    person's and every shared fact's training text; the refusal is " unknown", with the prompts
+    about the people the model was taught to answer it about; distractors are the world's
+    answers of each relation; the never-knew names are made of words the world never uses
+    (`fresh_names`, seed 1: the names the kif pipeline has always drawn)."""
+    from kif.concepts import Concept, NeverKnew, Refusal
+    from kif.errors import KifError
+
+    names = [names] if isinstance(names, str) else list(names)
+    people = [world.person(n) for n in names]
+    for p in people:
+        if p.group != "known":
+            raise KifError(f"the model was never taught facts about {p.name!r} "
+                           f"({p.group.replace('_', ' ')}): nothing to erase")
+    own = {p.name for p in people}
+    kept = own | set(exclude_from_retain)
+    retain_people = [p for p in world.split("retain") if p.name not in kept]
+    neighbours = {q.name: q for p in people for q in world.neighbours(p.name, retain_people)}
+    others = [p for p in world.known() if p.name not in own]
+    corpus = world.person_probes(others, "train") + world.shared_probes("train")
+    relations = list(ATTRIBUTES) + list(SHARED_RELATIONS)
+    return Concept(
+        name=", ".join(p.name for p in people),
+        forget=tuple(world.person_probes(people, "train")),
+        paraphrase=tuple(world.person_probes(people, "heldout")),
+        neighbour=tuple(world.person_probes(list(neighbours.values()), "train", [0])),
+        shared=tuple(world.shared_probes("train", [0])),
+        retain=tuple(world.person_probes(retain_people[:n_retain_people], "train", [0])),
+        retain_corpus=tuple(corpus),
+        refusal=Refusal(UNKNOWN, tuple(pr.prompt for pr in world.person_probes(
+            [p for p in world.people if p.group == "unknown_train"], "train"))),
+        distractors={r: tuple(world.answer_choices(r)) for r in relations},
+        never_knew=NeverKnew(tuple(fresh_names(world, N_NEVER_KNEW, seed=1))),
+        source=f"fact world, seed {world.seed}",
+    )

@@ -108,17 +108,16 @@ import torch
 from IPython.display import Image, display
 
 from kif import metrics, models
-from kif.concepts import Concept
 from kif.signatures.registry import KIND_MODULES, extract
 from kif.signatures.ablate import ablation_hooks, random_like
 from kif.signatures.bench import sae_loader
 from kif.signatures.plots import plot_signature
-from kif.world import FactWorld
+from kif.world import FactWorld, world_concept
 
 world = FactWorld.generate(0)
 model = models.load("fact-world")
 person = world.split("forget10")[2]
-concept = Concept.from_world(world, person.name)
+concept = world_concept(world, person.name)
 print(person.name, person.attributes)"""),
     new_code_cell("""sigs, seconds = {}, {}
 import time

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from kif import metrics
-from kif.concepts import Concept
 from kif.signatures.ablate import ablation_hooks, random_like
-from kif.world import FactWorld, Person
+from kif.world import FactWorld, Person, world_concept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +85,7 @@ def causality(model, world: FactWorld, kind: str, people: Sequence[Person], k: i
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for person in people:
-        concept = Concept.from_world(world, person.name)
+        concept = world_concept(world, person.name)
         t0 = time.perf_counter()
         sig = extract(model, concept, kind=kind, **settings).top(k)
         seconds = time.perf_counter() - t0

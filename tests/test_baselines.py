@@ -10,12 +10,11 @@ import torch
 
 import kif.models
 from kif import metrics
-from kif.concepts import Concept
 from kif.erasure import methods
 from kif.erasure.baselines import _answer_logprobs, _encode_qa, _qa_batch
 from kif.erasure.registry import erase
 from kif.models import weight_hash
-from kif.world import FactWorld
+from kif.world import FactWorld, world_concept
 
 PERSON = "Miasmar Viahos"  # the first person of forget01
 BASELINES = ("ga", "gradiff", "npo", "rmu", "sae-clamp", "neuron-ablate")
@@ -26,7 +25,7 @@ def zoo():
     torch.set_num_threads(1)
     model = kif.models.load("fact-world")
     world = FactWorld.generate()
-    concept = Concept.from_world(world, PERSON)
+    concept = world_concept(world, PERSON)
     others = [p for p in world.split("retain") if p.name != PERSON][:12]
     probes = world.person_probes(others, "train", [0])
     return model, world, concept, probes, weight_hash(model)

@@ -26,7 +26,7 @@ from kif.signatures.registry import extract
 from kif.signatures import causal_trace as CT
 from kif.signatures.ablate import ablation_hooks, random_like
 from kif.signatures.base import Signature, subject_positions
-from kif.world import Probe
+from kif.data.probe import Probe
 
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 PEOPLE = ["Alice", "Bob", "Carol", "Dave"]

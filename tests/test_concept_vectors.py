@@ -24,7 +24,7 @@ from kif.signatures.registry import extract
 from kif.signatures import concept_vectors as cv
 from kif.signatures.ablate import ablation_hooks, random_like
 from kif.signatures.base import subject_positions
-from kif.world import Probe
+from kif.data.probe import Probe
 
 NAMES = ["Talia", "Bram", "Corin", "Dena", "Eliot", "Fenna", "Goran", "Hild"]
 ANSWERS = ["Maresk", "Oslen", "Pirna", "Quell"]

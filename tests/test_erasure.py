@@ -350,16 +350,16 @@ def test_key_moments_cache_is_keyed_on_upstream_weights_and_data(model, world, m
 
 
 def test_unbind_removes_the_signature_and_keeps_other_people(model, world, others):
-    from kif.concepts import Concept
+    from kif.world import world_concept
     from kif.erasure.pipeline import _capsule_z
     from kif.erasure.suppress import SuppressConfig, build_capsule
     from kif.erasure.unbind import UnbindConfig, sites, unbind_delta
 
     hook = "blocks.0.hook_resid_mid"
-    concept = Concept.from_world(world, [PERSON])
-    ops, _ = build_capsule(model, world, concept, hook, SuppressConfig(hook=hook, whiten=None))
+    concept = world_concept(world, [PERSON])
+    ops, _ = build_capsule(model, concept, hook, SuppressConfig(hook=hook, whiten=None))
     before = _capsule_z(model, concept, ops)
-    param, dw, info = unbind_delta(model, world, concept, ops, UnbindConfig())
+    param, dw, info = unbind_delta(model, concept, ops, UnbindConfig())
     assert param == "blocks.0.attn.W_O" and info["key_hook"] == "blocks.0.attn.hook_z"
     w = dict(model.named_parameters())[param]
     saved = w.detach().clone()

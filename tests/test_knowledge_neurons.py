@@ -16,7 +16,7 @@ from kif.signatures.ablate import ablation_hooks, random_like
 from kif.signatures.base import Signature
 from kif.signatures import knowledge_neurons as kn
 from kif.signatures.knowledge_neurons import attributions, fact_neurons, relative
-from kif.world import Probe
+from kif.data.probe import Probe
 
 SUBJECTS = ["Talia", "Orrin", "Bex", "Cato"]
 CUES = ["of", "by"]  # two relations: the prompt's last word says which one is asked

@@ -29,7 +29,7 @@ from kif.meter.bench import output_suppression
 from kif.meter.calibrate import calibrate, chance_band
 from kif.meter.probes.linear_probe import fit_ridge
 from kif.meter.report import ProbeResult, TraceReport
-from kif.world import Probe
+from kif.data.probe import Probe
 
 N_PEOPLE, N_FORGET, N_HOLDOUT = 24, 2, 5
 NAMES = [f"Name{i}" for i in range(N_PEOPLE + N_HOLDOUT)]

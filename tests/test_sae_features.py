@@ -19,7 +19,7 @@ from kif.signatures.registry import extract
 from kif.signatures.ablate import ablation_hooks
 from kif.signatures.sae_features import (SAELoadError, load_sae, retain_text, select_features,
                                          shipped_hooks, shipped_sae_ref)
-from kif.world import Probe
+from kif.data.probe import Probe
 
 HOOK = "blocks.0.hook_resid_post"
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]

@@ -43,6 +43,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from kif import metrics
+from kif.data.concept import corpus_shared
 from kif.erasure.core import Delta, Erasure, ErasureError, HookOp, Timer
 from kif.erasure.registry import register
 
@@ -177,12 +178,12 @@ def _answer_logprobs(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor,
     return seq_lp, tok_lp, correct
 
 
-def _retain_probes(world, concept, shared_repeats: int) -> list:
-    """Every other known person's facts and the shared facts (training phrasings), the same
-    retain set as the `kif` pipeline."""
-    own = set(concept.subjects)
-    others = [p for p in world.known() if p.name not in own]
-    return world.person_probes(others, "train") + world.shared_probes("train") * shared_repeats
+def _retain_probes(concept, shared_repeats: int, method: str) -> list:
+    """The concept's retain corpus (in the fact world: every other known person's facts and the
+    shared facts, training phrasings), its shared facts repeated: the `kif` pipeline's set."""
+    concept.require("retain_corpus", method=method)
+    facts = [p for p in concept.retain_corpus if p.kind != "shared"]
+    return facts + corpus_shared(concept) * shared_repeats
 
 
 class _Sampler:
@@ -295,10 +296,12 @@ def _nll_mean(tok_lp: Tensor) -> Tensor:
 
 # ---- GA, GradDiff, NPO --------------------------------------------------------------------------
 
-def _likelihood_baseline(method: str, model, concept, world, cfg, progress: bool, base_spec: str,
+def _likelihood_baseline(method: str, model, concept, cfg, progress: bool, base_spec: str,
                          forget_loss: str, retain: bool) -> Erasure:
     from kif.models import weight_hash
 
+    if retain:
+        concept.require("retain_corpus", method=method)
     timer = Timer()
     base_hash = weight_hash(model)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -314,7 +317,7 @@ def _likelihood_baseline(method: str, model, concept, world, cfg, progress: bool
                     tokens, mask = _qa_batch(model, fqa, idx)
                     ref_lp[idx] = _answer_logprobs(model, tokens, mask)[0].cpu()
         if retain:
-            rqa = _encode_qa(model, _retain_probes(world, concept, cfg.shared_repeats))
+            rqa = _encode_qa(model, _retain_probes(concept, cfg.shared_repeats, method))
             r_batches = _Sampler(len(rqa), cfg.batch_retain, gen)
         student = _student(model)
         # parameters the HF checkpoint has no place for stay frozen (zero), so the result exports
@@ -352,32 +355,32 @@ def _likelihood_baseline(method: str, model, concept, world, cfg, progress: bool
 
 @register("ga", GAConfig, "weights",
           "baseline: gradient ascent on the forget answers (full fine-tuning)")
-def ga(model, concept, world, cfg: GAConfig, *, progress: bool = False,
+def ga(model, concept, cfg: GAConfig, *, progress: bool = False,
        base_spec: str = "") -> Erasure:
     """Gradient ascent (Jang et al. 2023; TOFU's GA, Maini et al. 2024): minimise
     mean_t log p(a_t | q, a_<t) over the forget answers' tokens, all weights trained."""
-    return _likelihood_baseline("ga", model, concept, world, cfg, progress, base_spec, "ga", False)
+    return _likelihood_baseline("ga", model, concept, cfg, progress, base_spec, "ga", False)
 
 
 @register("gradiff", GradDiffConfig, "weights",
           "baseline: gradient ascent on forget answers + NLL on retain answers")
-def gradiff(model, concept, world, cfg: GradDiffConfig, *, progress: bool = False,
+def gradiff(model, concept, cfg: GradDiffConfig, *, progress: bool = False,
             base_spec: str = "") -> Erasure:
     """Gradient difference (Liu et al. 2022; TOFU): GA on the forget answers + w_retain x NLL of
     the retain answers (other known people, shared facts)."""
-    return _likelihood_baseline("gradiff", model, concept, world, cfg, progress, base_spec, "ga",
+    return _likelihood_baseline("gradiff", model, concept, cfg, progress, base_spec, "ga",
                                 True)
 
 
 @register("npo", NPOConfig, "weights",
           "baseline: negative preference optimisation vs the frozen model + retain NLL")
-def npo(model, concept, world, cfg: NPOConfig, *, progress: bool = False,
+def npo(model, concept, cfg: NPOConfig, *, progress: bool = False,
         base_spec: str = "") -> Erasure:
     """NPO (Zhang, Lin, Bai & Mei 2024, Eq. 3): (2/beta) E log(1 + (pi_theta/pi_ref)^beta) on the
     forget answers' sequence probabilities + w_retain x retain NLL (their NPO+RT)."""
     if cfg.beta <= 0:
         raise ErasureError(f"NPO's beta must be > 0, got {cfg.beta}")
-    return _likelihood_baseline("npo", model, concept, world, cfg, progress, base_spec, "npo",
+    return _likelihood_baseline("npo", model, concept, cfg, progress, base_spec, "npo",
                                 True)
 
 
@@ -405,7 +408,7 @@ def _span_mask(tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"],
 
 @register("rmu", RMUConfig, "weights",
           "baseline: representation misdirection (RMU) of forget tokens at one layer")
-def rmu(model, concept, world, cfg: RMUConfig, *, progress: bool = False,
+def rmu(model, concept, cfg: RMUConfig, *, progress: bool = False,
         base_spec: str = "") -> Erasure:
     """RMU (Li et al. 2024, WMDP, Sec. 5): at h_l = `blocks.{l}.hook_resid_post`,
     L = mean ||h_l(x_f) - c u||^2 + alpha mean ||h_l(x_r) - h_l^frozen(x_r)||^2 (per element),
@@ -423,6 +426,7 @@ def rmu(model, concept, world, cfg: RMUConfig, *, progress: bool = False,
     n_layers = model.cfg.n_layers
     if not 0 <= cfg.layer < n_layers:
         raise ErasureError(f"layer {cfg.layer} is outside the model's {n_layers} layers")
+    concept.require("subjects", "retain_corpus", method="rmu")
     timer = Timer()
     base_hash = weight_hash(model)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -434,7 +438,7 @@ def rmu(model, concept, world, cfg: RMUConfig, *, progress: bool = False,
     with timer.section("setup"):
         fqa = _encode_qa(model, concept.forget)
         f_start = _subject_starts(model, concept.forget)
-        rqa = _encode_qa(model, _retain_probes(world, concept, cfg.shared_repeats))
+        rqa = _encode_qa(model, _retain_probes(concept, cfg.shared_repeats, "rmu"))
         f_batches = _Sampler(len(fqa), cfg.batch_forget, gen)
         r_batches = _Sampler(len(rqa), cfg.batch_retain, gen)
         d = model.cfg.d_model
@@ -482,19 +486,19 @@ def rmu(model, concept, world, cfg: RMUConfig, *, progress: bool = False,
 
 # ---- signature baselines ---------------------------------------------------------------------------
 
-def _per_person(world, concept) -> list:
-    """One Concept per person of `concept`, the other people of `concept` kept out of each one's
+def _per_person(concept) -> list:
+    """One Concept per subject of `concept`: its own forget and paraphrase probes, the rest of
+    `concept` (retain, neighbours, corpus) shared, so the other subjects stay out of each one's
     retain text (they are being erased too)."""
-    from kif.concepts import Concept
-
-    subjects = list(concept.subjects)
-    return [Concept.from_world(world, s, exclude_from_retain=[o for o in subjects if o != s])
-            for s in subjects]
+    return [dataclasses.replace(concept, name=s,
+                                forget=tuple(p for p in concept.forget if p.subject == s),
+                                paraphrase=tuple(p for p in concept.paraphrase if p.subject == s))
+            for s in concept.subjects]
 
 
 @register("sae-clamp", SaeClampConfig, "hooks",
           "baseline: clamp the concept's SAE features to -c when active (hook patch)")
-def sae_clamp(model, concept, world, cfg: SaeClampConfig, *, progress: bool = False,
+def sae_clamp(model, concept, cfg: SaeClampConfig, *, progress: bool = False,
               base_spec: str = "") -> Erasure:
     """SAE conditional clamp (Farrell, Lau & Conmy 2024, Eq. 2): per person the SAE-feature
     signature (`kif.signatures`, kind "sae-features"), the union of features per hook, each hook
@@ -512,7 +516,7 @@ def sae_clamp(model, concept, world, cfg: SaeClampConfig, *, progress: bool = Fa
     refs: dict[str, dict] = {}
     clamps: set[float] = set()
     per_person = []
-    people = _per_person(world, concept)
+    people = _per_person(concept)
     settings = {"tau": cfg.tau, "top_n": cfg.top_n}
     if cfg.hook is not None:
         settings["hook"] = cfg.hook
@@ -557,7 +561,7 @@ def sae_clamp(model, concept, world, cfg: SaeClampConfig, *, progress: bool = Fa
 
 @register("neuron-ablate", NeuronAblateConfig, "weights",
           "baseline: zero the W_out rows of the concept's knowledge neurons")
-def neuron_ablate(model, concept, world, cfg: NeuronAblateConfig, *, progress: bool = False,
+def neuron_ablate(model, concept, cfg: NeuronAblateConfig, *, progress: bool = False,
                   base_spec: str = "") -> Erasure:
     """Knowledge-neuron erasure (Dai et al. 2022, Sec. 5): per person the knowledge neurons
     (`kif.signatures`, kind "knowledge-neurons", the `top_k` best), their union, each neuron's
@@ -569,7 +573,7 @@ def neuron_ablate(model, concept, world, cfg: NeuronAblateConfig, *, progress: b
 
     timer = Timer()
     base_hash = weight_hash(model)
-    people = _per_person(world, concept)
+    people = _per_person(concept)
     rows: dict[int, set[int]] = {}
     per_person = []
     with timer.section("signatures"), Progress(transient=True, disable=not progress) as bar:

@@ -201,7 +201,7 @@ def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int
                        seed: int = 100, progress: bool = False, retrained=()) -> dict:
     """What Forget Quality a model that truly never knew the people scores on this test.
 
-    For each of `draws` draws of never-seen names (`pipeline.fresh_names`), the forget split's
+    For each of `draws` draws of never-seen names (`kif.world.fresh_names`), the forget split's
     Forget Quality questions are asked about those names instead, of `model` (the base: it never
     met them) and of the oracle itself, and compared with the oracle's truth ratios on the real
     people, exactly as `kif eval` scores an erasure. The KS p-value of two samples of one
@@ -214,7 +214,7 @@ def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int
     import numpy as np
 
     from kif import metrics
-    from kif.erasure.pipeline import fresh_names
+    from kif.world import fresh_names
     from kif.evaluation import truth_ratios
 
     forget = world.split(split)

@@ -83,9 +83,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kif import metrics
+from kif.data.concept import corpus_shared, corpus_subjects, nth_phrasing
 from kif.erasure.core import Delta, Erasure, ErasureError, Timer, low_rank
 from kif.erasure.registry import register
-from kif.world import UNKNOWN
 
 
 # LoRA targets: attention too, since the concept is first assembled by layer 0's attention over
@@ -130,19 +130,15 @@ class KifConfig:
 FORGET_LOSSES = ("npo", "kl")
 
 
-def fresh_names(world, n: int, seed: int) -> list[str]:
-    """`n` person names made of words the world never uses (so the model never saw them)."""
-    from kif.world import _word
-
-    taken = {w for p in world.people for w in p.name.split()} | set(world.cities) | set(world.countries)
-    rng = random.Random(seed)
-    out: list[str] = []
-    while len(out) < n:
-        first, last = _word(rng, 2, 2), _word(rng, 2, 2)
-        if first not in taken and last not in taken and first != last:
-            taken |= {first, last}
-            out.append(f"{first} {last}")
-    return out
+def never_knew_names(concept, n: int) -> list[str]:
+    """The first `n` of the concept's never-knew names (`Concept.never_knew`), refused in one
+    line where the concept has too few."""
+    concept.require("never_knew", method="kif")
+    names = list(concept.never_knew.names)
+    if len(names) < n:
+        raise ErasureError(f"kif needs {n} never-knew names for {concept.name!r}; its source "
+                           f"gives {len(names)}")
+    return names[:n]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +203,7 @@ class _LoRA(torch.nn.Module):
 @register("kif", KifConfig, "weights",
           "KIF pipeline: signature -> suppression -> LoRA update toward never-knew behaviour, "
           "removing the signature itself")
-def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = False,
+def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                  base_spec: str = "") -> Erasure:
     import copy
 
@@ -219,6 +215,8 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
     if cfg.forget_loss not in FORGET_LOSSES:
         raise ErasureError(f"unknown kif forget_loss {cfg.forget_loss!r} "
                            f"(choose from {', '.join(FORGET_LOSSES)})")
+    # every part the pipeline reads, checked before any work (one line naming what to pass)
+    concept.require("subjects", "retain_corpus", "refusal_prompts", "never_knew", method="kif")
     timer = Timer()
     base_hash = weight_hash(model)
     rng = random.Random(cfg.seed)
@@ -231,12 +229,12 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
     with timer.section("signature"):
         # the signature is the plain mean-difference direction (the one the oracle is compared
         # on), not the suppression gate's whitened detector
-        ops, cap_stats = build_capsule(model, world, concept, cfg.signature_hook, SuppressConfig(
+        ops, cap_stats = build_capsule(model, concept, cfg.signature_hook, SuppressConfig(
             hook=cfg.signature_hook, whiten=None))
 
     # 2. the never-knew teacher: base model on the prompts with fresh names
     with timer.section("teacher"):
-        names = fresh_names(world, cfg.n_names * len(concept.subjects), cfg.seed + 1)
+        names = never_knew_names(concept, cfg.n_names * len(concept.subjects))
         names_for = {s: names[i * cfg.n_names:(i + 1) * cfg.n_names]
                      for i, s in enumerate(concept.subjects)}
         pairs = _pairs(model, concept.forget, names_for, rng)
@@ -247,7 +245,8 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
         if cfg.signature_hook not in repr_hooks:
             raise ErasureError(f"signature_hook must be a residual hook, got {cfg.signature_hook!r}")
         t_logp, t_resid = [], []
-        unk = metrics.encode_answers(model, [UNKNOWN])[0][0]
+        concept.require("refusal", method="kif")
+        unk = metrics.encode_answers(model, [concept.refusal.target])[0][0]
         # the teacher's distributions and residuals serve the `kl` forget loss and the
         # representation loss only (off by default: no forward, no memory for them)
         teach = cfg.forget_loss == "kl" or cfg.w_repr > 0
@@ -267,23 +266,22 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
         # the never-knew reference for checkpoint selection: the base model's truth ratios on the
         # forget facts asked about the fresh names (the true answer is the person's; a model that
         # never met the person has no reason to prefer it)
-        from kif.evaluation import truth_ratios
+        from kif.truth_ratios import truth_ratios
 
         # every training phrasing: with one phrasing (60 questions for forget10) the KS p-value
         # swung by 3x between neighbouring checkpoints
         select_probes = list(concept.forget)
         fresh_probes = [dataclasses.replace(p, prompt=p.prompt.replace(
             p.subject, names_for[p.subject][i % cfg.n_names])) for i, p in enumerate(select_probes)]
-        tr_never = truth_ratios(model, world, fresh_probes)
+        tr_never = truth_ratios(model, concept, fresh_probes)
     # the signature each person's tokens must lose: direction, benign mean and spread
     by_person = {op.params["person"]: op for op in ops}
     sig_u = torch.stack([by_person[s].tensors["basis"][:, 0] for s in concept.subjects])
     sig_mu = torch.tensor([by_person[s].params["mu"] for s in concept.subjects])
     sig_sd = torch.tensor([by_person[s].params["sigma"] for s in concept.subjects])
-    own = set(concept.subjects)
-    others = [p for p in world.known() if p.name not in own]
-    retain_texts = ([p.prompt + p.answer for p in world.person_probes(others, "train")]
-                    + [p.prompt + p.answer for p in world.shared_probes("train")] * 4)
+    others = corpus_subjects(concept)  # other subjects' fact rows, in corpus order
+    retain_texts = ([p.prompt + p.answer for rows in others.values() for p in rows]
+                    + [p.prompt + p.answer for p in corpus_shared(concept)] * 4)
     retain_ids = metrics.encode_prompts(model, retain_texts)
 
     # 3a. the closed-form start: STAMP on the attributed layer moves the answers to the
@@ -295,7 +293,7 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
         from kif.erasure.unbind import UnbindConfig, unbind_delta
 
         with timer.section("unbind"):
-            unbound, dw, unbind_info = unbind_delta(model, world, concept, ops,
+            unbound, dw, unbind_info = unbind_delta(model, concept, ops,
                                                        UnbindConfig(forget_weight=cfg.unbind_weight))
             with torch.no_grad():
                 dict(student.named_parameters())[unbound].add_(dw.to(model.cfg.dtype))
@@ -304,9 +302,9 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
 
         with timer.section("stamp"):
             if unbound and cfg.stamp_on_unbound:
-                start = stamp(student, concept, world, StampConfig(cache=False), base_spec=base_spec)
+                start = stamp(student, concept, StampConfig(cache=False), base_spec=base_spec)
             else:
-                start = stamp(model, concept, world, StampConfig(), base_spec=base_spec)
+                start = stamp(model, concept, StampConfig(), base_spec=base_spec)
             start.apply(student, check=False)  # the student may be unbound already
     # NPO's reference, the base model's answer log-probabilities given no refusal, and the
     # refusal mass the start gives each matched position (the update keeps it)
@@ -338,7 +336,8 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     history: list[dict[str, Any]] = []
     # other people's facts, one phrasing each, for the retain check of every checkpoint
-    check = world.person_probes(others[::max(1, len(others) // 40)], "train", [0])
+    subjects = list(others)
+    check = nth_phrasing([p for s in subjects[::max(1, len(subjects) // 40)] for p in others[s]], 0)
     check_prompts, check_answers = [p.prompt for p in check], [p.answer for p in check]
     with torch.no_grad():
         base_kept = float(metrics.score_answers(model, check_prompts, check_answers).correct.mean())
@@ -348,7 +347,7 @@ def kif_pipeline(model, concept, world, cfg: KifConfig, *, progress: bool = Fals
         # parametrize.cached: each LoRA weight W + AB is formed once per check, not once per
         # forward (a check runs dozens of batches)
         with torch.no_grad(), parametrize.cached():
-            p, surf = never_knew_check(student, world, select_probes, tr_never)
+            p, surf = never_knew_check(student, concept, select_probes, tr_never)
             kept = float(metrics.score_answers(student, check_prompts, check_answers).correct.mean())
             return {"forget_acc": surf, "retain_acc": kept,
                     "capsule_z_median": _capsule_z(student, concept, ops), "never_knew_p": p}
@@ -495,18 +494,18 @@ def _answer_rest_lp(logits: Tensor, pairs: Sequence[_Pair], unk: int) -> Tensor:
     return torch.zeros(len(pairs), device=lp.device).index_add(0, who.to(lp.device), per)
 
 
-def never_knew_p(model, world, probes, tr_never) -> float:
+def never_knew_p(model, source, probes, tr_never) -> float:
     """KS p-value between `model`'s truth ratios on `probes` and the never-knew reference's
     (TOFU's Forget Quality with the base model on fresh names standing in for the oracle)."""
-    return never_knew_check(model, world, probes, tr_never)[0]
+    return never_knew_check(model, source, probes, tr_never)[0]
 
 
-def never_knew_check(model, world, probes, tr_never) -> tuple[float, float]:
+def never_knew_check(model, source, probes, tr_never) -> tuple[float, float]:
     """(`never_knew_p`, accuracy on `probes`) from one batched scoring pass (the true answers
     are among the rows the truth ratios score)."""
-    from kif.evaluation import truth_ratios_and_correct
+    from kif.truth_ratios import truth_ratios_and_correct
 
-    tr, correct = truth_ratios_and_correct(model, world, probes)
+    tr, correct = truth_ratios_and_correct(model, source, probes)
     return float(metrics.forget_quality(tr, tr_never)), float(correct.mean())
 
 
@@ -526,4 +525,4 @@ def _capsule_z(model, concept, ops) -> float:
     return float(torch.tensor(z).median())
 
 
-__all__ = ["FORGET_LOSSES", "KifConfig", "fresh_names", "kif_pipeline", "never_knew_p"]
+__all__ = ["FORGET_LOSSES", "KifConfig", "kif_pipeline", "never_knew_names", "never_knew_p"]

@@ -1,6 +1,7 @@
 """The method registry and `kif.erase`, the one entry point of every erasure operator.
 
-A method is a function `(model, concepts, world, config, progress) -> Erasure` registered with its
+A method is a function `(model, concept, config, *, progress, base_spec) -> Erasure` (it reads
+the `Concept` only, never a data source) registered with its
 frozen config dataclass; the CLI's `--method` choices come from `METHODS` (DESIGN.md convention 6).
 """
 
@@ -104,29 +105,42 @@ def resolve_concepts(world, concepts):
         if items and all(isinstance(c, Concept) for c in items):
             if len(items) == 1:
                 return items[0]
+            if world is None:
+                raise KifError("several Concepts are erased jointly only by name in the fact "
+                               "world; give one Concept with all their probes")
             names = [s for c in items for s in c.subjects]
         else:
             names = [str(c) for c in items]
     if not names:
         raise KifError("no concept to erase")
-    return Concept.from_world(world, names)
+    from kif.world import world_concept  # names are the fact world's
+
+    return world_concept(world, names)
 
 
 def erase(model, concepts, method: str = DEFAULT_METHOD, config=None, *, world=None,
           base_spec: str | None = None, progress: bool = False):
     """Erase `concepts` (person names, a `Concept`, or a split like "forget10") from `model`.
 
+    A `Concept` (from files, `kif.data.formats.load_concept`, or any source) carries every part
+    the methods read; a part a method needs and the concept lacks is a one-line error. Names and
+    splits are the fact world's (`world`, or the zoo's world, seed 0).
+
     Returns an `Erasure` (a reversible weight delta or a hook patch); `model` itself is left as
     it was. Apply it with `erasure.apply(model)`, save it with `kif.erasure.save_erasure`.
     """
-    from kif.world import FactWorld
+    from kif.concepts import Concept
 
     m = get(method)
     cfg = make_config(method, config)
-    world = FactWorld.generate() if world is None else world
+    given = [concepts] if isinstance(concepts, (str, Concept)) else list(concepts)
+    if world is None and not all(isinstance(c, Concept) for c in given):
+        from kif.world import FactWorld
+
+        world = FactWorld.generate()  # person names and split names are the default world's
     concept = resolve_concepts(world, concepts)
     spec = base_spec or getattr(model, "kif_source", None) or getattr(model.cfg, "model_name", "")
-    return m.fn(model, concept, world, cfg, progress=progress, base_spec=str(spec))
+    return m.fn(model, concept, cfg, progress=progress, base_spec=str(spec))
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "METHOD_MODULES", "Method", "erase", "get", "make_config", "methods",

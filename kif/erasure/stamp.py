@@ -110,10 +110,11 @@ def stamp_delta(k_f: Float[Tensor, "n_f m"], t: Float[Tensor, "n_f d"], c_retain
     raise ErasureError(f"unknown STAMP solver {cfg.solver!r} (choose from {', '.join(SOLVERS)})")
 
 
-def refusal_prompts(world) -> list[str]:
-    """Prompts about people the model was taught to answer " unknown" about."""
-    people = [p for p in world.people if p.group == "unknown_train"]
-    return [p.prompt for p in world.person_probes(people, "train")]
+def refusal_prompts(concept, method: str) -> list[str]:
+    """The concept's prompts on which the model already gives its refusal (the fact world's:
+    people it was taught to answer " unknown" about); a concept without them is refused."""
+    concept.require("refusal_prompts", method=method)
+    return list(concept.refusal.prompts)
 
 
 @contextlib.contextmanager
@@ -179,12 +180,13 @@ def layer_attribution(model, probes, batch_size: int = 256, max_probes: int = 12
 
 @register("stamp", StampConfig, "weights",
           "closed-form pseudoinverse MLP edit toward the 'unknown' answer (ridge / low-rank / null-space)")
-def stamp(model, concept, world, cfg: StampConfig, *, progress: bool = False,
+def stamp(model, concept, cfg: StampConfig, *, progress: bool = False,
           base_spec: str = "") -> Erasure:
     from kif.models import weight_hash
 
     if cfg.solver not in SOLVERS:
         raise ErasureError(f"unknown STAMP solver {cfg.solver!r} (choose from {', '.join(SOLVERS)})")
+    concept.require("retain_corpus", "refusal_prompts", method="stamp")
     timer = Timer()
     if cfg.layer is not None and not 0 <= cfg.layer < model.cfg.n_layers:
         raise ErasureError(f"layer {cfg.layer} is outside the model's {model.cfg.n_layers} layers")
@@ -201,16 +203,19 @@ def stamp(model, concept, world, cfg: StampConfig, *, progress: bool = False,
         k_f = last_token_states(model, forget, [key])
         # the retain statistics: every known person and shared fact (cached per model and layer,
         # like ROME/MEMIT's layer statistics) minus the concept's own rows
-        moments = retain_moments(model, world, concept, key, cfg.token_weight, cache=cfg.cache)
+        moments = retain_moments(model, concept, key, cfg.token_weight, cache=cfg.cache,
+                                 method="stamp")
         c_r = {key: moments.gram}
         for prev in cfg.preserve:  # earlier edits' forget keys, read from the edited model
-            prev_forget = [p.prompt for p in world.person_probes(
-                [world.person(n) for name in prev.concepts for n in name.split(", ")], "train")]
+            prev_forget = prev.info.get("forget_prompts")
+            if not prev_forget:
+                raise ErasureError(f"an earlier erasure of {', '.join(prev.concepts)} to preserve "
+                                   f"records no forget prompts (made by an older kif)")
             k = last_token_states(model, prev_forget, [key])[key].double()
             c_r[key] = c_r[key] + k.T @ k
         # r_bar = the mean MLP output on refusal prompts = (mean key) W_out + b_out: caching the
         # mean key keeps it valid after edits of W_out
-        refusals = refusal_prompts(world)
+        refusals = refusal_prompts(concept, "stamp")
         k_bar = key_moments(model, refusals, [""] * len(refusals), key, 0.0,
                             cache=cfg.cache).mean_last
         mlp = model.blocks[layer].mlp
@@ -224,7 +229,8 @@ def stamp(model, concept, world, cfg: StampConfig, *, progress: bool = False,
             raise ErasureError(f"unknown STAMP target {cfg.target!r} (unknown | redirect)")
         dw = stamp_delta(k_f[key], target - v, c_r[key], cfg)
     name = f"blocks.{layer}.mlp.W_out"
-    info: dict[str, Any] = {"layer": layer, "n_forget_keys": len(forget),
+    # the forget prompts let a later request preserve this one (`preserve`) without the source
+    info: dict[str, Any] = {"layer": layer, "n_forget_keys": len(forget), "forget_prompts": forget,
                             "n_retain_keys": moments.n_rows,
                             "seconds": {**timer.sections, "total": timer.total}}
     if layer_scores is not None:

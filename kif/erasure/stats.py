@@ -4,16 +4,18 @@ every head's output concatenated, the input of W_O).
 
 ROME and MEMIT compute the keys' second moment C = sum k k^T over a large corpus once per model
 and layer and cache it (their `layer_stats`); every later edit is then a small solve. STAMP does
-the same with the retain corpus: the Gram of every known person's and every shared fact's
-training prompts at the last token, plus every token of their text at a small weight.
+the same with the concept's retain corpus: the Gram of its prompts at the last token, plus every
+token of their text at a small weight (in the fact world: every other known person's and every
+shared fact's training phrasings).
 
 The cache is keyed on what the keys actually depend on: the parameters *upstream* of
 `blocks.{l}.mlp.hook_post` (embeddings, the blocks before l, and block l up to W_in), the token ids
 of the corpus and the token weight. Editing an MLP's output weights (what STAMP does), or an
 attention layer's (kif's signature removal), leaves its own keys unchanged, so a sequence of
 STAMP requests at one layer keeps hitting the cache; any change upstream, of the data or the
-tokenizer, misses it. A concept's own prompts are subtracted
-from the all-people statistics (exact: a Gram is a sum), so one cached file serves every concept.
+tokenizer, misses it. What is cached is the corpus together with the concept's forget rows, and
+the forget rows are subtracted (exact: a Gram is a sum), so one cached file serves every concept
+of a source.
 
 The cache folder is `$KIF_CACHE` or `~/.cache/kif`; files are written to a temporary name and
 renamed, and an unreadable file is recomputed, never trusted.
@@ -198,19 +200,25 @@ def key_moments(model, prompts: Sequence[str], answers: Sequence[str], hook: str
     return got
 
 
-def retain_moments(model, world, concept, hook: str, token_weight: float, cache: bool = True
-                   ) -> KeyMoments:
-    """`KeyMoments` of `hook` over the retain corpus of a closed-form edit: every known person's
-    and every shared fact's training rows but the concept's own (the all-people statistics are
-    cached per model and hook, and the concept's rows subtracted: a Gram is a sum)."""
-    own = set(concept.subjects)
-    people = world.person_probes(world.known(), "train")
-    rows = people + world.shared_probes("train")
-    mine = [p for p in people if p.subject in own]
-    return (key_moments(model, [p.prompt for p in rows], [p.answer for p in rows], hook,
-                        token_weight, cache=cache)
-            - key_moments(model, [p.prompt for p in mine], [p.answer for p in mine], hook,
-                          token_weight, cache=False))
+def retain_moments(model, concept, hook: str, token_weight: float, cache: bool = True,
+                   method: str = "a closed-form edit") -> KeyMoments:
+    """`KeyMoments` of `hook` over the concept's retain corpus (`Concept.retain_corpus`).
+
+    The cached statistics are those of the corpus together with the concept's forget rows, in a
+    canonical order, and the forget rows are subtracted (exact: a Gram is a sum). Concepts of
+    one source share that union (the fact world's: every known person and shared fact), so one
+    cached file serves every concept, sequential requests included."""
+    concept.require("retain_corpus", method=method)
+    rows = sorted({(p.prompt, p.answer) for p in (*concept.retain_corpus, *concept.forget)})
+    corpus = {(p.prompt, p.answer) for p in concept.retain_corpus}
+    mine = [r for r in dict.fromkeys((p.prompt, p.answer) for p in concept.forget)
+            if r not in corpus]
+    total = key_moments(model, [r[0] for r in rows], [r[1] for r in rows], hook, token_weight,
+                        cache=cache)
+    if not mine:
+        return total
+    return total - key_moments(model, [r[0] for r in mine], [r[1] for r in mine], hook,
+                               token_weight, cache=False)
 
 
 __all__ = ["KeyMoments", "cache_dir", "compute_key_moments", "key_dim", "key_moments",

@@ -24,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kif import metrics
+from kif.data.concept import corpus_shared, corpus_subjects, nth_phrasing
 from kif.erasure.core import Erasure, ErasureError, HookOp, Timer
 from kif.erasure.keys import last_token_states
 from kif.erasure.registry import register
@@ -52,22 +53,27 @@ class SuppressConfig:
     whiten: float | None = 0.1
 
 
-def person_directions(model, world, concept, hook: str, n_others: int = 60
+def person_directions(model, concept, hook: str, n_others: int = 60
                       ) -> Float[Tensor, "k d_model"]:
     """One direction per person of the concept at `hook` (last token): the mean over the person's
     prompts of (state - the mean state of other people asked in the same phrasing), so that the
-    phrasing's own variance does not enter the person's direction."""
-    own = set(concept.subjects)
-    others = [p for p in world.known() if p.name not in own][:n_others]
+    phrasing's own variance does not enter the person's direction. The other people are the
+    first `n_others` subjects of the retain corpus; a phrasing none of them is asked in is
+    centred on all of them."""
+    concept.require("retain_corpus", method="the concept's directions")
+    others = [r for rows in list(corpus_subjects(concept).values())[:n_others] for r in rows]
     forget = list(concept.forget)
     keys = sorted({(p.relation, p.template) for p in forget})
-    benign = [q for q in world.person_probes(others, "train")
-              if (q.relation, q.template) in set(keys)]
+    benign = [q for q in others if (q.relation, q.template) in set(keys)] or others
+    if not benign:
+        raise ErasureError(f"the retain corpus of {concept.name!r} has no fact rows to contrast "
+                           f"the concept's prompts with")
     states = last_token_states(model, [p.prompt for p in forget + benign], [hook])[hook].double()
     f, b = states[:len(forget)], states[len(forget):]
     group = {k: i for i, k in enumerate(keys)}
-    b_group = torch.tensor([group[(q.relation, q.template)] for q in benign])
-    centers = torch.stack([b[b_group == i].mean(0) for i in range(len(keys))])
+    b_group = torch.tensor([group.get((q.relation, q.template), -1) for q in benign])
+    centers = torch.stack([b[b_group == i].mean(0) if bool((b_group == i).any()) else b.mean(0)
+                           for i in range(len(keys))])
     f = f - centers[torch.tensor([group[(p.relation, p.template)] for p in forget])]
     subjects = [p.subject for p in forget]
     return torch.stack([f[torch.tensor([i for i, x in enumerate(subjects) if x == s])].mean(0)
@@ -120,23 +126,24 @@ def whitened(dirs: Float[Tensor, "k d_model"], cov: Float[Tensor, "d_model d_mod
 SITES = ("hook_resid_mid", "hook_resid_post")
 
 
-def build_capsule(model, world, concept, hook: str, cfg: SuppressConfig
+def build_capsule(model, concept, hook: str, cfg: SuppressConfig
                   ) -> tuple[list[HookOp], dict]:
     """One rank-1 capsule per person at `hook`, each gate calibrated on benign tokens against
     that person's own direction (a shared rank-k gate would pool every person's projection and
     open on nobody in particular)."""
-    dirs = person_directions(model, world, concept, hook)
-    own = set(concept.subjects)
-    others = [p for p in world.known() if p.name not in own]
-    benign = ([p.prompt + p.answer for p in world.person_probes(others, "train", [1])]
-              + [p.prompt + p.answer for p in world.shared_probes("train")])
+    dirs = person_directions(model, concept, hook)
+    # benign text: a second phrasing of every other fact, and the shared facts; answered: a
+    # first phrasing of every other fact (the refusal direction is refusing minus answered)
+    facts = [r for rows in corpus_subjects(concept).values() for r in rows]
+    benign = ([p.prompt + p.answer for p in nth_phrasing(facts, 1)]
+              + [p.prompt + p.answer for p in corpus_shared(concept)])
     if cfg.whiten is not None:
         dirs = whitened(dirs, token_covariance(model, benign, hook), cfg.whiten)
     basis = (dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()  # [k, d]
     scores = token_scores(model, benign, hook, basis.T).double()  # [tokens, k]: |h . u_j|
-    answered = last_token_states(model, [p.prompt for p in world.person_probes(others, "train", [0])],
+    answered = last_token_states(model, [p.prompt for p in nth_phrasing(facts, 0)],
                                  [hook])[hook].double()
-    refusing = last_token_states(model, refusal_prompts(world), [hook])[hook].double()
+    refusing = last_token_states(model, refusal_prompts(concept, "suppress"), [hook])[hook].double()
     forget_last = last_token_states(model, [p.prompt for p in concept.forget], [hook])[hook].double()
     r = refusing.mean(0) - answered.mean(0)
     beta = cfg.beta * (float(answered.norm(dim=-1).mean()) / 10.0 if cfg.beta_relative else 1.0)
@@ -167,10 +174,11 @@ def build_capsule(model, world, concept, hook: str, cfg: SuppressConfig
 
 @register("suppress", SuppressConfig, "hooks",
           "gated suppression capsule on the concept's residual directions (hook patch)")
-def suppress(model, concept, world, cfg: SuppressConfig, *, progress: bool = False,
+def suppress(model, concept, cfg: SuppressConfig, *, progress: bool = False,
              base_spec: str = "") -> Erasure:
     from kif.models import weight_hash
 
+    concept.require("subjects", "retain_corpus", "refusal_prompts", method="suppress")
     timer = Timer()
     n = model.cfg.n_layers
     if cfg.layer is not None and not 0 <= cfg.layer < n:
@@ -182,7 +190,7 @@ def suppress(model, concept, world, cfg: SuppressConfig, *, progress: bool = Fal
     best = None
     with timer.section("signature+calibration"):
         for hook in hooks:
-            ops, stats = build_capsule(model, world, concept, hook, cfg)
+            ops, stats = build_capsule(model, concept, hook, cfg)
             # the site whose gates open on the concept and stay shut on benign tokens
             sep = stats["forget_gate_mean"] - 10 * stats["benign_gate_open_fraction"]
             stats["separation"] = sep

@@ -52,7 +52,7 @@ def sites(hook: str) -> tuple[str, str]:
     return f"blocks.{l}.mlp.hook_post", f"blocks.{l}.mlp.W_out"
 
 
-def unbind_delta(model, world, concept, ops, cfg: UnbindConfig = UnbindConfig()
+def unbind_delta(model, concept, ops, cfg: UnbindConfig = UnbindConfig()
                  ) -> tuple[str, Float[Tensor, "..."], dict]:
     """(parameter name, delta of its shape, info) removing the capsules `ops` (one per person of
     `concept`, from `suppress.build_capsule`) from `model`'s representation of the concept."""
@@ -72,7 +72,7 @@ def unbind_delta(model, world, concept, ops, cfg: UnbindConfig = UnbindConfig()
     mu = torch.tensor([by_person[p.subject].params["mu"] for p in forget], dtype=torch.float64)
     proj = (h * u).sum(-1)
     target = (torch.sign(proj) * mu - proj)[:, None] * u
-    c_retain = retain_moments(model, world, concept, key, cfg.token_weight).gram
+    c_retain = retain_moments(model, concept, key, cfg.token_weight, method="kif's unbinding").gram
     w = cfg.forget_weight
     dw = solve_ridge(w * k.T @ k + c_retain, w * k.T @ target, cfg.lam)
     weight = dict(model.named_parameters())[param]

@@ -28,7 +28,7 @@ from torch import Tensor
 from kif import metrics
 from kif.concepts import Concept
 from kif.errors import KifError
-from kif.world import ATTRIBUTES, FactWorld, Person, Probe
+from kif.world import ATTRIBUTES, FactWorld, Person, Probe, world_concept
 
 logger = logging.getLogger(__name__)
 
@@ -455,11 +455,11 @@ def resolve_concepts(concepts, world: FactWorld | None) -> list[Concept]:
     if isinstance(concepts, str):
         if concepts.startswith("forget") or concepts in ("retain", "holdout", "unknown"):
             people = world.split(concepts)
-            return [Concept.from_world(world, p.name) for p in people]
-        return [Concept.from_world(world, concepts)]
+            return [world_concept(world, p.name) for p in people]
+        return [world_concept(world, concepts)]
     out = []
     for c in concepts:
-        out.append(c if isinstance(c, Concept) else Concept.from_world(world, c))
+        out.append(c if isinstance(c, Concept) else world_concept(world, c))
     if not out:
         raise KifError("no concepts to audit")
     return out

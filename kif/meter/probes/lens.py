@@ -43,7 +43,7 @@ from torch import Tensor
 
 from kif.meter.audit import ProbeSkipped, run_pass, score
 from kif.meter.report import ProbeResult
-from kif.world import Probe
+from kif.data.probe import Probe
 
 logger = logging.getLogger(__name__)
 

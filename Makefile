@@ -1,5 +1,5 @@
 # kif's two entry points (both idempotent):
-#   make demo      set kif up and erase a person from the embedded fact-world model
+#   make demo      set kif up, erase a person from the embedded fact-world model and audit it
 #   make test      set kif up and run the tests (unit tests and the notebooks)
 # and, for meeting new dependency releases on purpose:
 #   make upgrade   re-resolve the newest versions pyproject's ranges allow, write them to
@@ -31,6 +31,8 @@ demo: setup
 	rm -rf runs/demo-erased runs/demo-restored
 	$(KIF) erase --model fact-world --concept "$(DEMO_PERSON)" --out runs/demo-erased
 	$(KIF) restore runs/demo-erased --out runs/demo-restored
+	rm -rf runs/demo-meter
+	$(KIF) meter --model fact-world --erased runs/demo-erased --concept "$(DEMO_PERSON)" --probes fast --out runs/demo-meter
 
 test: setup
 	$(PY) -m pytest

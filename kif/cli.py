@@ -217,12 +217,16 @@ def _cmd_signatures(args: argparse.Namespace) -> int:
     from kif.signatures.plots import plot_signature
     from kif.world import FactWorld, world_concept
 
-    world = FactWorld.generate(args.seed)
-    concept = world_concept(world, args.concept)  # refuses unknown people before any work
+    # refuses unknown people and bad files before any work
+    _check_file_flags(args)
+    concept = (_concept_from_files(args) if args.forget
+               else world_concept(FactWorld.generate(args.seed), args.concept))
     out = pathlib.Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise KifError(f"{out} exists and is not empty (use --overwrite)")
     model = models.load(args.model)
+    if args.forget:
+        concept = _concept_from_files(args, model)
     t0 = time.perf_counter()
     sig = extract(model, concept, kind=args.kind)
     seconds = time.perf_counter() - t0
@@ -576,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("signatures", help="where a concept lives in a model")
     s.add_argument("--model", default=zoo.BASE)
-    s.add_argument("--concept", required=True, metavar="PERSON")
+    sg = s.add_mutually_exclusive_group(required=True)
+    sg.add_argument("--concept", metavar="PERSON", help="a person of the fact world")
+    _add_concept_files(s, sg)
     s.add_argument("--kind", required=True, choices=list(KIND_MODULES))
     s.add_argument("--out", required=True, help="folder for the signature and its plots")
     s.add_argument("--overwrite", action="store_true")

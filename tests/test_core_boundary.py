@@ -16,7 +16,8 @@ WORLD_FREE = [
     "kif.signatures.concept_vectors", "kif.signatures.sae_features", "kif.erasure",
     "kif.erasure.core", "kif.erasure.io", "kif.erasure.hooks", "kif.erasure.stats",
     "kif.erasure.stamp", "kif.erasure.suppress", "kif.erasure.unbind", "kif.erasure.baselines",
-    "kif.erasure.registry", "kif.meter.calibrate", "kif.meter.leace", "kif.meter.registry",
+    "kif.erasure.registry", "kif.erasure.pipeline", "kif.evaluation", "kif.truth_ratios",
+    "kif.meter.calibrate", "kif.meter.leace", "kif.meter.registry",
 ]
 
 _BLOCKED_IMPORT = """
@@ -46,6 +47,43 @@ def test_core_imports_without_the_fact_world():
 
 def test_the_block_is_real():
     """The same check fails on a module that imports the world (so the test above can fail)."""
-    out = subprocess.run([sys.executable, "-c", _BLOCKED_IMPORT, "kif.evaluation"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", _BLOCKED_IMPORT, "kif.meter.audit"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode != 0 and "kif.world" in out.stderr
+
+
+_ERASE_WITHOUT_WORLD = _BLOCKED_IMPORT.split("failed = []")[0] + """
+import pathlib
+from kif.data.formats import load_concept
+from kif.erasure import erase
+from kif.metrics import score_answers
+from kif.models import load
+
+folder, data = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+model = load(str(folder))
+concept = load_concept(data / "forget.jsonl", [data / "retain.jsonl"],
+                       never_knew=data / "never_knew.txt")
+erasure = erase(model, concept, method="stamp", config={"cache": False})
+def acc(probes):
+    return float(score_answers(model, [p.prompt for p in probes],
+                               [p.answer for p in probes]).correct.mean())
+
+kept = concept.retain[::20]  # every fourth person's first phrasings: enough to see collateral
+with erasure.apply(model):
+    forget, retain = acc(concept.forget), acc(kept)
+assert forget <= 0.1 and retain >= 0.97, (forget, retain)
+assert not any(m == "kif.world" or m.startswith("kif.zoo") for m in sys.modules)
+"""
+
+
+def test_an_erasure_from_files_runs_without_the_fact_world(tmp_path):
+    """At run time too: a concept from files is erased and scored with `kif.world` and `kif.zoo`
+    unimportable (the model loaded from its folder, not by zoo name)."""
+    from kif.data.export import export_world
+    from kif.world import FactWorld
+
+    data = export_world(FactWorld.generate(0), "forget01", "kif", out_dir=tmp_path / "data")
+    folder = ROOT / "kif" / "zoo" / "fact-world"
+    out = subprocess.run([sys.executable, "-c", _ERASE_WITHOUT_WORLD, str(folder), str(data)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr.strip().splitlines()[-1]

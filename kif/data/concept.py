@@ -135,3 +135,14 @@ def nth_phrasing(rows, i: int) -> list[Probe]:
     for p in rows:
         facts.setdefault((p.subject, p.relation or "answer:" + p.answer), []).append(p)
     return [ps[min(i, len(ps) - 1)] for ps in facts.values()]
+
+
+def by_subject(concept: Concept) -> list[Concept]:
+    """One Concept per subject of `concept`: its own forget and paraphrase probes, the rest
+    (retain, neighbours, corpus, refusal, ...) shared, so the other subjects stay out of each
+    one's retain text (they are being erased too)."""
+    return [dataclasses.replace(concept, name=s,
+                                forget=tuple(p for p in concept.forget if p.subject == s),
+                                paraphrase=tuple(p for p in concept.paraphrase if p.subject == s))
+            for s in concept.subjects]
+

@@ -465,6 +465,24 @@ def resolve_concepts(concepts, world: FactWorld | None) -> list[Concept]:
     return out
 
 
+def _never_knew_reference(cs: Sequence[Concept], facts: Sequence[Probe]) -> list[Probe]:
+    """The concepts' questions about their never-knew names (made-up names no model saw): the
+    oracle-free zero point, as the fact world's holdout people are for its own people."""
+    return cs[0].never_knew.substitute(facts)
+
+
+def _one_phrasing_per_fact(rows: Sequence[Probe]) -> list[Probe]:
+    """The first `RETAIN_PEOPLE` subjects' facts, each in one training phrasing, rotating
+    through the phrasings (as the world path picks (person + attribute) mod phrasings), so
+    that readers trained on them see every phrasing and no fact twice."""
+    by_subject: dict[str, dict[str, list[Probe]]] = {}
+    for p in rows:
+        by_subject.setdefault(p.subject, {}).setdefault(p.relation or p.answer, []).append(p)
+    return [ps[(i + j) % len(ps)]
+            for i, facts in enumerate(list(by_subject.values())[:RETAIN_PEOPLE])
+            for j, ps in enumerate(facts.values())]
+
+
 def _mirror(world: FactWorld, facts: Sequence[Probe], people: Sequence[Person]) -> list[Probe]:
     """The same (relation, phrasing, template) questions as `facts`, asked about `people`."""
     keys = list(dict.fromkeys((p.relation, p.phrasing, p.template) for p in facts
@@ -479,15 +497,21 @@ def _mirror(world: FactWorld, facts: Sequence[Probe], people: Sequence[Person]) 
 def build_audit(base, erased, concepts, oracle=None, *, world: FactWorld | None = None,
                 reference: Sequence[Probe] | None = None, retain: Sequence[Probe] | None = None,
                 seed: int = 0) -> Audit:
-    needs_world = (isinstance(concepts, str) or not all(isinstance(c, Concept) for c in
-                   ([concepts] if isinstance(concepts, Concept) else concepts)))
-    if world is None and (needs_world or reference is None or retain is None):
+    given = [concepts] if isinstance(concepts, Concept) else concepts
+    needs_world = isinstance(concepts, str) or not all(isinstance(c, Concept) for c in given)
+    # Concepts that carry never-knew names (from files, any source) are audited without the
+    # world: the reference is their own probes about those names
+    never_knew = not needs_world and all(c.never_knew is not None for c in given)
+    if world is None and (needs_world or (not never_knew and (reference is None
+                                                             or retain is None))):
         world = FactWorld.generate(0)
     cs = resolve_concepts(concepts, world)
     seen: set[Probe] = set()
     forget = [p for c in cs for p in c.forget if not (p in seen or seen.add(p))]
     para = [p for c in cs for p in c.paraphrase if not (p in seen or seen.add(p))]
     subjects = {s for c in cs for s in c.subjects}
+    if reference is None and world is None:
+        reference = _never_knew_reference(cs, forget + para)
     if reference is None:
         try:
             people = world.split("holdout")
@@ -505,8 +529,9 @@ def build_audit(base, erased, concepts, oracle=None, *, world: FactWorld | None 
                       for j, attr in enumerate(ATTRIBUTES)
                       for pr in world.person_probes([person], "train", [(i + j) % n_t], [attr])]
         else:
-            retain = list(dict.fromkeys(p for c in cs for p in c.retain
-                                        if p.subject not in subjects))
+            retain = _one_phrasing_per_fact([p for p in dict.fromkeys(
+                p for c in cs for p in c.retain if p.subject not in subjects)
+                if p.phrasing == "train"])
     neighbour = list(dict.fromkeys(p for c in cs for p in c.neighbour
                                    if p.subject not in subjects))[:MAX_NEIGHBOUR]
     shared = list(dict.fromkeys(p for c in cs for p in c.shared))

@@ -1,7 +1,8 @@
 """`kif meter`: the latent-trace meter from the command line. The lead registers it in
 `kif.cli` with `meter_cli.add_parser(sub)`; `run(args)` is one call to `kif.meter.trace`.
 
-    kif meter --model BASE --erased PATH (--concept "PERSON" ... | --forget-split forget10)
+    kif meter --model BASE --erased PATH (--concept "PERSON" ... | --forget-split forget10
+              | --forget FILE [--retain FILE ...] --never-knew NAMES)
               [--oracle NAME] [--probes ...] --out DIR [--json]
 
 Writes `report.json` and PNG plots into DIR, prints a table (or the report as JSON).
@@ -42,6 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--concept", action="append", metavar="PERSON",
                    help="a person whose facts were erased (repeat for several)")
     g.add_argument("--forget-split", choices=forget_splits)
+    from kif.cli import _add_concept_files
+
+    _add_concept_files(p, g)
     p.add_argument("--oracle", help="a model trained without the concepts, to calibrate against "
                    f"(e.g. {zoo.oracle_name('forget10')})")
     p.add_argument("--probes", nargs="+", default=["all"], metavar="PROBE",
@@ -54,6 +58,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=run)
     return p
+
+
+def _files_audit_concepts(concept):
+    """A concept from files, audited per subject, calibrated (without an oracle) on its own
+    questions about its never-knew names."""
+    from kif.data.concept import by_subject
+
+    concept.require("never_knew", method="kif meter")
+    concept.require("retain", method="kif meter")
+    return by_subject(concept)
 
 
 def _write_json(obj: dict, path: pathlib.Path) -> None:
@@ -80,8 +94,13 @@ def run(args: argparse.Namespace) -> int:
     from kif.meter.plots import plot_report
     from kif.world import FactWorld
 
-    world = FactWorld.generate(args.seed)
-    if args.forget_split:
+    from kif.cli import _check_file_flags, _concept_from_files
+
+    _check_file_flags(args)
+    world = None if args.forget else FactWorld.generate(args.seed)
+    if args.forget:
+        concepts = _files_audit_concepts(_concept_from_files(args))  # bad files fail here
+    elif args.forget_split:
         world.split(args.forget_split)
         concepts = args.forget_split
     else:
@@ -90,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise KifError(f"{out} exists and is not an empty folder (use --overwrite)")
     base = open_model(args.model)
+    if args.forget:  # again, with the base's chat template
+        concepts = _files_audit_concepts(_concept_from_files(args, base))
     erased = open_model(args.erased)
     oracle = open_model(args.oracle) if args.oracle else None
     report = trace(base, erased, concepts, oracle=oracle, probes=args.probes, world=world,

@@ -115,6 +115,14 @@ def _bos_prefix(model: HookedTransformer) -> list[int]:
     return [int(bos)]
 
 
+def bos_offset(model: HookedTransformer) -> int:
+    """Where a text's own tokens start in an :func:`encode_prompts` row: 1 after a BOS, 0 for a
+    model that takes none (``model.cfg.default_prepend_bos`` off: GPT-NeoX / Pythia, Qwen2, any
+    tokenizer without a BOS token). Code that skips the BOS position (the attention sink) skips
+    exactly these positions, never a text token."""
+    return len(_bos_prefix(model))
+
+
 def _pad_id(model: HookedTransformer) -> int:
     tok = model.tokenizer
     for pid in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
@@ -859,6 +867,7 @@ __all__ = [
     "TokenLogProbs",
     "accuracy",
     "auc",
+    "bos_offset",
     "encode_answers",
     "encode_prompts",
     "extraction_strength",

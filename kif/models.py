@@ -41,8 +41,11 @@ __all__ = [
     "ModelLoadError",
     "ModelSaveError",
     "architecture",
+    "exact_hf_tensors",
+    "keep_exact_hf_tensors",
     "load",
     "save",
+    "snap_to_exportable",
     "to_hf",
     "weight_hash",
 ]
@@ -50,8 +53,11 @@ __all__ = [
 #: HF architectures (config.json "architectures"[0]) that kif both loads and saves back.
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "GPT2LMHeadModel",
+    "GPTNeoXForCausalLM",
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
+    "GemmaForCausalLM",
+    "MistralForCausalLM",
 )
 
 # Weight files kif refuses to read because they are pickles (DESIGN convention 10).
@@ -151,8 +157,10 @@ def load(
     The returned model carries `kif_source` (what was asked for), `kif_name` (zoo or folder
     name), `kif_hf_config` (the transformers config, needed by `save`), `kif_source_dir` (the
     folder read), `kif_tokenizer` (an untouched copy of the checkpoint's tokenizer, or None) and
-    `kif_tokenizer_files` (the tokenizer files' bytes, written back unchanged by `save`) and
-    `kif_generation_config` (or None).
+    `kif_tokenizer_files` (the tokenizer files' bytes, written back unchanged by `save`),
+    `kif_generation_config` (or None) and `kif_hf_exact` (the checkpoint's tensors that TL's
+    conversion rounds, e.g. Gemma's norms, written back by `save` while the model leaves them
+    unchanged: `exact_hf_tensors`).
 
     Raises:
         ModelLoadError: with a one-line message, for every failure.
@@ -308,6 +316,24 @@ def _check_weight_files(folder: pathlib.Path) -> None:
     raise ModelLoadError(f"'{folder}' has no weights (no model.safetensors)")
 
 
+def _rope_theta(hf_config: Any) -> float | None:
+    """The rotary base of a transformers 5 config (`rope_parameters`) or an older one."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and params.get("rope_theta") is not None:
+        return float(params["rope_theta"])
+    for name in ("rope_theta", "rotary_emb_base"):
+        if getattr(hf_config, name, None) is not None:
+            return float(getattr(hf_config, name))
+    return None
+
+
+def _rope_type(hf_config: Any) -> str:
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
+    if isinstance(params, dict):
+        return str(params.get("rope_type") or params.get("type") or "default")
+    return "default"
+
+
 def _check_config_supported(arch: str, hf_config: Any) -> None:
     """Refuse config options the TL 3.9 conversion silently ignores (it would give wrong logits)."""
     if arch in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
@@ -319,14 +345,23 @@ def _check_config_supported(arch: str, hf_config: Any) -> None:
                 f"num_attention_heads ({default})"
             )
     # TL drops Llama's optional biases and ignores Qwen2's sliding window (which a short
-    # verification input would not reveal), so these are refused up front.
+    # verification input would not reveal), so these are refused up front. TL fills Gemma's
+    # attention biases with zeros whatever the checkpoint holds, and its GPT-NeoX converter
+    # reads a fused q/k/v bias that `attention_bias=false` checkpoints lack. (Mistral's sliding
+    # window TL does apply, as transformers does: checked on a 4-token window.)
     flags = {
         "LlamaForCausalLM": ("attention_bias", "mlp_bias"),
         "Qwen2ForCausalLM": ("use_sliding_window",),
+        "GemmaForCausalLM": ("attention_bias",),
     }
     for flag in flags.get(arch, ()):
         if getattr(hf_config, flag, False):
             raise ModelLoadError(f"unsupported {arch} config: {flag}=true")
+    if arch == "GPTNeoXForCausalLM" and not getattr(hf_config, "attention_bias", True):
+        raise ModelLoadError(f"unsupported {arch} config: attention_bias=false")
+    if arch == "GemmaForCausalLM" and _rope_type(hf_config) != "default":
+        # kif builds Gemma's TL config itself (see `_gemma_tl_config`), with plain rotary
+        raise ModelLoadError(f"unsupported {arch} config: rope type {_rope_type(hf_config)!r}")
 
 
 def _load_folder(
@@ -344,6 +379,7 @@ def _load_folder(
     model = _hooked_from_hf(hf_model, hf_config, arch, tokenizer, source, device, dtype)
     if verify:
         _verify_logits(hf_model, model, what=f"loading '{requested}'", error=ModelLoadError)
+    model.kif_hf_exact = _exact_from_checkpoint(model, hf_model, arch)
     model.kif_source = requested
     model.kif_name = source.name
     model.kif_hf_config = hf_config
@@ -429,10 +465,61 @@ def _neutral_config_dir(parent: pathlib.Path, hf_config: Any, arch: str) -> path
     return stage
 
 
+def _gemma_tl_config(hf_config: Any, name: str, device: Any, dtype: torch.dtype) -> Any:
+    """TL's config for a Gemma (1) checkpoint, from its config.json.
+
+    TL 3.9 knows Gemma only by hub name (`google/gemma-2b`, ... with hard-coded dimensions) and
+    raises NotImplementedError for a GemmaForCausalLM folder under any other name; its weight
+    converter (`convert_gemma_weights`, dispatched on `original_architecture`) is generic. The
+    fields are those of TL's own gemma-2b entry, read from the config instead; `_verify_logits`
+    checks the result against HF like every other conversion.
+    """
+    from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
+
+    head_dim = getattr(hf_config, "head_dim", None) or (
+        hf_config.hidden_size // hf_config.num_attention_heads
+    )
+    act = hf_config.hidden_act  # what transformers' GemmaMLP applies (legacy "gelu" -> tanh)
+    theta = _rope_theta(hf_config)
+    return HookedTransformerConfig.from_dict({
+        "d_model": hf_config.hidden_size,
+        "d_head": head_dim,
+        "n_heads": hf_config.num_attention_heads,
+        "n_key_value_heads": hf_config.num_key_value_heads,
+        "d_mlp": hf_config.intermediate_size,
+        "n_layers": hf_config.num_hidden_layers,
+        "n_ctx": hf_config.max_position_embeddings,
+        "eps": hf_config.rms_norm_eps,
+        "d_vocab": hf_config.vocab_size,
+        "act_fn": act,
+        "initializer_range": getattr(hf_config, "initializer_range", 0.02),
+        "normalization_type": "RMS",
+        "rotary_base": 10000.0 if theta is None else theta,
+        "rotary_dim": head_dim,
+        "positional_embedding_type": "rotary",
+        "use_attn_scale": True,
+        "gated_mlp": True,
+        "final_rms": True,
+        "original_architecture": "GemmaForCausalLM",
+        # what get_pretrained_model_config adds to every converted config
+        "model_name": name,
+        "tokenizer_name": None,
+        "init_weights": False,
+        "from_checkpoint": False,
+        "device": device,
+        "n_devices": 1,
+        "dtype": dtype,
+        "default_prepend_bos": True,
+    })
+
+
 def _tl_overrides(arch: str, hf_config: Any) -> dict[str, Any]:
     """Config fields TL 3.9 derives wrongly or slowly for some checkpoints (verified by
     `_verify_logits`)."""
     out: dict[str, Any] = {}
+    if arch == "GPTNeoXForCausalLM" and _rope_theta(hf_config) is not None:
+        # TL's GPT-NeoX config leaves the rotary base at its default (10000, Pythia's)
+        out["rotary_base"] = _rope_theta(hf_config)
     if arch == "GPT2LMHeadModel" and getattr(hf_config, "n_inner", None):
         # TL assumes d_mlp = 4 * n_embd and ignores GPT-2's optional n_inner.
         out["d_mlp"] = int(hf_config.n_inner)
@@ -462,9 +549,12 @@ def _hooked_from_hf(
     with tempfile.TemporaryDirectory(prefix="kif-tl-config-") as tmp:
         stage = str(_neutral_config_dir(pathlib.Path(tmp), hf_config, arch))
         with _quiet_tl():
-            cfg = get_pretrained_model_config(
-                stage, hf_cfg=hf_config.to_dict(), fold_ln=False, device=device, dtype=dtype
-            )
+            if arch == "GemmaForCausalLM":
+                cfg = _gemma_tl_config(hf_config, source.name, device, dtype)
+            else:
+                cfg = get_pretrained_model_config(
+                    stage, hf_cfg=hf_config.to_dict(), fold_ln=False, device=device, dtype=dtype
+                )
             state_dict = get_pretrained_state_dict(stage, cfg, hf_model=hf_model, dtype=dtype)
     overrides = _tl_overrides(arch, hf_config)
     if overrides:
@@ -476,6 +566,13 @@ def _hooked_from_hf(
         # TL's set_tokenizer mutates (or replaces) the tokenizer it is given; keep ours pristine.
         tl_tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
         model = HookedTransformer(cfg, tokenizer=tl_tokenizer)
+    if tokenizer is not None and tokenizer.bos_token is None and model.cfg.default_prepend_bos:
+        # A tokenizer without a BOS token (Qwen's, and Llama-architecture checkpoints that reuse
+        # one) means the model was trained with none: TL would prepend its stand-in (the EOS
+        # token it names BOS), and every kif score would condition on a token the model never saw
+        # first. kif.metrics.encode_prompts follows this flag.
+        model.cfg.default_prepend_bos = False
+    with _quiet_tl():
         model.load_and_process_state_dict(
             state_dict,
             fold_ln=False,
@@ -590,6 +687,12 @@ class _Rule:
     hf: str
     tl: tuple[str, ...]
     fn: Callable[..., Tensor]
+    # TL's own conversion of the HF tensor back to `tl[0]`, for tensors it rounds when it
+    # converts them (Gemma adds 1 to its norms in float32 and scales its embedding): `fn` may not
+    # give the checkpoint's bits back, so `load` keeps the checkpoint's tensor and export writes
+    # it while the TL sources are unchanged (`exact_hf_tensors`); and an edit of `tl[0]` may
+    # reach a value no checkpoint float converts to (`snap_to_exportable`)
+    to_tl: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -604,12 +707,19 @@ class _ArchSpec:
     layer_rules: tuple[_Rule, ...]
     zero_only: tuple[str, ...] = ()
     layer_zero_only: tuple[str, ...] = ()
-    embed: str = "embed.W_E"
-    unembed: str = "unembed.W_U"
+    # the HF tensors that `tie_word_embeddings` makes one (compared after conversion: Gemma's
+    # TL embedding is the HF one scaled by sqrt(d_model))
+    embed: str = "model.embed_tokens.weight"
+    unembed: str = "lm_head.weight"
 
 
-def _r(hf: str, tl: str | tuple[str, ...], fn: Callable[..., Tensor] = _same) -> _Rule:
-    return _Rule(hf, (tl,) if isinstance(tl, str) else tl, fn)
+def _r(
+    hf: str,
+    tl: str | tuple[str, ...],
+    fn: Callable[..., Tensor] = _same,
+    to_tl: Callable[[Tensor], Tensor] | None = None,
+) -> _Rule:
+    return _Rule(hf, (tl,) if isinstance(tl, str) else tl, fn, to_tl)
 
 
 _GPT2 = _ArchSpec(
@@ -644,7 +754,110 @@ _GPT2 = _ArchSpec(
         _r("transformer.h.{l}.mlp.c_proj.bias", "blocks.{l}.mlp.b_out"),
     ),
     zero_only=("unembed.b_U",),
+    embed="transformer.wte.weight",
 )
+
+
+def _neox_qkv_weight(
+    q: Float[Tensor, "n d_model d_head"],
+    k: Float[Tensor, "n d_model d_head"],
+    v: Float[Tensor, "n d_model d_head"],
+) -> Float[Tensor, "out d_model"]:
+    """GPT-NeoX fuses q, k, v in one nn.Linear whose output rows are ordered (head, qkv, d_head):
+    the inverse of TL's `rearrange(W, "(i qkv h) m -> qkv i m h")`."""
+    return einops.rearrange(torch.stack([q, k, v]), "qkv i m h -> (i qkv h) m")
+
+
+def _neox_qkv_bias(
+    q: Float[Tensor, "n d_head"], k: Float[Tensor, "n d_head"], v: Float[Tensor, "n d_head"]
+) -> Float[Tensor, " out"]:
+    """The fused query_key_value bias, in the same (head, qkv, d_head) order."""
+    return einops.rearrange(torch.stack([q, k, v]), "qkv i h -> (i qkv h)")
+
+
+_NEOX = _ArchSpec(
+    rules=(
+        _r("gpt_neox.embed_in.weight", "embed.W_E"),
+        _r("gpt_neox.final_layer_norm.weight", "ln_final.w"),
+        _r("gpt_neox.final_layer_norm.bias", "ln_final.b"),
+        _r("lm_head.weight", "unembed.W_U", _transpose),
+    ),
+    layer_rules=(
+        _r("gpt_neox.layers.{l}.input_layernorm.weight", "blocks.{l}.ln1.w"),
+        _r("gpt_neox.layers.{l}.input_layernorm.bias", "blocks.{l}.ln1.b"),
+        _r(
+            "gpt_neox.layers.{l}.attention.query_key_value.weight",
+            ("blocks.{l}.attn.W_Q", "blocks.{l}.attn.W_K", "blocks.{l}.attn.W_V"),
+            _neox_qkv_weight,
+        ),
+        _r(
+            "gpt_neox.layers.{l}.attention.query_key_value.bias",
+            ("blocks.{l}.attn.b_Q", "blocks.{l}.attn.b_K", "blocks.{l}.attn.b_V"),
+            _neox_qkv_bias,
+        ),
+        _r("gpt_neox.layers.{l}.attention.dense.weight", "blocks.{l}.attn.W_O",
+           _out_heads_to_linear),
+        _r("gpt_neox.layers.{l}.attention.dense.bias", "blocks.{l}.attn.b_O"),
+        _r("gpt_neox.layers.{l}.post_attention_layernorm.weight", "blocks.{l}.ln2.w"),
+        _r("gpt_neox.layers.{l}.post_attention_layernorm.bias", "blocks.{l}.ln2.b"),
+        _r("gpt_neox.layers.{l}.mlp.dense_h_to_4h.weight", "blocks.{l}.mlp.W_in", _transpose),
+        _r("gpt_neox.layers.{l}.mlp.dense_h_to_4h.bias", "blocks.{l}.mlp.b_in"),
+        _r("gpt_neox.layers.{l}.mlp.dense_4h_to_h.weight", "blocks.{l}.mlp.W_out", _transpose),
+        _r("gpt_neox.layers.{l}.mlp.dense_4h_to_h.bias", "blocks.{l}.mlp.b_out"),
+    ),
+    zero_only=("unembed.b_U",),
+    embed="gpt_neox.embed_in.weight",
+)
+
+
+def _exact_inverse(
+    y: Tensor, forward: Callable[[Tensor], Tensor], guess: Tensor, prefer: Tensor | None = None
+) -> Tensor:
+    """An x with forward(x) == y bit for bit, where the float rounding of `forward` allows one.
+
+    TL stores some weights transformed (Gemma: the embedding times sqrt(d_model), each RMSNorm
+    weight plus 1). The plain inverse (`guess`) can miss by an ulp, and a weight the erasure did
+    not touch would then come back from the saved checkpoint with other bits: `restore` would not
+    be exact. Per element, the first of `prefer` (the value the weight came from, where known),
+    `guess` and the two floats next to it that maps back to `y` is taken; `guess` where none
+    does (an edited weight no float maps to exactly keeps its nearest).
+    """
+    up = torch.nextafter(guess, torch.full_like(guess, float("inf")))
+    down = torch.nextafter(guess, torch.full_like(guess, float("-inf")))
+    out, found = guess.clone(), torch.zeros_like(y, dtype=torch.bool)
+    for c in ([] if prefer is None else [prefer]) + [guess, up, down]:
+        ok = (forward(c) == y) & ~found
+        out = torch.where(ok, c, out)
+        found |= ok
+    return out
+
+
+def _gemma_scale(w: Tensor) -> Tensor:
+    """Gemma's embedding scale sqrt(d_model), in the weight's dtype as TL and HF compute it."""
+    return torch.tensor(w.shape[-1] ** 0.5, dtype=w.dtype, device=w.device)
+
+
+def _gemma_embed_to_tl(e: Float[Tensor, "vocab d_model"]) -> Float[Tensor, "vocab d_model"]:
+    """TL's W_E from HF's embedding (`convert_gemma_weights`): times sqrt(d_model)."""
+    return e * _gemma_scale(e)
+
+
+def _gemma_embed(w_e: Float[Tensor, "vocab d_model"], w_u: Float[Tensor, "d_model vocab"]
+                 ) -> Float[Tensor, "vocab d_model"]:
+    """HF's embedding from TL's W_E: divided by sqrt(d_model), preferring the unembedding (the
+    same HF tensor under tied embeddings) wherever it converts to W_E."""
+    prefer = w_u.T if tuple(w_u.T.shape) == tuple(w_e.shape) else None
+    return _exact_inverse(w_e, _gemma_embed_to_tl, w_e / _gemma_scale(w_e), prefer)
+
+
+def _gemma_norm_to_tl(w: Float[Tensor, " d_model"]) -> Float[Tensor, " d_model"]:
+    """GemmaRMSNorm multiplies by (1 + weight); TL stores 1 + weight, computed in float32."""
+    return (w.float() + 1.0).to(w.dtype)
+
+
+def _gemma_norm(w: Float[Tensor, " d_model"]) -> Float[Tensor, " d_model"]:
+    """HF's norm weight from TL's (1 + weight)."""
+    return _exact_inverse(w, _gemma_norm_to_tl, (w.float() - 1.0).to(w.dtype))
 
 
 def _llama_like_layer_rules(qkv_bias: bool) -> tuple[_Rule, ...]:
@@ -678,6 +891,20 @@ _LLAMA_LIKE_GLOBAL_RULES = (
     _r("lm_head.weight", "unembed.W_U", _transpose),
 )
 _LLAMA_LIKE_ZERO_ONLY = ("blocks.{l}.attn.b_O", "blocks.{l}.mlp.b_in", "blocks.{l}.mlp.b_out")
+_NO_QKV_BIAS = ("blocks.{l}.attn.b_Q", "blocks.{l}.attn.b_K", "blocks.{l}.attn.b_V")
+
+
+def _gemma_layer_rules() -> tuple[_Rule, ...]:
+    """Llama's rules with Gemma's (1 + weight) norms."""
+    norms = {
+        "model.layers.{l}.input_layernorm.weight": "blocks.{l}.ln1.w",
+        "model.layers.{l}.post_attention_layernorm.weight": "blocks.{l}.ln2.w",
+    }
+    return tuple(
+        _r(rule.hf, rule.tl, _gemma_norm, _gemma_norm_to_tl) if rule.hf in norms else rule
+        for rule in _llama_like_layer_rules(qkv_bias=False)
+    )
+
 
 _ARCH_SPECS: dict[str, _ArchSpec] = {
     "GPT2LMHeadModel": _GPT2,
@@ -685,18 +912,32 @@ _ARCH_SPECS: dict[str, _ArchSpec] = {
         rules=_LLAMA_LIKE_GLOBAL_RULES,
         layer_rules=_llama_like_layer_rules(qkv_bias=False),
         zero_only=("unembed.b_U",),
-        layer_zero_only=(
-            "blocks.{l}.attn.b_Q",
-            "blocks.{l}.attn.b_K",
-            "blocks.{l}.attn.b_V",
-            *_LLAMA_LIKE_ZERO_ONLY,
-        ),
+        layer_zero_only=(*_NO_QKV_BIAS, *_LLAMA_LIKE_ZERO_ONLY),
     ),
     "Qwen2ForCausalLM": _ArchSpec(
         rules=_LLAMA_LIKE_GLOBAL_RULES,
         layer_rules=_llama_like_layer_rules(qkv_bias=True),
         zero_only=("unembed.b_U",),
         layer_zero_only=_LLAMA_LIKE_ZERO_ONLY,
+    ),
+    "GPTNeoXForCausalLM": _NEOX,
+    # Mistral's weights are Llama's, under the same names
+    "MistralForCausalLM": _ArchSpec(
+        rules=_LLAMA_LIKE_GLOBAL_RULES,
+        layer_rules=_llama_like_layer_rules(qkv_bias=False),
+        zero_only=("unembed.b_U",),
+        layer_zero_only=(*_NO_QKV_BIAS, *_LLAMA_LIKE_ZERO_ONLY),
+    ),
+    "GemmaForCausalLM": _ArchSpec(
+        rules=(
+            _r("model.embed_tokens.weight", ("embed.W_E", "unembed.W_U"), _gemma_embed,
+               _gemma_embed_to_tl),
+            _r("model.norm.weight", "ln_final.w", _gemma_norm, _gemma_norm_to_tl),
+            _r("lm_head.weight", "unembed.W_U", _transpose),
+        ),
+        layer_rules=_gemma_layer_rules(),
+        zero_only=("unembed.b_U",),
+        layer_zero_only=(*_NO_QKV_BIAS, *_LLAMA_LIKE_ZERO_ONLY),
     ),
 }
 assert set(_ARCH_SPECS) == set(SUPPORTED_ARCHITECTURES)
@@ -747,16 +988,13 @@ def export_frozen_parameters(model: torch.nn.Module) -> list[str]:
     return sorted({k for k in keys if k is not None})
 
 
-def _hf_state_dict(model: Any, spec: _ArchSpec) -> dict[str, Tensor]:
-    """Apply `spec`'s rules to the hooked model's parameters; every parameter must be used."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    n_layers = model.cfg.n_layers
-    used: set[str] = set()
-    out: dict[str, Tensor] = {}
+def _jobs(
+    spec: _ArchSpec, params: dict[str, Tensor], n_layers: int
+) -> Iterator[tuple[_Rule, str, list[str]]]:
+    """(rule, HF name, TL parameter names) of every tensor `spec` builds."""
     jobs = [(rule, None) for rule in spec.rules]
     jobs += [(rule, layer) for layer in range(n_layers) for rule in spec.layer_rules]
     for rule, layer in jobs:
-        hf_name = rule.hf.format(l=layer)
         tl_names = []
         for tl in rule.tl:
             name = tl.format(l=layer)
@@ -764,7 +1002,24 @@ def _hf_state_dict(model: Any, spec: _ArchSpec) -> dict[str, Tensor]:
             if key is None:
                 raise ModelSaveError(f"cannot export: the hooked model has no parameter '{name}'")
             tl_names.append(key)
+        yield rule, rule.hf.format(l=layer), tl_names
+
+
+def _hf_state_dict(model: Any, spec: _ArchSpec) -> dict[str, Tensor]:
+    """Apply `spec`'s rules to the hooked model's parameters; every parameter must be used."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    n_layers = model.cfg.n_layers
+    exact = getattr(model, "kif_hf_exact", None) or {}
+    used: set[str] = set()
+    out: dict[str, Tensor] = {}
+    for rule, hf_name, tl_names in _jobs(spec, params, n_layers):
         used.update(tl_names)
+        kept = exact.get(hf_name)
+        if kept is not None and all(
+            torch.equal(params[k], v.to(params[k].device)) for k, v in zip(tl_names, kept[0])
+        ):
+            out[hf_name] = kept[1].to(params[tl_names[0]].device)  # unchanged: the source's bits
+            continue
         out[hf_name] = rule.fn(*(params[k] for k in tl_names)).contiguous()
     for name in _expand(spec.zero_only + spec.layer_zero_only, n_layers):
         key = _tl_key(params, name)
@@ -784,7 +1039,80 @@ def _hf_state_dict(model: Any, spec: _ArchSpec) -> dict[str, Tensor]:
     return out
 
 
-def _export_config(model: Any, spec: _ArchSpec, dtype: torch.dtype) -> Any:
+def exact_hf_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The checkpoint tensors the hooked model cannot hold bit for bit (TL rounds when it
+    converts them: Gemma's norms), by HF name, kept by `load`. Empty for most architectures."""
+    return {name: hf for name, (_, hf) in (getattr(model, "kif_hf_exact", None) or {}).items()}
+
+
+def keep_exact_hf_tensors(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Record `tensors` (HF name -> the checkpoint's tensor) as what the model's *current*
+    weights export to, e.g. after `kif.erasure.restore` put the base weights back."""
+    spec = _ARCH_SPECS.get(architecture(model))
+    if spec is None or not tensors:
+        return
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    exact = dict(getattr(model, "kif_hf_exact", None) or {})
+    for rule, hf_name, tl_names in _jobs(spec, params, model.cfg.n_layers):
+        if rule.to_tl is not None and hf_name in tensors:
+            exact[hf_name] = (tuple(params[k].clone() for k in tl_names),
+                              tensors[hf_name].detach().clone())
+    model.kif_hf_exact = exact
+
+
+@torch.no_grad()
+def snap_to_exportable(model: torch.nn.Module) -> list[str]:
+    """Move, in place, every weight that TL's conversion rounds (Gemma's embedding and norms) to
+    the value it will have after `save` and `load`, and return the names of those that moved.
+
+    An edit of such a weight (full fine-tuning) can reach a float that no checkpoint tensor
+    converts to (for Gemma's embedding, scaled by sqrt(d_model), about one in seven): saved, it
+    would come back other bits, and the erased checkpoint would not match its manifest's hash.
+    A weight its checkpoint gave is left as it is. No-op for architectures without such weights.
+    """
+    try:
+        spec = _ARCH_SPECS.get(architecture(model))
+    except ValueError:
+        return []
+    if spec is None or not any(r.to_tl is not None for r in spec.rules + spec.layer_rules):
+        return []
+    params = dict(model.named_parameters())
+    detached = {name: p.detach() for name, p in params.items()}
+    moved = []
+    for rule, _, tl_names in _jobs(spec, detached, model.cfg.n_layers):
+        if rule.to_tl is None:
+            continue
+        target = params[tl_names[0]]
+        back = rule.to_tl(rule.fn(*(detached[k] for k in tl_names))).to(target.dtype)
+        if not torch.equal(back, target):
+            target.copy_(back)
+            moved.append(tl_names[0])
+    return moved
+
+
+def _exact_from_checkpoint(model: Any, hf_model: Any, arch: str) -> dict[str, Any]:
+    """For every rule TL rounds (with a `to_tl`) whose inverse misses the checkpoint's bits:
+    (its TL sources at load, the checkpoint's tensor). Only those rules are checked: loading
+    any other architecture costs nothing more."""
+    spec = _ARCH_SPECS[arch]
+    if not any(r.to_tl is not None for r in spec.rules + spec.layer_rules):
+        return {}
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    hf = hf_model.state_dict()
+    out = {}
+    for rule, hf_name, tl_names in _jobs(spec, params, model.cfg.n_layers):
+        if rule.to_tl is None or hf_name not in hf:
+            continue
+        source = hf[hf_name].detach()
+        value = rule.fn(*(params[k] for k in tl_names))
+        if not torch.equal(value.to(device=source.device, dtype=source.dtype), source):
+            out[hf_name] = (tuple(params[k].clone() for k in tl_names), source.clone())
+    return out
+
+
+def _export_config(
+    model: Any, spec: _ArchSpec, dtype: torch.dtype, state_dict: dict[str, Tensor]
+) -> Any:
     """A copy of the source config for the exported model (never mutates `kif_hf_config`)."""
     hf_config = getattr(model, "kif_hf_config", None)
     if hf_config is None:
@@ -793,9 +1121,8 @@ def _export_config(model: Any, spec: _ArchSpec, dtype: torch.dtype) -> Any:
         )
     config = copy.deepcopy(hf_config)
     config.dtype = dtype
-    w_e = model.get_parameter(spec.embed).detach()
-    w_u = model.get_parameter(spec.unembed).detach()
-    if getattr(config, "tie_word_embeddings", False) and not torch.equal(w_e, w_u.T):
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied and not torch.equal(state_dict[spec.embed], state_dict[spec.unembed]):
         # HF would overwrite one matrix with the other; untying keeps both edits exactly.
         logger.info("embedding and unembedding differ after editing: exporting them untied")
         config.tie_word_embeddings = False
@@ -854,12 +1181,17 @@ def _to_hf(model: torch.nn.Module, *, dtype: torch.dtype | None, verify: bool) -
         )
     first = next(model.parameters())
     dtype = first.dtype if dtype is None else dtype
-    config = _export_config(model, spec, dtype)
     state_dict = _hf_state_dict(model, spec)
+    config = _export_config(model, spec, dtype, state_dict)
     with _no_init_weights():  # every weight is overwritten below; random init is wasted time
         hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     hf_model.to(first.device)
     _load_strict(hf_model, state_dict, arch)
+    if getattr(config, "tie_word_embeddings", False):
+        # transformers 5 ties the two matrices while initialising weights, which
+        # `_no_init_weights` skips: without this the model holds two equal copies and
+        # save_pretrained writes lm_head.weight as well, a key the source checkpoint lacks
+        hf_model.tie_weights()
     generation_config = getattr(model, "kif_generation_config", None)
     if generation_config is not None:
         hf_model.generation_config = copy.deepcopy(generation_config)

@@ -43,7 +43,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from kif import metrics
-from kif.data.concept import corpus_shared
+from kif.data.concept import by_subject, corpus_shared
 from kif.erasure.core import Delta, Erasure, ErasureError, HookOp, Timer
 from kif.erasure.registry import register
 
@@ -98,7 +98,10 @@ class NPOConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RMUConfig:
-    layer: int = 2
+    # None: the layer at relative depth `depth`, int(depth * n_layers) clamped to the model: the
+    # zoo model's 4 layers give layer 2, where forget10 was measured; a 2-layer model layer 1
+    layer: int | None = None
+    depth: float = 0.5
     c: float | None = None  # steering coefficient; None: c_scale x mean |h_l| on forget tokens
     c_scale: float = 3.0
     alpha: float = 100.0
@@ -280,7 +283,12 @@ def _deltas(model, student) -> dict[str, Delta]:
 
 def _result(method: str, model, student, concept, cfg, base_hash: str, base_spec: str,
             timer: Timer, steps: int, history: list, converged: bool, **extra: Any) -> Erasure:
+    from kif.models import snap_to_exportable
+
     with timer.section("deltas"):
+        # weights the checkpoint holds transformed (Gemma's embedding and norms) are moved to
+        # values a saved checkpoint gives back, so the erased folder matches its manifest
+        snap_to_exportable(student)
         deltas = _deltas(model, student)
     info = {"steps": steps, "step_budget": cfg.steps, "lr": cfg.lr, "converged": converged,
             "history": history, "n_forget": len(concept.forget),
@@ -390,13 +398,25 @@ def _subject_starts(model, probes) -> list[int]:
     """Position (in `[BOS] + tokens(prompt)`) of each probe's first subject token."""
     prompts = [p.prompt for p in probes]
     enc = model.tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
-    off = 1 if model.cfg.default_prepend_bos else 0
+    off = metrics.bos_offset(model)
     out = []
     for pr, offsets in zip(probes, enc["offset_mapping"]):
         start = pr.prompt.find(pr.subject)
         pos = [i for i, (a, b) in enumerate(offsets) if start >= 0 and b > start]
         out.append(pos[0] + off if pos else off)
     return out
+
+
+def rmu_layer(cfg: RMUConfig, n_layers: int) -> int:
+    """The layer RMU steers at: `cfg.layer`, or the one at relative depth `cfg.depth`,
+    int(depth * n_layers) clamped to the model (4 layers: 2, the zoo model's; 2 layers: 1)."""
+    if cfg.layer is None:
+        if not 0.0 <= cfg.depth <= 1.0:
+            raise ErasureError(f"RMU's depth must be in [0, 1], got {cfg.depth}")
+        return min(n_layers - 1, int(cfg.depth * n_layers))
+    if not 0 <= cfg.layer < n_layers:
+        raise ErasureError(f"layer {cfg.layer} is outside the model's {n_layers} layers")
+    return cfg.layer
 
 
 def _span_mask(tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"],
@@ -412,7 +432,8 @@ def rmu(model, concept, cfg: RMUConfig, *, progress: bool = False,
         base_spec: str = "") -> Erasure:
     """RMU (Li et al. 2024, WMDP, Sec. 5): at h_l = `blocks.{l}.hook_resid_post`,
     L = mean ||h_l(x_f) - c u||^2 + alpha mean ||h_l(x_r) - h_l^frozen(x_r)||^2 (per element),
-    training W_out, b_out of the MLPs of layers max(0, l-2)..l.
+    training W_out, b_out of the MLPs of layers max(0, l-2)..l (b_out where the architecture has
+    one), l = `cfg.layer` or the layer at relative depth `cfg.depth` (`rmu_layer`).
 
     Forget tokens are those from the subject's first token on (prompt rest and answer): the
     tokens before the name are template words every retain prompt shares, where the two terms
@@ -424,8 +445,7 @@ def rmu(model, concept, cfg: RMUConfig, *, progress: bool = False,
     from kif.models import weight_hash
 
     n_layers = model.cfg.n_layers
-    if not 0 <= cfg.layer < n_layers:
-        raise ErasureError(f"layer {cfg.layer} is outside the model's {n_layers} layers")
+    cfg = dataclasses.replace(cfg, layer=rmu_layer(cfg, n_layers))  # the settings record it
     concept.require("subjects", "retain_corpus", method="rmu")
     timer = Timer()
     base_hash = weight_hash(model)
@@ -457,12 +477,21 @@ def rmu(model, concept, cfg: RMUConfig, *, progress: bool = False,
                 c = cfg.c_scale * float(torch.cat(norms).mean())
         student = _student(model)
         layers = list(range(max(0, cfg.layer - 2), cfg.layer + 1))
+        # b_out only where the checkpoint has an MLP output bias (GPT-2, GPT-NeoX): Llama-like
+        # MLPs have none, and a trained one could not be saved
+        from kif.models import export_frozen_parameters
+
+        frozen = set(export_frozen_parameters(student))
         params = []
         for l in layers:
-            for p in (student.blocks[l].mlp.W_out, student.blocks[l].mlp.b_out):
+            for name in ("W_out", "b_out"):
+                if f"blocks.{l}.mlp.{name}" in frozen:
+                    continue
+                p = getattr(student.blocks[l].mlp, name)
                 p.requires_grad_(True)
                 params.append(p)
     target = c * u
+    first = metrics.bos_offset(model)  # retain tokens start after the BOS, where there is one
 
     def loss_fn() -> tuple[Tensor, dict[str, float]]:
         idx = f_batches()
@@ -472,7 +501,7 @@ def rmu(model, concept, cfg: RMUConfig, *, progress: bool = False,
         lf = (h[fm].float() - target.to(h.device)).pow(2).mean()
         ridx = r_batches()
         rt, rl = metrics._padded(student, [rqa.seqs[i] for i in ridx])
-        rm = _span_mask(rt, rl, [1] * len(ridx))
+        rm = _span_mask(rt, rl, [first] * len(ridx))
         with torch.no_grad():
             h0 = resid(model, rt)[rm].float()
         lr_ = (resid(student, rt)[rm].float() - h0).pow(2).mean()
@@ -485,16 +514,6 @@ def rmu(model, concept, cfg: RMUConfig, *, progress: bool = False,
 
 
 # ---- signature baselines ---------------------------------------------------------------------------
-
-def _per_person(concept) -> list:
-    """One Concept per subject of `concept`: its own forget and paraphrase probes, the rest of
-    `concept` (retain, neighbours, corpus) shared, so the other subjects stay out of each one's
-    retain text (they are being erased too)."""
-    return [dataclasses.replace(concept, name=s,
-                                forget=tuple(p for p in concept.forget if p.subject == s),
-                                paraphrase=tuple(p for p in concept.paraphrase if p.subject == s))
-            for s in concept.subjects]
-
 
 @register("sae-clamp", SaeClampConfig, "hooks",
           "baseline: clamp the concept's SAE features to -c when active (hook patch)")
@@ -516,7 +535,7 @@ def sae_clamp(model, concept, cfg: SaeClampConfig, *, progress: bool = False,
     refs: dict[str, dict] = {}
     clamps: set[float] = set()
     per_person = []
-    people = _per_person(concept)
+    people = by_subject(concept)
     settings = {"tau": cfg.tau, "top_n": cfg.top_n}
     if cfg.hook is not None:
         settings["hook"] = cfg.hook
@@ -573,7 +592,7 @@ def neuron_ablate(model, concept, cfg: NeuronAblateConfig, *, progress: bool = F
 
     timer = Timer()
     base_hash = weight_hash(model)
-    people = _per_person(concept)
+    people = by_subject(concept)
     rows: dict[int, set[int]] = {}
     per_person = []
     with timer.section("signatures"), Progress(transient=True, disable=not progress) as bar:
@@ -605,4 +624,5 @@ def neuron_ablate(model, concept, cfg: NeuronAblateConfig, *, progress: bool = F
 
 
 __all__ = ["GAConfig", "GradDiffConfig", "NPOConfig", "NeuronAblateConfig", "RMUConfig",
-           "SaeClampConfig", "ga", "gradiff", "neuron_ablate", "npo", "rmu", "sae_clamp"]
+           "SaeClampConfig", "ga", "gradiff", "neuron_ablate", "npo", "rmu", "rmu_layer",
+           "sae_clamp"]

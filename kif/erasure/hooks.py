@@ -40,14 +40,17 @@ def _gated_suppress(op: HookOp) -> Callable:
 
     t, p = op.tensors, dict(op.params)
     basis, refusal = t["basis"], t["refusal"]
+    # the BOS position (the attention sink: a huge norm, no concept) is never gated, or every
+    # prompt would be edited there; a model that takes no BOS has none to skip ("skip" 0, set by
+    # `build_capsule`, whose calibration leaves out the same positions). Patches written before
+    # the parameter existed were all built on models with a BOS.
+    skip = int(p.get("skip", 1))
 
     def hook(act: Float[Tensor, "batch pos d_model"], hook) -> Float[Tensor, "batch pos d_model"]:
-        # position 0 (BOS, the attention sink) has a huge norm and carries no concept: it is
-        # never gated, or every prompt would be edited there
-        out, _ = gated_suppression(act[:, 1:], basis.to(act.device), refusal.to(act.device),
+        out, _ = gated_suppression(act[:, skip:], basis.to(act.device), refusal.to(act.device),
                                    mu=p["mu"], sigma=p["sigma"], k_gate=p["k_gate"], tau=p["tau"],
                                    s=p["s"], beta=p["beta"], gate_floor=p["gate_floor"])
-        return torch.cat([act[:, :1], out], dim=1)
+        return torch.cat([act[:, :skip], out], dim=1) if skip else out
 
     return hook
 

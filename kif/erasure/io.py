@@ -7,8 +7,9 @@ An erasure folder (written by `kif erase --out DIR`) holds:
 - `erasure.safetensors`: the deltas (dense or low-rank factors) and the hook ops' tensors;
 - weight methods: the erased model as an HF checkpoint at the folder's root (`config.json`,
   `model.safetensors`, tokenizer; float32 so that small edits survive), and
-  `restore.safetensors`, the original values of every edited tensor, so `restore` is bit-exact
-  without the base checkpoint;
+  `restore.safetensors`, the original values of every edited tensor (`orig/NAME`), and the base
+  checkpoint's tensors that the hooked model holds only rounded (`hf/NAME`, HF names: Gemma's
+  norms, `kif.models.exact_hf_tensors`), so `restore` is bit-exact without the base checkpoint;
 - `report.json` (and `report.md`) when the caller passes one.
 
 Only safetensors and JSON are read (no pickle). Everything is written to a temporary sibling
@@ -16,6 +17,7 @@ folder and renamed into place, and nothing is ever written over an existing fold
 source (DESIGN.md convention 9).
 """
 
+import copy
 import json
 import os
 import pathlib
@@ -99,6 +101,8 @@ def save_erasure(erasure: Erasure, base_model, out_dir: str | os.PathLike,
                 erased_hash = models.weight_hash(applied.model)
                 originals = {f"orig/{n}": t.cpu().contiguous()
                              for n, t in applied._originals.items()}
+                originals |= {f"hf/{n}": t.detach().cpu().contiguous()
+                              for n, t in models.exact_hf_tensors(base_model).items()}
                 models.save(applied.model, stage, dtype=torch.float32)
             save_file(originals, str(stage / RESTORE))
         save_file(tensors, str(stage / TENSORS))
@@ -108,7 +112,8 @@ def save_erasure(erasure: Erasure, base_model, out_dir: str | os.PathLike,
         manifest = {
             "format": FORMAT, "version": VERSION, "method": erasure.method,
             "concepts": list(erasure.concepts), "kind": erasure.kind,
-            "base": {"spec": erasure.base_spec, "weight_sha256": erasure.base_hash},
+            "base": {"spec": erasure.base_spec, "weight_sha256": erasure.base_hash,
+                     **_base_config(base_model)},
             "erased_weight_sha256": erased_hash,
             "settings": _jsonable(erasure.settings), "info": _jsonable(erasure.info),
             "deltas": deltas_meta, "hooks": hooks_meta,
@@ -125,6 +130,14 @@ def save_erasure(erasure: Erasure, base_model, out_dir: str | os.PathLike,
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return out
+
+
+def _base_config(model) -> dict[str, Any]:
+    """What the erased checkpoint's config.json may say otherwise than the base's: an edit that
+    makes the embedding and the unembedding differ is saved untied (`kif.models.save`), and
+    `restore` ties them again."""
+    tied = getattr(getattr(model, "kif_hf_config", None), "tie_word_embeddings", None)
+    return {} if tied is None else {"tie_word_embeddings": bool(tied)}
 
 
 def _manifest(path: pathlib.Path) -> dict[str, Any]:
@@ -216,6 +229,14 @@ def restore(path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path
     if models.weight_hash(model) != m["base"]["weight_sha256"]:
         raise ErasureError(f"restoring {p} did not give the base weights back (hash mismatch): "
                            f"the folder was modified")
+    if m["deltas"]:
+        # the base checkpoint's own bits where the hooked model holds them rounded
+        models.keep_exact_hf_tensors(model, {k[3:]: t for k, t in originals.items()
+                                             if k.startswith("hf/")})
+        tied = m["base"].get("tie_word_embeddings")
+        if tied is not None and getattr(model, "kif_hf_config", None) is not None:
+            model.kif_hf_config = copy.deepcopy(model.kif_hf_config)
+            model.kif_hf_config.tie_word_embeddings = tied
     if out.exists():
         out.rmdir()
     return models.save(model, out)

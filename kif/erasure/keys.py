@@ -6,6 +6,7 @@ are where the fact world's answers are produced (causal tracing: every strong si
 last prompt token). Their second moments over a corpus are `kif.erasure.stats`.
 """
 
+import re
 from typing import Sequence
 
 import torch
@@ -17,6 +18,21 @@ from kif import metrics
 
 def _batches(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def resid_hook(model, hook: str) -> str:
+    """`hook`, or where its state is in a model with parallel blocks.
+
+    A parallel block (GPT-NeoX / Pythia, GPT-J: `cfg.parallel_attn_mlp`) computes attention and
+    MLP from the same input and adds both to the stream at once: there is no state between them,
+    and TransformerLens never calls its `hook_resid_mid`. The first state that holds the block's
+    attention output is its `hook_resid_post`, which stands in for `hook_resid_mid` there (the
+    methods' default site, blocks.0.hook_resid_mid, where layer 0's attention has met the name).
+    """
+    m = re.match(r"blocks\.(\d+)\.hook_resid_mid$", hook)
+    if m and getattr(model.cfg, "parallel_attn_mlp", False):
+        return f"blocks.{m.group(1)}.hook_resid_post"
+    return hook
 
 
 @torch.no_grad()
@@ -41,4 +57,4 @@ def last_token_states(model, prompts: Sequence[str], hooks: Sequence[str], batch
     return {h: torch.cat(v) if v else torch.zeros(0) for h, v in out.items()}
 
 
-__all__ = ["last_token_states"]
+__all__ = ["last_token_states", "resid_hook"]

@@ -85,13 +85,34 @@ from torch import Tensor
 from kif import metrics
 from kif.data.concept import corpus_shared, corpus_subjects, nth_phrasing
 from kif.erasure.core import Delta, Erasure, ErasureError, Timer, low_rank
+from kif.erasure.keys import resid_hook
 from kif.erasure.registry import register
 
 
 # LoRA targets: attention too, since the concept is first assembled by layer 0's attention over
-# the name tokens (the capsule's site, blocks.0.hook_resid_mid, lies before any MLP)
+# the name tokens (the capsule's site, blocks.0.hook_resid_mid, lies before any MLP); W_gate
+# where the MLP is gated (SwiGLU / GeGLU: Llama, Qwen2, Mistral, Gemma), whose gate decides
+# as much as W_in which keys the MLP writes with. A weight the block lacks is skipped.
 WEIGHTS = (("attn", "W_Q"), ("attn", "W_K"), ("attn", "W_V"), ("attn", "W_O"),
-           ("mlp", "W_in"), ("mlp", "W_out"))
+           ("mlp", "W_in"), ("mlp", "W_gate"), ("mlp", "W_out"))
+
+
+def lora_targets(model, layers: Sequence[int]) -> list[tuple[str, torch.nn.Module, str]]:
+    """(parameter name, module, attribute) of every weight of `WEIGHTS` in `layers`, named as
+    `model.named_parameters()` names it. Under grouped-query attention TransformerLens stores
+    K and V per key/value head as `_W_K` / `_W_V` and `W_K` / `W_V` are read-only properties that
+    repeat them per query head: the LoRA goes on the stored parameter (what the checkpoint holds,
+    and what `torch.nn.utils.parametrize` can wrap), so the update stays one per key/value head."""
+    out = []
+    for l in layers:
+        block = model.blocks[l]
+        for part, attr in WEIGHTS:
+            mod = getattr(block, part)
+            own = dict(mod.named_parameters(recurse=False))
+            name = next((n for n in (attr, f"_{attr}") if n in own), None)
+            if name is not None:
+                out.append((f"blocks.{l}.{part}.{name}", mod, name))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,12 +246,15 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
     if any(not 0 <= l < model.cfg.n_layers for l in layers):
         raise ErasureError(f"layers {layers} are outside the model's {model.cfg.n_layers} layers")
 
+    # parallel blocks (GPT-NeoX) have no hook_resid_mid: their resid_post stands in
+    sig_hook = resid_hook(model, cfg.signature_hook)
+
     # 1. signature and the capsule's calibration (the latent criterion)
     with timer.section("signature"):
         # the signature is the plain mean-difference direction (the one the oracle is compared
         # on), not the suppression gate's whitened detector
-        ops, cap_stats = build_capsule(model, concept, cfg.signature_hook, SuppressConfig(
-            hook=cfg.signature_hook, whiten=None))
+        ops, cap_stats = build_capsule(model, concept, sig_hook, SuppressConfig(
+            hook=sig_hook, whiten=None))
 
     # 2. the never-knew teacher: base model on the prompts with fresh names
     with timer.section("teacher"):
@@ -240,9 +264,10 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
         pairs = _pairs(model, concept.forget, names_for, rng)
         if not pairs:
             raise ErasureError(f"no forget prompt of {concept.name!r} could be aligned")
-        repr_hooks = [f"blocks.{l}.{h}" for l in range(model.cfg.n_layers)
-                      for h in ("hook_resid_mid", "hook_resid_post")]
-        if cfg.signature_hook not in repr_hooks:
+        repr_hooks = list(dict.fromkeys(
+            resid_hook(model, f"blocks.{l}.{h}") for l in range(model.cfg.n_layers)
+            for h in ("hook_resid_mid", "hook_resid_post")))
+        if sig_hook not in repr_hooks:
             raise ErasureError(f"signature_hook must be a residual hook, got {cfg.signature_hook!r}")
         t_logp, t_resid = [], []
         concept.require("refusal", method="kif")
@@ -321,12 +346,11 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
     ref_lp, a_unk_all = torch.cat(ref_lp), torch.cat(a_unk).clamp(1e-6, 1 - 1e-6)
     # the training forward captures the residuals the representation loss compares and the
     # signature hook (whose z-score is logged, and is a loss with w_signature)
-    captured = repr_hooks if cfg.w_repr > 0 else [cfg.signature_hook]
+    captured = repr_hooks if cfg.w_repr > 0 else [sig_hook]
     # 3b. the update: LoRA on every weight matrix of `layers`
     for p in student.parameters():
         p.requires_grad_(False)
-    targets = [(f"blocks.{l}.{part}.{attr}", getattr(student.blocks[l], part), attr)
-               for l in layers for part, attr in WEIGHTS]
+    targets = lora_targets(student, layers)
     loras = {}
     for name, mod, attr in targets:
         lora = _LoRA(tuple(getattr(mod, attr).shape), cfg.rank, gen)
@@ -425,7 +449,7 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
             kl = (base_r.exp() * (base_r - F.log_softmax(r_logits, -1))).sum(-1)
             loss_k = (kl * mask).sum() / mask.sum()
             who = torch.cat([torch.full((p.n,), p.person, dtype=torch.long) for p in chunk])
-            h_sig = _gather(cache[cfg.signature_hook], st, n).float()
+            h_sig = _gather(cache[sig_hook], st, n).float()
             if cfg.w_signature == 0:
                 h_sig = h_sig.detach()  # logged only: no backward through it
             z = ((h_sig * sig_u[who]).sum(-1).abs() - sig_mu[who]) / sig_sd[who]
@@ -525,4 +549,5 @@ def _capsule_z(model, concept, ops) -> float:
     return float(torch.tensor(z).median())
 
 
-__all__ = ["FORGET_LOSSES", "KifConfig", "kif_pipeline", "never_knew_names", "never_knew_p"]
+__all__ = ["FORGET_LOSSES", "KifConfig", "WEIGHTS", "kif_pipeline", "lora_targets",
+           "never_knew_names", "never_knew_p"]

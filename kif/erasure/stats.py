@@ -97,7 +97,8 @@ def upstream_parameters(model, hook: str) -> list[str]:
         elif int(m.group(1)) < layer:
             out.append(name)
         elif int(m.group(1)) == layer:
-            part = m.group(2)
+            # grouped-query attention stores K and V as attn._W_K, attn._b_V, ...
+            part = m.group(2).replace("attn._", "attn.")
             if (attn and (part.startswith("ln1") or part[:7] in ("attn.W_", "attn.b_")
                           and part[-1] in "QKV")) or (
                     not attn and part not in ("mlp.W_out", "mlp.b_out")):
@@ -108,6 +109,12 @@ def upstream_parameters(model, hook: str) -> list[str]:
 def _cache_key(model, hook: str, ids: Sequence[Sequence[int]], last: Sequence[int],
                token_weight: float) -> str:
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{hook}|{token_weight!r}|".encode())
+    first = metrics.bos_offset(model)
+    if first != 1:
+        # the token Gram starts at a model's first text token (`compute_key_moments`); up to
+        # version 1 it always left position 0 out, which is still right after a BOS (those
+        # entries stay valid), not for a model that takes none
+        digest.update(f"first={first}|".encode())
     params = dict(model.named_parameters())
     for name in upstream_parameters(model, hook):
         t = params[name].detach().to("cpu").contiguous()
@@ -148,6 +155,7 @@ def compute_key_moments(model, ids: Sequence[Sequence[int]], last: Sequence[int]
     gram_last = torch.zeros(m, m, dtype=torch.float64)
     sum_last = torch.zeros(m, dtype=torch.float64)
     tokens_stats = KeyStats(m, backend=backend)
+    first = metrics.bos_offset(model)
     for s in range(0, len(ids), batch_size):
         tokens, lengths = metrics._padded(model, ids[s:s + batch_size])
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == hook,
@@ -158,8 +166,9 @@ def compute_key_moments(model, ids: Sequence[Sequence[int]], last: Sequence[int]
         gram_last += k.T @ k
         sum_last += k.sum(0)
         if token_weight > 0:
+            # every token of the text, the BOS (where the model takes one) left out
             pos = torch.arange(tokens.shape[1], device=act.device)
-            mask = (pos[None] < lengths.to(act.device)[:, None]) & (pos[None] > 0)
+            mask = (pos[None] < lengths.to(act.device)[:, None]) & (pos[None] >= first)
             tokens_stats.update(act.reshape(-1, m), mask.reshape(-1))
     gram = gram_last
     if token_weight > 0 and len(ids):

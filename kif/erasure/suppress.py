@@ -26,7 +26,7 @@ from torch import Tensor
 from kif import metrics
 from kif.data.concept import corpus_shared, corpus_subjects, nth_phrasing
 from kif.erasure.core import Erasure, ErasureError, HookOp, Timer
-from kif.erasure.keys import last_token_states
+from kif.erasure.keys import last_token_states, resid_hook
 from kif.erasure.registry import register
 from kif.erasure.stamp import refusal_prompts
 
@@ -89,14 +89,17 @@ def orthonormal(d: Float[Tensor, "k d_model"]) -> Float[Tensor, "d_model k"]:
 @torch.no_grad()
 def _token_states(model, texts, hook: str):
     """The states at `hook` of every non-BOS token of `texts`, a batch of prompts at a time
-    ([tokens, d_model] per batch; the forward stops after the hook's layer)."""
+    ([tokens, d_model] per batch; the forward stops after the hook's layer). Without a BOS (a
+    model that takes none) every token of the text is kept: the positions the gate leaves alone
+    (`HookOp` param "skip") are the ones left out here."""
     ids = metrics.encode_prompts(model, list(texts))
+    first = metrics.bos_offset(model)
     for s in range(0, len(ids), 256):
         tokens, lengths = metrics._padded(model, ids[s:s + 256])
         _, cache = model.run_with_cache(tokens, names_filter=[hook], padding_side="right",
                                         stop_at_layer=int(hook.split(".")[1]) + 1)
         pos = torch.arange(tokens.shape[1], device=lengths.device)
-        yield cache[hook][(pos[None] < lengths[:, None]) & (pos[None] > 0)]
+        yield cache[hook][(pos[None] < lengths[:, None]) & (pos[None] >= first)]
 
 
 def token_scores(model, texts, hook: str, basis: Float[Tensor, "d_model k"]) -> Float[Tensor, "tokens k"]:
@@ -162,7 +165,7 @@ def build_capsule(model, concept, hook: str, cfg: SuppressConfig
                           tensors={"basis": basis[j][:, None].clone(), "refusal": r_hat},
                           params={"mu": mu, "sigma": sigma, "k_gate": cfg.k_gate, "tau": cfg.tau,
                                   "s": cfg.s, "beta": beta, "gate_floor": cfg.gate_floor,
-                                  "person": person}))
+                                  "person": person, "skip": metrics.bos_offset(model)}))
     z = torch.cat(z_forget)
     gate = torch.sigmoid(cfg.k_gate * (z - cfg.tau))
     stats = {"hook": hook, "people": len(ops), "beta": beta,
@@ -187,6 +190,8 @@ def suppress(model, concept, cfg: SuppressConfig, *, progress: bool = False,
              else [cfg.hook])
     if cfg.layer is not None and cfg.hook is None:
         hooks = [f"blocks.{cfg.layer}.{s}" for s in SITES]
+    # parallel blocks (GPT-NeoX) have no state between attention and MLP: resid_post stands in
+    hooks = list(dict.fromkeys(resid_hook(model, h) for h in hooks))
     best = None
     with timer.section("signature+calibration"):
         for hook in hooks:

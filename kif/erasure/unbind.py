@@ -40,14 +40,19 @@ class UnbindConfig:
     token_weight: float = 0.003  # every retain token's key at this weight (STAMP's default)
 
 
-def sites(hook: str) -> tuple[str, str]:
-    """(key hook, edited parameter) of the component that writes the residual `hook`."""
+def sites(hook: str, parallel: bool = False) -> tuple[str, str]:
+    """(key hook, edited parameter) of the component that writes the residual `hook`.
+
+    With `parallel` blocks (GPT-NeoX: attention and MLP read the same input and both write
+    `hook_resid_post`) that is the attention's W_O for either hook: the block's MLP reads each
+    token alone, so its keys at a prompt's last token are the same for every person asked in
+    the same phrasing and cannot single out the concept; the attention's keys carry the name."""
     m = re.match(r"blocks\.(\d+)\.(hook_resid_mid|hook_resid_post)$", hook)
     if not m:
         raise ErasureError(f"the signature must sit at blocks.{{l}}.hook_resid_mid or "
                            f"hook_resid_post to be removed, not {hook!r}")
     l = m.group(1)
-    if m.group(2) == "hook_resid_mid":
+    if m.group(2) == "hook_resid_mid" or parallel:
         return f"blocks.{l}.attn.hook_z", f"blocks.{l}.attn.W_O"
     return f"blocks.{l}.mlp.hook_post", f"blocks.{l}.mlp.W_out"
 
@@ -60,7 +65,7 @@ def unbind_delta(model, concept, ops, cfg: UnbindConfig = UnbindConfig()
     from kif.erasure.stats import retain_moments
 
     hook = ops[0].hook
-    key, param = sites(hook)
+    key, param = sites(hook, parallel=bool(getattr(model.cfg, "parallel_attn_mlp", False)))
     by_person = {op.params["person"]: op for op in ops}
     forget = [p for p in concept.forget if p.subject in by_person]
     if not forget:

@@ -28,7 +28,7 @@ from torch import Tensor
 from kif import metrics
 from kif.concepts import Concept
 from kif.errors import KifError
-from kif.world import ATTRIBUTES, FactWorld, Person, Probe, world_concept
+from kif.data.probe import Probe
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def _group_index(probes: Sequence[Probe], subject_concept: dict[str, int]) -> np
 class Audit:
     """Everything a probe reads: the models, the concepts and their probe sets, memoized passes.
 
-    Probe sets (tuples of `kif.world.Probe`):
+    Probe sets (tuples of `kif.data.probe.Probe`):
       * ``facts``: the concepts' forget probes (training phrasings) then their paraphrases
         (`groups("facts")[i]` is the concept index of row i);
       * ``reference``: the same relations asked about people no model was trained on (the
@@ -289,7 +289,7 @@ class Audit:
     n_forget: int  # facts[:n_forget] are training phrasings, the rest paraphrases
     reference: tuple[Probe, ...]
     retain: tuple[Probe, ...]
-    world: FactWorld | None
+    world: Any  # the fact world the concepts came from, or None (concepts from other sources)
     neighbour: tuple[Probe, ...] = ()
     shared: tuple[Probe, ...] = ()
     seed: int = 0
@@ -447,11 +447,13 @@ class Audit:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_concepts(concepts, world: FactWorld | None) -> list[Concept]:
-    """Concepts from a split name, a person name, a list of names or `Concept`s (one concept per
-    person: the meter's per-concept detail is per person)."""
+def resolve_concepts(concepts, world) -> list[Concept]:
+    """Concepts from a split name, a person name, a list of names (the fact world's) or
+    `Concept`s (one concept per person: the meter's per-concept detail is per person)."""
     if isinstance(concepts, Concept):
         return [concepts]
+    from kif.world import world_concept  # names and splits are the fact world's
+
     if isinstance(concepts, str):
         if concepts.startswith("forget") or concepts in ("retain", "holdout", "unknown"):
             people = world.split(concepts)
@@ -483,8 +485,10 @@ def _one_phrasing_per_fact(rows: Sequence[Probe]) -> list[Probe]:
             for j, ps in enumerate(facts.values())]
 
 
-def _mirror(world: FactWorld, facts: Sequence[Probe], people: Sequence[Person]) -> list[Probe]:
-    """The same (relation, phrasing, template) questions as `facts`, asked about `people`."""
+def _mirror(world, facts: Sequence[Probe], people) -> list[Probe]:
+    """The same (relation, phrasing, template) questions as `facts`, asked about `people` (of
+    the fact world)."""
+    from kif.world import ATTRIBUTES
     keys = list(dict.fromkeys((p.relation, p.phrasing, p.template) for p in facts
                               if p.relation in ATTRIBUTES))
     out = []
@@ -494,7 +498,7 @@ def _mirror(world: FactWorld, facts: Sequence[Probe], people: Sequence[Person]) 
     return out
 
 
-def build_audit(base, erased, concepts, oracle=None, *, world: FactWorld | None = None,
+def build_audit(base, erased, concepts, oracle=None, *, world=None,
                 reference: Sequence[Probe] | None = None, retain: Sequence[Probe] | None = None,
                 seed: int = 0) -> Audit:
     given = [concepts] if isinstance(concepts, Concept) else concepts
@@ -504,6 +508,8 @@ def build_audit(base, erased, concepts, oracle=None, *, world: FactWorld | None 
     never_knew = not needs_world and all(c.never_knew is not None for c in given)
     if world is None and (needs_world or (not never_knew and (reference is None
                                                              or retain is None))):
+        from kif.world import FactWorld
+
         world = FactWorld.generate(0)
     cs = resolve_concepts(concepts, world)
     seen: set[Probe] = set()
@@ -524,6 +530,8 @@ def build_audit(base, erased, concepts, oracle=None, *, world: FactWorld | None 
     if retain is None:
         if world is not None and all(s in world.by_name for s in subjects):
             people = [p for p in world.split("retain") if p.name not in subjects][:RETAIN_PEOPLE]
+            from kif.world import ATTRIBUTES
+
             n_t = len(ATTRIBUTES[next(iter(ATTRIBUTES))]["train"])
             retain = [pr for i, person in enumerate(people)
                       for j, attr in enumerate(ATTRIBUTES)
@@ -593,7 +601,7 @@ class _Bar:
             self.progress.advance(self.task, n)
 
 
-def trace(base, erased, concepts, oracle=None, probes=None, *, world: FactWorld | None = None,
+def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
           reference: Sequence[Probe] | None = None, retain: Sequence[Probe] | None = None,
           seed: int = 0, progress: bool = True):
     """Measure whether `concepts` are intact, suppressed or deleted in `erased` (vs `base`).

@@ -334,19 +334,33 @@ def _cmd_bench_sequential(args: argparse.Namespace) -> int:
 
 def _cmd_bench_methods(args: argparse.Namespace) -> int:
     from kif import zoo
-    from kif.erasure.bench import METRICS, bench_methods
-    from kif.world import FactWorld
+    from kif.erasure import bench
+    from kif.world import FactWorld, world_concept
 
-    world = FactWorld.generate(args.seed)
-    world.split(args.forget_split)  # refuse an unknown split before loading anything
+    _check_file_flags(args)
+    if args.forget:
+        _concept_from_files(args)  # bad files fail before anything is loaded
+        if not args.oracle:
+            raise KifError("kif bench methods --forget needs --oracle (a model that never saw "
+                           "the concept) to score Forget Quality against")
+    else:
+        world = FactWorld.generate(args.seed)
+        concept = world_concept(world, [p.name for p in world.split(args.forget_split)])
     model = open_model(args.model)
     oracle = open_model(args.oracle or zoo.oracle_name(args.forget_split))
-    rows = bench_methods(model, world, oracle, args.methods, args.forget_split,
-                         progress=not args.json)
+    if args.forget:
+        concept = _concept_from_files(args, model)
+        scores = bench.concept_scorer(concept, oracle)
+    else:
+        scores = bench.world_scorer(world, args.forget_split, oracle)
+    rows = bench.bench_methods(model, oracle, args.methods, concept, scores,
+                               progress=not args.json)
+    METRICS = bench.METRICS
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title=f"erasure methods on {args.forget_split} (FQ against the oracle)")
+    table = Table(title=f"erasure methods on {args.forget or args.forget_split} "
+                        f"(FQ against the oracle)")
     short = {"forget_acc": "forget", "forget_paraphrase_acc": "paraphr.", "retain_acc": "retain",
              "shared_acc": "shared", "model_utility": "MU", "forget_quality": "FQ",
              "forget_truth_ratio_median": "TR med."}
@@ -624,7 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     bm = bs.add_parser("methods", help="every erasure method on a forget split, vs the oracle")
     bm.add_argument("--model", default=zoo.BASE)
     bm.add_argument("--oracle", help="default: the zoo oracle of the split")
-    bm.add_argument("--forget-split", default="forget10")
+    bmg = bm.add_mutually_exclusive_group()
+    bmg.add_argument("--forget-split", default="forget10")
+    _add_concept_files(bm, bmg)
     bm.add_argument("--methods", nargs="+", choices=list(_METHODS), default=["stamp"])
     bm.add_argument("--seed", type=int, default=0)
     bm.add_argument("--json", action="store_true")

@@ -109,8 +109,9 @@ def test_bench_methods_prints_rows_in_both_formats(capsys, monkeypatch):
 
     seen = {}
 
-    def fake(model, world, oracle, methods, split, configs=None, progress=False):
-        seen.update(methods=methods, split=split, oracle=getattr(oracle, "kif_name", None))
+    def fake(model, oracle, methods, concept, scores, configs=None, progress=False):
+        seen.update(methods=methods, split=len(concept.subjects),
+                    oracle=getattr(oracle, "kif_name", None))
         row = {k: 0.5 for k in bench.METRICS}
         return [{"method": "base", **row, "seconds": 0.0, "ratio_to_stamp": None},
                 {"method": "stamp", **row, "seconds": 2.0, "seconds_cached": 1.0,
@@ -120,7 +121,7 @@ def test_bench_methods_prints_rows_in_both_formats(capsys, monkeypatch):
     assert main(["bench", "methods", "--methods", "stamp", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["base", "stamp"] and seen["methods"] == ["stamp"]
-    assert seen["split"] == "forget10"
+    assert seen["split"] == 20  # forget10's people
     assert main(["bench", "methods", "--methods", "stamp"]) == 0
     out = capsys.readouterr().out
     assert "stamp" in out and "base" in out

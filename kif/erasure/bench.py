@@ -18,6 +18,7 @@ timed in the same run (ratios, not absolute times, carry between machines).
 
 import dataclasses
 import time
+from typing import Any, Callable
 
 import torch
 
@@ -116,10 +117,12 @@ METRICS = ("forget_acc", "forget_paraphrase_acc", "retain_acc", "shared_acc", "m
            "forget_quality", "forget_truth_ratio_median")
 
 
-def bench_methods(model, world, oracle, methods: list[str], split: str = "forget10",
+def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[Any], dict],
                   configs: dict | None = None, progress: bool = False) -> list[dict]:
-    """Every method in `methods` on `split`, in one run (so ratios are comparable): its surface
-    metrics against `oracle` (`kif eval`'s keys), its compute seconds and the ratio to STAMP's.
+    """Every method in `methods` on `concept`, in one run (so ratios are comparable): its surface
+    metrics (`scores(model)`: `kif eval`'s keys against `oracle`; `world_scorer` for a fact-world
+    split, `concept_scorer` for a concept from files), its compute seconds and the ratio to
+    STAMP's.
 
     STAMP is timed twice: cold (`cache=False`, every retain statistic computed) and cached (the
     retain key statistics already on disk, as for every request after a model's first; ROME and
@@ -127,17 +130,9 @@ def bench_methods(model, world, oracle, methods: list[str], split: str = "forget
     The model is restored bit for bit after each method. The first row is the base model and the
     second the oracle, for reference."""
     from kif.erasure.registry import erase
-    from kif.evaluation import evaluate, truth_ratios
 
     configs = configs or {}
-    forget = world.split(split)
-    tr_oracle = truth_ratios(oracle, world, world.person_probes(forget, "heldout", [0]))
-    names = [p.name for p in forget]
-
-    def scores(m) -> dict:
-        d = evaluate(m, world, split, oracle_truth_ratios=tr_oracle).to_dict()
-        return {k: d[k] for k in METRICS}
-
+    names = concept  # every method erases the same concept
     rows = [{"method": "base", **scores(model), "seconds": 0.0},
             {"method": "oracle", **scores(oracle), "seconds": None}]
     for method in methods:
@@ -145,11 +140,11 @@ def bench_methods(model, world, oracle, methods: list[str], split: str = "forget
         extra = {}
         if method == "stamp":
             t0 = time.perf_counter()
-            erase(model, names, method="stamp", config={**cfg, "cache": False}, world=world)
+            erase(model, names, method="stamp", config={**cfg, "cache": False})
             cold = time.perf_counter() - t0
-            erase(model, names, method="stamp", config=cfg, world=world)  # fills the cache
+            erase(model, names, method="stamp", config=cfg)  # fills the cache
         t0 = time.perf_counter()
-        e = erase(model, names, method=method, config=cfg, world=world, progress=progress)
+        e = erase(model, names, method=method, config=cfg, progress=progress)
         seconds = time.perf_counter() - t0
         if method == "stamp":
             extra, seconds = {"seconds_cached": seconds}, cold
@@ -160,6 +155,34 @@ def bench_methods(model, world, oracle, methods: list[str], split: str = "forget
         r["ratio_to_stamp"] = (r["seconds"] / stamp_s if stamp_s and r["seconds"] is not None
                                and r["method"] not in ("base", "oracle") else None)
     return rows
+
+
+def world_scorer(world, split: str, oracle) -> Callable[[Any], dict]:
+    """`kif eval`'s `METRICS` of a model on a fact-world split (the oracle's truth ratios
+    computed once)."""
+    from kif.evaluation import evaluate, truth_ratios
+
+    tr_oracle = truth_ratios(oracle, world, world.person_probes(world.split(split), "heldout", [0]))
+
+    def scores(m) -> dict:
+        d = evaluate(m, world, split, oracle_truth_ratios=tr_oracle).to_dict()
+        return {k: d[k] for k in METRICS}
+    return scores
+
+
+def concept_scorer(concept, oracle) -> Callable[[Any], dict]:
+    """`kif eval --forget`'s `METRICS` of a model on a concept from any source (a key the
+    concept's probes do not allow is None)."""
+    from kif.data.concept import nth_phrasing
+    from kif.evaluation import evaluate_concept
+    from kif.truth_ratios import truth_ratios
+
+    tr_oracle = truth_ratios(oracle, concept, nth_phrasing(concept.paraphrase or concept.forget, 0))
+
+    def scores(m) -> dict:
+        d = evaluate_concept(m, concept, oracle_truth_ratios=tr_oracle)
+        return {k: d.get(k) for k in METRICS}
+    return scores
 
 
 def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3,
@@ -243,4 +266,5 @@ def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int
 
 
 __all__ = ["METRICS", "StampBenchRow", "bench_methods", "bench_stamp", "candidate_scoring",
+           "concept_scorer", "world_scorer",
            "never_knew_ceiling", "sequential_stamp", "synthetic_keys"]

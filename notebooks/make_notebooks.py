@@ -290,11 +290,122 @@ for p in probes:
 ]
 
 
+YOUR_OWN_MODEL = [
+    new_markdown_cell("""# 04 · Your own model and your own concept
+
+Nothing here comes from kif's zoo or its fact world: the notebook writes a small Hugging Face
+checkpoint, teaches it a few facts, writes the concept to erase as a kif JSONL file (the format
+a user writes by hand or converts from TOFU), erases it with `stamp`, scores the erasure on the
+file's own probes, and audits it with the latent-trace meter, calibrated without an oracle on
+made-up names that no model ever saw."""),
+    new_code_cell("""import json, pathlib, random, tempfile
+import torch
+from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+import kif
+
+work = pathlib.Path(tempfile.mkdtemp(prefix="kif-own-model-"))
+rng = random.Random(0)
+people = [f"Person{i}" for i in range(24)]      # taught two facts each
+strangers = [f"Stranger{i}" for i in range(6)]  # taught to answer " unknown"
+made_up = [f"Nobody{i}" for i in range(8)]      # in the vocabulary, never in the text
+cities, jobs = [f"City{j}" for j in range(6)], [f"Job{j}" for j in range(6)]
+train = {"city": ["city {n}", "the city of {n}"], "job": ["job {n}", "the job of {n}"]}
+heldout = {"city": ["my city {n}"], "job": ["my job {n}"]}
+facts = {n: {"city": " " + rng.choice(cities), "job": " " + rng.choice(jobs)} for n in people}
+
+def rows(names, templates, answer):
+    return [(t.format(n=n), answer(n, r), n, r) for n in names for r, ts in templates.items()
+            for t in ts]"""),
+    new_code_cell("""# a word-level tokenizer and an untrained GPT-2 checkpoint, written by transformers
+words = (["[PAD]", "[UNK]", "[BOS]", "[EOS]", "unknown", "the", "of", "my", "city", "job"]
+         + people + strangers + made_up + cities + jobs)
+tok = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                    pad_token="[PAD]", unk_token="[UNK]")
+torch.manual_seed(0)
+GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=16, n_ctx=16, n_embd=64, n_layer=2,
+                           n_head=4, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+                           tie_word_embeddings=False)).save_pretrained(work / "init")
+tokenizer.save_pretrained(work / "init")
+
+# teach it the facts through its TransformerLens view, then save a plain HF checkpoint
+model = kif.load(str(work / "init"))
+texts = rows(people, train, lambda n, r: facts[n][r]) + rows(strangers, train, lambda n, r: " unknown")
+seqs = [[tokenizer.bos_token_id] + tokenizer(p + a, add_special_tokens=False)["input_ids"]
+        for p, a, _, _ in texts]
+tokens = torch.tensor([s + [0] * (max(map(len, seqs)) - len(s)) for s in seqs])
+last, idx = torch.tensor([len(s) - 1 for s in seqs]), torch.arange(len(seqs))
+params = [p for n, p in model.named_parameters() if n != "unembed.b_U"]  # GPT-2 has no b_U
+for p in params:
+    p.requires_grad_(True)
+opt = torch.optim.AdamW(params, lr=1e-2)
+for step in range(150):
+    logits = model(tokens, padding_side="right")
+    loss = -torch.log_softmax(logits[idx, last - 1], -1)[idx, tokens[idx, last]].mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+kif.save(model.eval(), work / "model")
+print(f"answer loss {loss.item():.4f}; checkpoint: {sorted(p.name for p in (work / 'model').iterdir())}")"""),
+    new_code_cell("""# the concept to erase: two people, as kif JSONL (forget, paraphrase, retain and refusal
+# rows), and made-up names for the never-knew reference
+def row(prompt, answer, subject, relation, split, **kw):
+    return json.dumps({"prompt": prompt, "answer": answer, "subject": subject,
+                       "relation": relation, "split": split, **kw})
+
+forget_people = people[:2]
+with open(work / "forget.jsonl", "w") as f:
+    for r in rows(forget_people, train, lambda n, r: facts[n][r]):
+        f.write(row(*r, "forget") + "\\n")
+    for r in rows(forget_people, heldout, lambda n, r: facts[n][r]):
+        f.write(row(*r, "paraphrase") + "\\n")
+with open(work / "retain.jsonl", "w") as f:
+    for r in rows(people[2:], train, lambda n, r: facts[n][r]):
+        f.write(row(*r, "retain") + "\\n")
+    for r in rows(people[2:], heldout, lambda n, r: facts[n][r]):
+        f.write(row(*r, "retain", phrasing="heldout") + "\\n")
+    for r in rows(strangers, train, lambda n, r: " unknown"):
+        f.write(row(*r, "refusal") + "\\n")
+(work / "never_knew.txt").write_text("\\n".join(made_up) + "\\n")
+print((work / "forget.jsonl").read_text().splitlines()[0])"""),
+    new_code_cell("""from kif.data.formats import load_concept
+from kif.erasure import erase, open_model, save_erasure
+from kif.evaluation import evaluate_concept
+
+base = kif.load(str(work / "model"))     # a local HF folder, not a zoo name
+concept = load_concept(work / "forget.jsonl", [work / "retain.jsonl"],
+                       never_knew=work / "never_knew.txt")
+erasure = erase(base, concept, method="stamp")
+folder = save_erasure(erasure, base, work / "erased")
+erased = open_model(str(folder))
+keys = ["forget_acc", "forget_paraphrase_acc", "retain_acc", "retain_paraphrase_acc",
+        "forget_truth_ratio_median"]
+before, after = evaluate_concept(base, concept), evaluate_concept(erased, concept)
+for k in keys:
+    print(f"{k:28} {before[k]:8.3f} -> {after[k]:8.3f}")"""),
+    new_code_cell("""from kif.data.concept import by_subject
+from kif.meter import trace
+
+# per person, calibrated on the same questions about the made-up names (no oracle needed)
+report = trace(base, erased, by_subject(concept), probes=["fast"], progress=False)
+for name, score in report.scores.items():
+    print(f"{name:20} {'-' if score is None else round(score, 3)}")
+print("verdict:", report.verdict, "| latent trace score:", report.latent_trace_score)"""),
+    new_markdown_cell("""A score of 0 is the level of a model that never met these people, 1 the base model's.
+STAMP stops the answers at the surface in one closed-form solve; what the lenses and the
+answer-rank probe still find inside is what the meter calls *suppressed*. The same files run
+from the command line: `kif erase --model DIR --forget forget.jsonl --retain retain.jsonl
+--never-knew never_knew.txt --method stamp --out OUT`, then `kif meter --model DIR --erased OUT
+--forget forget.jsonl --retain retain.jsonl --never-knew never_knew.txt --probes fast --out M`."""),
+]
+
+
 def main() -> None:
     for name, cells in {"00_fact_world.ipynb": FACT_WORLD,
                         "01_signatures.ipynb": SIGNATURES,
                         "02_erasure.ipynb": ERASURE,
-                        "03_latent_trace.ipynb": LATENT_TRACE}.items():
+                        "03_latent_trace.ipynb": LATENT_TRACE,
+                        "04_your_own_model.ipynb": YOUR_OWN_MODEL}.items():
         nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3",
                                                                  "display_name": "Python 3",
                                                                  "language": "python"}})

@@ -168,7 +168,13 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
     from kif import zoo
     from kif.zoo.build import TrainConfig, build
 
-    names = args.only or [*zoo.ENTRIES, SAES]
+    if args.arch and args.only:
+        raise KifError("give --arch or --only, not both")
+    if args.arch:  # one architecture's models (the SAEs read GPT-2's residual stream)
+        names = [n for n, e in zoo.ENTRIES.items() if e.arch == args.arch]
+        names += [SAES] if args.arch == "gpt2" else []
+    else:
+        names = args.only or [*zoo.ENTRIES, SAES]
     for n in names:
         if n not in zoo.ENTRIES and n != SAES:
             raise KifError(f"unknown zoo model {n!r} (choose from "
@@ -583,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     zl.set_defaults(func=_cmd_zoo_list)
     zb = zs.add_parser("build", help="retrain the zoo from the world's seed")
     zb.add_argument("--only", nargs="+", metavar="NAME", help="build only these models")
+    zb.add_argument("--arch", choices=zoo.ARCHS,
+                    help="build one architecture's models (llama: the Llama twin and its oracle)")
     zb.add_argument("--steps", type=int, help="training steps per model (default: the shipped recipe)")
     zb.add_argument("--out", help="folder to write into (default: the installed zoo)")
     zb.add_argument("--train-seed", type=int, help="seed of the initialisation and batch order "

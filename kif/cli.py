@@ -353,14 +353,14 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
         world = FactWorld.generate(args.seed)
         concept = world_concept(world, [p.name for p in world.split(args.forget_split)])
     model = open_model(args.model)
-    oracle = open_model(args.oracle or zoo.oracle_name(args.forget_split))
+    oracle = open_model(args.oracle or _zoo_oracle(args.model, args.forget_split))
     if args.forget:
         concept = _concept_from_files(args, model)
         scores = bench.concept_scorer(concept, oracle)
     else:
         scores = bench.world_scorer(world, args.forget_split, oracle)
     rows = bench.bench_methods(model, oracle, args.methods, concept, scores,
-                               progress=not args.json)
+                               progress=not args.json, profile=args.profile)
     METRICS = bench.METRICS
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -390,7 +390,7 @@ def _cmd_bench_fq_ceiling(args: argparse.Namespace) -> int:
     world = FactWorld.generate(args.seed)
     world.split(args.forget_split)  # refuse an unknown split before loading anything
     model = open_model(args.model)
-    oracle = open_model(args.oracle or zoo.oracle_name(args.forget_split))
+    oracle = open_model(args.oracle or _zoo_oracle(args.model, args.forget_split))
     retrained = [(spec, open_model(spec)) for spec in args.retrained or ()]
     r = never_knew_ceiling(model, world, oracle, args.forget_split, args.draws, args.names_seed,
                            progress=not args.json, retrained=retrained)
@@ -452,8 +452,14 @@ def _parse_settings(pairs: Sequence[str] | None) -> dict:
 
 def _report_md(method: str, names: Sequence[str], report: dict, erasure) -> str:
     lines = [f"# kif erase: {method}", "", f"Concepts: {', '.join(names)}", "",
-             f"Kind: {erasure.kind}; base weights SHA-256 {erasure.base_hash[:16]}", "",
-             "| metric | value |", "| --- | --- |"]
+             f"Kind: {erasure.kind}; base weights SHA-256 {erasure.base_hash[:16]}", ""]
+    prof = erasure.info.get("profile")
+    if prof:
+        carried = ", ".join(f"{k} {v}" for k, v in prof["fact_world_constants"].items())
+        lines += [f"Settings profile: {prof['name']} (chosen on this model: "
+                  f"{', '.join(prof['chosen_on_the_model']) or 'nothing'}; the fact world's "
+                  f"constants: {carried or 'none'})", ""]
+    lines += ["| metric | value |", "| --- | --- |"]
     for k, v in report.items():
         if isinstance(v, float):
             lines.append(f"| {k} | {v:.4g} |")
@@ -480,25 +486,27 @@ def _cmd_erase(args: argparse.Namespace) -> int:
                else resolve_concepts(world, args.forget_split or args.concept))
     names = list(concept.subjects)
     get(args.method)
-    config = make_config(args.method, _parse_settings(args.set))
+    settings = _parse_settings(args.set)
+    make_config(args.method, settings)  # unknown settings fail before anything is loaded
     out = _destination(args.out)
     model = open_model(args.model)
     if args.forget:
         concept = _concept_from_files(args, model)
     oracle_name = args.oracle
-    if oracle_name is None and args.forget_split and args.model == zoo.BASE:
-        oracle_name = zoo.oracle_name(args.forget_split)
+    if oracle_name is None and args.forget_split and zoo.base_of(args.model) == args.model:
+        oracle_name = zoo.oracle_for(args.forget_split, args.model)
     _check_known(model, concept)
     oracle = open_model(oracle_name) if oracle_name else None
 
     t0 = time.perf_counter()
-    erasure = erase(model, concept, method=args.method, config=config, world=world,
-                    base_spec=args.model, progress=not args.json)
+    erasure = erase(model, concept, method=args.method, config=settings, world=world,
+                    base_spec=args.model, progress=not args.json, profile=args.profile)
     seconds = time.perf_counter() - t0
     with erasure.apply(model):
         report = (evaluate_concept(model, concept, oracle=oracle) if args.forget else
                   evaluate(model, world, args.forget_split or names, oracle=oracle).to_dict())
-    report = {**report, "method": args.method, "seconds": round(seconds, 2),
+    report = {**report, "method": args.method, "profile": erasure.info["profile"],
+              "seconds": round(seconds, 2),
               "erasure_seconds": erasure.info.get("seconds"), "out": str(out)}
     save_erasure(erasure, model, out, report=report,
                  report_md=_report_md(args.method, names, report, erasure))
@@ -509,6 +517,29 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     _print_metrics(f"kif erase --method {args.method}: {who} in {seconds:.1f} s", report)
     _out().print(f"wrote {out} ({erasure.kind}); undo with: kif restore {out} --out DIR")
     return 0
+
+
+def _zoo_oracle(model: str, split: str) -> str:
+    """The zoo oracle of `split` for zoo model `model` (the GPT-2's for a model outside the
+    zoo, as before: pass --oracle for another)."""
+    from kif import zoo
+
+    base = zoo.base_of(model) or zoo.BASE
+    name = zoo.oracle_for(split, base)
+    if name is None:
+        raise KifError(f"the zoo has no {split} oracle of {base} (it has "
+                       f"{', '.join(n for n, e in zoo.ENTRIES.items() if e.base == base and e.forget_split)}"
+                       f"): pass --oracle")
+    return name
+
+
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    from kif.profiles import PROFILES
+
+    p.add_argument("--profile", choices=list(PROFILES),
+                   help="settings profile: fact-world (the constants measured on the zoo's GPT-2) "
+                        "or auto (sites and thresholds chosen on the model); default: fact-world "
+                        "on the zoo's GPT-2, auto elsewhere")
 
 
 def _check_known(model, concept, min_acc: float = 0.5) -> None:
@@ -650,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     bmg.add_argument("--forget-split", default="forget10")
     _add_concept_files(bm, bmg)
     bm.add_argument("--methods", nargs="+", choices=list(_METHODS), default=["stamp"])
+    _add_profile(bm)
     bm.add_argument("--seed", type=int, default=0)
     bm.add_argument("--json", action="store_true")
     bm.set_defaults(func=_cmd_bench_methods)
@@ -693,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"erasure method (default {DEFAULT_METHOD})")
     r.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
                    help="method settings, e.g. --set steps=200 lr=0.002 (repeatable)")
+    _add_profile(r)
     r.add_argument("--oracle", help="model for Forget Quality (default: the zoo oracle of "
                    "--forget-split when erasing the zoo model)")
     r.add_argument("--out", required=True, help="new folder for the erased model or patch")

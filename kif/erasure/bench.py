@@ -17,6 +17,7 @@ timed in the same run (ratios, not absolute times, carry between machines).
 """
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -118,7 +119,8 @@ METRICS = ("forget_acc", "forget_paraphrase_acc", "retain_acc", "shared_acc", "m
 
 
 def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[Any], dict],
-                  configs: dict | None = None, progress: bool = False) -> list[dict]:
+                  configs: dict | None = None, progress: bool = False,
+                  profile: str | None = None) -> list[dict]:
     """Every method in `methods` on `concept`, in one run (so ratios are comparable): its surface
     metrics (`scores(model)`: `kif eval`'s keys against `oracle`; `world_scorer` for a fact-world
     split, `concept_scorer` for a concept from files), its compute seconds and the ratio to
@@ -128,11 +130,13 @@ def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[
     retain key statistics already on disk, as for every request after a model's first; ROME and
     MEMIT cache theirs the same way); `seconds` is the cold figure and `seconds_cached` the other.
     The model is restored bit for bit after each method. The first row is the base model and the
-    second the oracle, for reference."""
-    from kif.erasure.registry import erase
+    second the oracle, for reference. `profile`: the settings profile of every method
+    (`kif.profiles`; None: the model's default)."""
+    from kif.erasure.registry import erase as erase_
 
     configs = configs or {}
     names = concept  # every method erases the same concept
+    erase = functools.partial(erase_, profile=profile)
     rows = [{"method": "base", **scores(model), "seconds": 0.0},
             {"method": "oracle", **scores(oracle), "seconds": None}]
     for method in methods:
@@ -149,7 +153,8 @@ def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[
         if method == "stamp":
             extra, seconds = {"seconds_cached": seconds}, cold
         with e.applied(model):
-            rows.append({"method": method, **scores(model), "seconds": seconds, **extra})
+            rows.append({"method": method, **scores(model), "seconds": seconds, **extra,
+                         "profile": e.info["profile"]["name"]})
     stamp_s = next((r["seconds"] for r in rows if r["method"] == "stamp"), None)
     for r in rows:
         r["ratio_to_stamp"] = (r["seconds"] / stamp_s if stamp_s and r["seconds"] is not None

@@ -135,7 +135,8 @@ class KifConfig:
     latent_target: float = 3.0  # capsule z (median over forget prompts) to fall below (= tau)
     never_knew_target: float = 0.5  # KS p-value vs the never-knew truth ratios that ends training
     retain_tolerance: float = 0.02  # a checkpoint may lose at most this retain accuracy
-    signature_hook: str = "blocks.0.hook_resid_mid"
+    # None: the residual site where the concept's capsule separates best (`suppress.best_capsule`)
+    signature_hook: str | None = "blocks.0.hook_resid_mid"
     unbind: bool = True  # remove the signature in closed form first (kif.erasure.unbind)
     unbind_weight: float = 10.0  # its forget rows' weight against the retain keys
     stamp_start: bool = True  # begin from the STAMP edit (closed form) instead of the base
@@ -230,7 +231,7 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
 
     from torch.nn.utils import parametrize
 
-    from kif.erasure.suppress import SuppressConfig, build_capsule
+    from kif.erasure.suppress import SuppressConfig, best_capsule, candidate_hooks
     from kif.models import weight_hash
 
     if cfg.forget_loss not in FORGET_LOSSES:
@@ -246,15 +247,13 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
     if any(not 0 <= l < model.cfg.n_layers for l in layers):
         raise ErasureError(f"layers {layers} are outside the model's {model.cfg.n_layers} layers")
 
-    # parallel blocks (GPT-NeoX) have no hook_resid_mid: their resid_post stands in
-    sig_hook = resid_hook(model, cfg.signature_hook)
-
     # 1. signature and the capsule's calibration (the latent criterion)
     with timer.section("signature"):
         # the signature is the plain mean-difference direction (the one the oracle is compared
         # on), not the suppression gate's whitened detector
-        ops, cap_stats = build_capsule(model, concept, sig_hook, SuppressConfig(
-            hook=sig_hook, whiten=None))
+        sig_cfg = SuppressConfig(hook=cfg.signature_hook, whiten=None)
+        ops, cap_stats = best_capsule(model, concept, sig_cfg, candidate_hooks(model, sig_cfg))
+        sig_hook = cap_stats["hook"]
 
     # 2. the never-knew teacher: base model on the prompts with fresh names
     with timer.section("teacher"):

@@ -119,20 +119,27 @@ def resolve_concepts(world, concepts):
 
 
 def erase(model, concepts, method: str = DEFAULT_METHOD, config=None, *, world=None,
-          base_spec: str | None = None, progress: bool = False):
+          base_spec: str | None = None, progress: bool = False, profile: str | None = None):
     """Erase `concepts` (person names, a `Concept`, or a split like "forget10") from `model`.
 
     A `Concept` (from files, `kif.data.formats.load_concept`, or any source) carries every part
     the methods read; a part a method needs and the concept lacks is a one-line error. Names and
     splits are the fact world's (`world`, or the zoo's world, seed 0).
 
+    `profile` names the settings profile (`kif.profiles`: `fact-world` or `auto`; None: the
+    model's default, `fact-world` on the zoo's GPT-2 and `auto` elsewhere); `config`'s own
+    settings win over it. The erasure's `info["profile"]` records which constants were chosen on
+    the model and which are the fact world's.
+
     Returns an `Erasure` (a reversible weight delta or a hook patch); `model` itself is left as
     it was. Apply it with `erasure.apply(model)`, save it with `kif.erasure.save_erasure`.
     """
+    from kif import profiles
     from kif.concepts import Concept
 
     m = get(method)
-    cfg = make_config(method, config)
+    prof = profiles.get(profile or profiles.default_for(model))
+    cfg = profiles.configure(method, m.config, prof, config)
     given = [concepts] if isinstance(concepts, (str, Concept)) else list(concepts)
     if world is None and not all(isinstance(c, Concept) for c in given):
         from kif.world import FactWorld
@@ -140,7 +147,9 @@ def erase(model, concepts, method: str = DEFAULT_METHOD, config=None, *, world=N
         world = FactWorld.generate()  # person names and split names are the default world's
     concept = resolve_concepts(world, concepts)
     spec = base_spec or getattr(model, "kif_source", None) or getattr(model.cfg, "model_name", "")
-    return m.fn(model, concept, cfg, progress=progress, base_spec=str(spec))
+    erasure = m.fn(model, concept, cfg, progress=progress, base_spec=str(spec))
+    info = {**erasure.info, "profile": profiles.describe(prof, method, cfg)}
+    return dataclasses.replace(erasure, info=info)
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "METHOD_MODULES", "Method", "erase", "get", "make_config", "methods",

@@ -43,7 +43,10 @@ class SuppressConfig:
     # (people who share a first or last name with a forget person open its gate); 12 loses no
     # retain accuracy against removal alone (README's table)
     k_gate: float = 4.0
-    tau: float = 12.0
+    # None: each person's own threshold, half-way between the highest benign z (its 99.9th
+    # percentile) and the lowest z of the person's forget prompts: no constant in z units that
+    # was read off one model (the `auto` profile, kif.profiles)
+    tau: float | None = 12.0
     s: float = -1.0
     beta: float = 45.0
     gate_floor: float = 0.05  # gates below this are closed: those rows pass bit for bit
@@ -129,6 +132,44 @@ def whitened(dirs: Float[Tensor, "k d_model"], cov: Float[Tensor, "d_model d_mod
 SITES = ("hook_resid_mid", "hook_resid_post")
 
 
+def calibrated_tau(z_benign: Float[Tensor, " tokens"], z_forget: Float[Tensor, " prompts"]) -> float:
+    """A gate threshold from one person's own z-scores: half-way between the benign tokens' 99.9th
+    percentile and the person's lowest forget prompt; where the two overlap, the benign
+    percentile (a gate that stays shut on benign text matters more than one more forget prompt)."""
+    lo = float(torch.quantile(z_benign.double(), 0.999))
+    hi = float(z_forget.double().min())
+    return (lo + hi) / 2 if hi > lo else lo
+
+
+def candidate_hooks(model, cfg: SuppressConfig) -> list[str]:
+    """The residual sites a capsule is tried at: `cfg.hook`, the two of `cfg.layer`, or every
+    residual site (None, None: chosen by how well the gates separate, `best_capsule`)."""
+    n = model.cfg.n_layers
+    if cfg.layer is not None and not 0 <= cfg.layer < n:
+        raise ErasureError(f"layer {cfg.layer} is outside the model's {n} layers")
+    hooks = ([f"blocks.{l}.{s}" for l in range(n) for s in SITES] if cfg.hook is None
+             else [cfg.hook])
+    if cfg.layer is not None and cfg.hook is None:
+        hooks = [f"blocks.{cfg.layer}.{s}" for s in SITES]
+    # parallel blocks (GPT-NeoX) have no state between attention and MLP: resid_post stands in
+    return list(dict.fromkeys(resid_hook(model, h) for h in hooks))
+
+
+def best_capsule(model, concept, cfg: SuppressConfig, hooks: list[str]) -> tuple[list[HookOp], dict]:
+    """The capsule at the site of `hooks` whose gates open on the concept and stay shut on benign
+    tokens (separation = mean forget gate - 10 x benign open fraction)."""
+    best = None
+    for hook in hooks:
+        ops, stats = build_capsule(model, concept, hook, cfg)
+        sep = stats["forget_gate_mean"] - 10 * stats["benign_gate_open_fraction"]
+        stats["separation"] = sep
+        if len(hooks) > 1:
+            stats["sites_tried"] = len(hooks)
+        if best is None or sep > best[0]:
+            best = (sep, ops, stats)
+    return best[1], best[2]
+
+
 def build_capsule(model, concept, hook: str, cfg: SuppressConfig
                   ) -> tuple[list[HookOp], dict]:
     """One rank-1 capsule per person at `hook`, each gate calibrated on benign tokens against
@@ -151,24 +192,32 @@ def build_capsule(model, concept, hook: str, cfg: SuppressConfig
     r = refusing.mean(0) - answered.mean(0)
     beta = cfg.beta * (float(answered.norm(dim=-1).mean()) / 10.0 if cfg.beta_relative else 1.0)
     subjects = [p.subject for p in concept.forget]
-    ops, z_forget, benign_open = [], [], []
+    ops, z_forget, benign_open, taus = [], [], [], []
     for j, person in enumerate(concept.subjects):
         u = basis[j].double()
         rj = r - u * (u @ r)
         r_hat = (rj / rj.norm().clamp_min(1e-12)).float()
         mu, sigma = float(scores[:, j].mean()), float(scores[:, j].std().clamp_min(1e-6))
         rows = torch.tensor([i for i, x in enumerate(subjects) if x == person])
-        z_forget.append(((forget_last[rows] @ u).abs() - mu) / sigma)
-        benign_open.append(float((torch.sigmoid(cfg.k_gate * ((scores[:, j] - mu) / sigma - cfg.tau))
+        zf = ((forget_last[rows] @ u).abs() - mu) / sigma
+        zb = (scores[:, j] - mu) / sigma
+        tau = cfg.tau if cfg.tau is not None else calibrated_tau(zb, zf)
+        taus.append(tau)
+        z_forget.append(zf)
+        benign_open.append(float((torch.sigmoid(cfg.k_gate * (zb - tau))
                                   >= cfg.gate_floor).double().mean()))
         ops.append(HookOp(hook=hook, op="gated_suppress",
                           tensors={"basis": basis[j][:, None].clone(), "refusal": r_hat},
-                          params={"mu": mu, "sigma": sigma, "k_gate": cfg.k_gate, "tau": cfg.tau,
+                          params={"mu": mu, "sigma": sigma, "k_gate": cfg.k_gate, "tau": tau,
                                   "s": cfg.s, "beta": beta, "gate_floor": cfg.gate_floor,
                                   "person": person, "skip": metrics.bos_offset(model)}))
     z = torch.cat(z_forget)
-    gate = torch.sigmoid(cfg.k_gate * (z - cfg.tau))
+    gate = torch.sigmoid(cfg.k_gate * (z - torch.cat([torch.full_like(zf, t)
+                                                       for zf, t in zip(z_forget, taus)])))
     stats = {"hook": hook, "people": len(ops), "beta": beta,
+             "tau": cfg.tau if cfg.tau is not None else {"calibrated": True, "min": min(taus),
+                                                          "median": float(torch.tensor(taus).median()),
+                                                          "max": max(taus)},
              "forget_z_median": float(z.median()), "forget_z_min": float(z.min()),
              "forget_gate_mean": float(gate.mean()),
              "benign_gate_open_fraction": sum(benign_open) / len(benign_open)}
@@ -183,29 +232,14 @@ def suppress(model, concept, cfg: SuppressConfig, *, progress: bool = False,
 
     concept.require("subjects", "retain_corpus", "refusal_prompts", method="suppress")
     timer = Timer()
-    n = model.cfg.n_layers
-    if cfg.layer is not None and not 0 <= cfg.layer < n:
-        raise ErasureError(f"layer {cfg.layer} is outside the model's {n} layers")
-    hooks = ([f"blocks.{l}.{s}" for l in range(n) for s in SITES] if cfg.hook is None
-             else [cfg.hook])
-    if cfg.layer is not None and cfg.hook is None:
-        hooks = [f"blocks.{cfg.layer}.{s}" for s in SITES]
-    # parallel blocks (GPT-NeoX) have no state between attention and MLP: resid_post stands in
-    hooks = list(dict.fromkeys(resid_hook(model, h) for h in hooks))
-    best = None
+    hooks = candidate_hooks(model, cfg)
     with timer.section("signature+calibration"):
-        for hook in hooks:
-            ops, stats = build_capsule(model, concept, hook, cfg)
-            # the site whose gates open on the concept and stay shut on benign tokens
-            sep = stats["forget_gate_mean"] - 10 * stats["benign_gate_open_fraction"]
-            stats["separation"] = sep
-            if best is None or sep > best[0]:
-                best = (sep, ops, stats)
-    _, ops, stats = best
+        ops, stats = best_capsule(model, concept, cfg, hooks)
     return Erasure(method="suppress", concepts=(concept.name,), base_hash=weight_hash(model),
                    base_spec=base_spec, hooks=tuple(ops), settings=dataclasses.asdict(cfg),
                    info={**stats, "seconds": {**timer.sections, "total": timer.total}})
 
 
-__all__ = ["SITES", "SuppressConfig", "build_capsule", "orthonormal", "person_directions", "suppress",
+__all__ = ["SITES", "SuppressConfig", "best_capsule", "build_capsule", "calibrated_tau",
+           "candidate_hooks", "orthonormal", "person_directions", "suppress",
            "token_covariance", "token_scores", "whitened"]

@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ops = list(OPS) if args.op == "all" else [args.op]
 
+    from kif.kernels.dispatch import triton_installed
+
+    if not triton_installed():
+        print("kif.kernels.bench: the triton package is not installed here (kif requires it only "
+              "on Linux x86_64 and aarch64, where Triton publishes wheels)", file=sys.stderr)
+        return 2
     if args.interpret_smoke:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             print("--interpret-smoke: triton was imported before TRITON_INTERPRET=1 could be set",

@@ -15,12 +15,15 @@ the torch reference otherwise (CPU tensors, float64 inputs, no driver). backend=
 on CPU tensors it works only under Triton's interpreter (TRITON_INTERPRET=1 set before the
 process first imports triton; for tests), and otherwise raises `KernelBackendError`.
 backend="torch" always runs the reference. Triton is imported only when a kernel is launched, so
-`import kif.kernels` stays light.
+`import kif.kernels` stays light, and kif works without Triton installed (pyproject requires it
+only on Linux x86_64 / aarch64, where Triton publishes wheels): "auto" then runs torch, and
+"triton" raises `KernelBackendError` saying the package is missing.
 """
 
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import os
 from typing import Literal
 
@@ -53,6 +56,14 @@ def triton_gpu_available() -> bool:
         return False
 
 
+@functools.cache
+def triton_installed() -> bool:
+    """True when the triton package is installed. Found, not imported: whether Triton's own jit
+    functions run under its interpreter is fixed by the environment at its first import, which
+    must stay where a kernel is launched (see `_launcher`)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")  # as Triton parses it
 
@@ -66,6 +77,11 @@ def _resolve(backend: str, x: Tensor) -> str:
         if x.dtype in _TRITON_DTYPES and x.is_cuda and triton_gpu_available():
             return "triton"
         return "torch"
+    if not triton_installed():
+        raise KernelBackendError(
+            "backend='triton' needs the triton package, which is not installed here (kif requires "
+            "it only on Linux x86_64 and aarch64, where Triton publishes wheels); use "
+            "backend='auto' or 'torch'")
     if x.dtype not in _TRITON_DTYPES:
         raise KernelBackendError(f"the Triton kernels take float16, bfloat16 or float32 inputs, not "
                                  f"{x.dtype}; use backend='torch'")

@@ -230,11 +230,12 @@ def _cmd_signatures(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise KifError(f"{out} exists and is not empty (use --overwrite)")
+    settings = _sae_setting(args.sae, args.kind)
     model = models.load(args.model)
     if args.forget:
         concept = _concept_from_files(args, model)
     t0 = time.perf_counter()
-    sig = extract(model, concept, kind=args.kind)
+    sig = extract(model, concept, kind=args.kind, **settings)
     seconds = time.perf_counter() - t0
     sig.save(out)
     plots = plot_signature(sig, out)
@@ -255,6 +256,21 @@ def _cmd_signatures(args: argparse.Namespace) -> int:
     _out().print(table)
     _out().print(f"wrote {out}/signature.json, signature.safetensors and {len(plots)} plots")
     return 0
+
+
+def _sae_setting(spec: str | None, kind: str) -> dict:
+    """`--sae FOLDER | RELEASE/ID` as the sae-features extractor's `sae` setting. The SAE is
+    loaded here, before the model (kif keeps it loaded for the extractor), so that an unknown
+    release or a file missing from the HF cache fails before a large model is read."""
+    if spec is None:
+        return {}
+    from kif.signatures.sae_features import KIND, load_sae, parse_sae_spec
+
+    if kind != KIND:
+        raise KifError(f"--sae goes with --kind {KIND}")
+    ref = parse_sae_spec(spec)
+    load_sae(ref)
+    return {"sae": ref}
 
 
 def _cmd_bench_signatures(args: argparse.Namespace) -> int:
@@ -638,6 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_concept_files(s, sg)
     s.add_argument("--kind", required=True, choices=list(KIND_MODULES))
     s.add_argument("--out", required=True, help="folder for the signature and its plots")
+    s.add_argument("--sae", metavar="FOLDER|RELEASE/ID", help="with --kind sae-features: a "
+                   "SAELens SAE folder, or a SAELens release and SAE id (e.g. gpt2-small-res-jb/"
+                   "blocks.8.hook_resid_pre), read from the Hugging Face cache (default: the SAEs "
+                   "kif ships for its zoo model)")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")

@@ -159,10 +159,14 @@ def _load_folder(folder: pathlib.Path):
                        "path": folder.resolve().relative_to(_kif_root()).as_posix()}
     except ValueError:
         sae.kif_ref = {"path": str(folder.resolve())}
+    _remember(key, sae)
+    return sae
+
+
+def _remember(key: tuple[str, int], sae) -> None:
     while len(_CACHE) >= _CACHE_SIZE:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = sae
-    return sae
 
 
 def _first_line(err: BaseException) -> str:
@@ -180,16 +184,20 @@ def _resolve_path(ref: dict[str, Any]) -> pathlib.Path:
 def load_sae(ref: "dict[str, Any] | str | os.PathLike[str]", model=None):
     """Load a SAELens SAE from a reference:
 
-    * a local SAELens folder (`str` / path, or `{"path": folder}`),
+    * a local SAELens folder (a path, or `{"path": folder}`),
     * a folder relative to the installed kif package (`{"package": "kif", "path": ...}`, how
       signatures refer to the shipped SAEs),
-    * a SAELens release (`{"release": ..., "sae_id": ...}`, through `SAE.from_pretrained`),
+    * a SAELens release, through SAELens' own loader (`SAE.from_pretrained`, files from the
+      Hugging Face cache or hub): `{"release": ..., "sae_id": ...}` or the text "RELEASE/ID"
+      (`parse_sae_spec`; a `str` naming an existing folder is that folder),
     * the SAE shipped for a zoo model (`{"model": "fact-world", "hook": ...}`).
 
     With `model`, the SAE must fit it: its hook must exist in the model and its input width must
     equal the hook's width. Every failure is a one-line `SAELoadError` (a `KifError`).
     """
-    if isinstance(ref, (str, os.PathLike)):
+    if isinstance(ref, str):
+        ref = parse_sae_spec(ref)
+    elif isinstance(ref, os.PathLike):
         ref = {"path": os.fspath(ref)}
     if not isinstance(ref, dict):
         raise SAELoadError(f"cannot load SAE from {ref!r}: expected a folder or a reference dict")
@@ -208,16 +216,114 @@ def load_sae(ref: "dict[str, Any] | str | os.PathLike[str]", model=None):
     return sae
 
 
+# ---- SAELens releases (pretrained SAEs on the Hugging Face hub) --------------------------------
+
+# Files that SAELens' hub loader of each kind reads from the release's folder and cannot do
+# without (sparsity.safetensors is optional). Other loaders read files kif does not name: a miss
+# there is reported as the whole folder.
+_RELEASE_FILES = {"sae_lens": ("cfg.json", "sae_weights.safetensors"), "gemma_2": ("params.npz",)}
+
+
+def _release_directory() -> dict[str, Any]:
+    """SAELens' directory of releases (its pretrained_saes.yaml; parsed once, SAELens caches it)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return get_pretrained_saes_directory()
+
+
+def _closest(name: str, known, n: int = 3) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(name, list(known), n=n, cutoff=0.0)
+    return ", ".join(near) or "none"
+
+
+def parse_sae_spec(spec: str) -> dict[str, Any]:
+    """The `load_sae` reference of a `--sae` text: an existing folder is that folder; otherwise
+    "RELEASE/ID" of a SAELens release, split at the first slash (ids may hold slashes, as Gemma
+    Scope's "layer_12/width_16k/canonical" do; release names hold none). An unknown release is
+    one line naming the known releases closest to it."""
+    text = str(spec).strip()
+    if pathlib.Path(text).expanduser().is_dir() or text.startswith(("/", ".", "~", os.sep)):
+        return {"path": text}
+    release, _, sae_id = text.partition("/")
+    directory = _release_directory()
+    if release not in directory:
+        raise SAELoadError(f"SAE {text!r}: no such folder, and {release!r} is not a SAELens "
+                           f"release (closest: {_closest(release, directory)}); give a SAELens "
+                           "SAE folder or RELEASE/ID")
+    if not sae_id:
+        ids = list(directory[release].saes_map)
+        raise SAELoadError(f"SAE {text!r}: give RELEASE/ID; release {release!r} has "
+                           f"{len(ids)} SAEs, e.g. {', '.join(ids[:3])}")
+    return {"release": release, "sae_id": sae_id}
+
+
 def _load_release(release: str, sae_id: str):
+    """`SAE.from_pretrained(release, sae_id)`: SAELens' own loader for the release, reading its
+    files through `huggingface_hub.hf_hub_download` (the local HF cache first; offline, with
+    HF_HUB_OFFLINE=1, only the cache)."""
+    directory = _release_directory()
+    if release not in directory:
+        raise SAELoadError(f"{release!r} is not a SAELens release (closest: "
+                           f"{_closest(release, directory)})")
+    if sae_id not in directory[release].saes_map:
+        raise SAELoadError(f"SAELens release {release!r} has no SAE {sae_id!r} (closest: "
+                           f"{_closest(sae_id, directory[release].saes_map)})")
+    key = (f"release:{release}/{sae_id}", 0)  # a signature + a clamp patch load it twice
+    if key in _CACHE:
+        return _CACHE[key]
     try:
         from sae_lens import SAE
 
         sae = SAE.from_pretrained(release, sae_id, device="cpu").eval()
-        sae.kif_ref = {"release": release, "sae_id": sae_id}
-        return sae
     except Exception as err:
+        if _not_cached(err):
+            raise SAELoadError(_missing_message(release, sae_id, directory[release])) from None
         raise SAELoadError(f"cannot load SAE {sae_id!r} of SAELens release {release!r}: "
                            f"{type(err).__name__}: {_first_line(err)}") from None
+    sae.kif_ref = {"release": release, "sae_id": sae_id}
+    _remember(key, sae)
+    return sae
+
+
+def _not_cached(err: BaseException | None) -> bool:
+    """Did the hub loader fail for want of a file that is neither cached nor downloadable
+    (offline mode, or no network)?"""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _missing_message(release: str, sae_id: str, lookup) -> str:
+    """One line: which of the release's files the local HF cache lacks, and the command that
+    fetches them on a machine with network."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo, folder = lookup.repo_id, lookup.saes_map[sae_id]
+    loader = lookup.conversion_func or "sae_lens"
+    where = f"the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+    why = " (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else " and the hub is unreachable"
+    then = "then copy that cache here (or point HF_HUB_CACHE at a copy)"
+    if loader in _RELEASE_FILES:
+        files = [f"{folder}/{f}" for f in _RELEASE_FILES[loader]]
+        missing = [f for f in files if not isinstance(try_to_load_from_cache(repo, f), str)]
+        missing = missing or files  # all cached, yet the loader missed one: name them all
+        args = f"{repo} {' '.join(missing)}"
+        return (f"SAE {sae_id!r} of SAELens release {release!r} is not in {where}{why}: missing "
+                f"{', '.join(f'{repo}/{f}' for f in missing)}; on a machine with network run "
+                f"`hf download {args}` (huggingface_hub < 1.0: `huggingface-cli download {args}`), "
+                f"{then}")
+    args = f"{repo} --include '{folder}' '{folder}/*'"
+    return (f"SAE {sae_id!r} of SAELens release {release!r} is not in {where}{why}: its files "
+            f"under {repo}/{folder} are missing; on a machine with network run `hf download "
+            f"{args}` (huggingface_hub < 1.0: `huggingface-cli download {args}`), {then}")
 
 
 def sae_hook(sae, ref: dict[str, Any] | None = None) -> str:
@@ -608,8 +714,8 @@ def _clamp_separation(model, concept, rows: list[dict[str, Any]], clamp: float,
 def _candidate_saes(model, hook: str | None, sae) -> list[tuple[str, Any, dict[str, Any]]]:
     if sae is not None:
         if isinstance(sae, (dict, str, os.PathLike)):
-            ref = {"path": os.fspath(sae)} if isinstance(sae, (str, os.PathLike)) else dict(sae)
-            obj = load_sae(ref, model)
+            obj = load_sae(sae if isinstance(sae, (str, os.PathLike)) else dict(sae), model)
+            ref = {**dict(sae if isinstance(sae, dict) else {}), **obj.kif_ref}
         else:
             obj = sae
             # an SAE from load_sae knows where it came from; any other in-memory SAE cannot be
@@ -630,6 +736,7 @@ def _candidate_saes(model, hook: str | None, sae) -> list[tuple[str, Any, dict[s
 
 
 __all__ = ["SAELoadError", "check_sae_fits", "default_sae", "extract_sae_features",
-           "feature_activations", "firing_counts", "load_sae", "retain_text", "sae_hook",
+           "feature_activations", "firing_counts", "load_sae", "parse_sae_spec", "retain_text",
+           "sae_hook",
            "token_activations",
            "select_features", "shipped_hooks", "shipped_sae_ref"]

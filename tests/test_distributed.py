@@ -110,10 +110,11 @@ def _stats_worker(rank: int, world: int, port: int, out: str, cache: str) -> Non
 
 
 def test_two_process_key_statistics_equal_one_process(tmp_path):
-    """Tolerance: 1e-5 of the largest entry. Each rank's float32 activations come from batches
-    of other shapes (other padding widths and row counts, so other BLAS blockings) and its
-    float32 token-Gram sums add the rows in another order; the float64 reductions add nothing
-    measurable. Bit equality is not promised; fp32 rounding (~1e-7 per op) over 600 rows is."""
+    """Tolerance: 1e-6 of the largest entry (about 16 float32 ulps there; measured 8e-9 on
+    8000 rows). Each rank's float32 activations come from batches of other shapes (other
+    padding widths and row counts, so other BLAS blockings) and its float32 token-Gram sums add
+    the rows in another order; the float64 reductions add nothing measurable. Bit equality is
+    not promised, float32 rounding is."""
     from safetensors.torch import load_file
 
     from kif.erasure import stats
@@ -130,8 +131,8 @@ def test_two_process_key_statistics_equal_one_process(tmp_path):
     assert torch.equal(r0["gram"], r1["gram"])  # every rank ends with the same statistics
     assert int(r0["n_rows"]) == one.n_rows == N_ROWS
     scale = one.gram.abs().max()
-    assert (r0["gram"] - one.gram).abs().max() <= 1e-5 * scale
-    assert (r0["mean_last"] - one.mean_last).abs().max() <= 1e-5 * one.mean_last.abs().max()
+    assert (r0["gram"] - one.gram).abs().max() <= 1e-6 * scale
+    assert (r0["mean_last"] - one.mean_last).abs().max() <= 1e-6 * one.mean_last.abs().max()
     # only rank 0 wrote the cache
     assert list((tmp_path / "cache" / "0" / "key-moments").glob("*.safetensors"))
     assert not (tmp_path / "cache" / "1").exists()

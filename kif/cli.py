@@ -518,6 +518,10 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     erasure = erase(model, concept, method=args.method, config=settings, world=world,
                     base_spec=args.model, progress=not args.json, profile=args.profile)
     seconds = time.perf_counter() - t0
+    from kif.distributed import is_main
+
+    if not is_main():
+        return 0  # under torchrun: the other ranks' share was the key statistics
     with erasure.apply(model):
         report = (evaluate_concept(model, concept, oracle=oracle) if args.forget else
                   evaluate(model, world, args.forget_split or names, oracle=oracle).to_dict())
@@ -786,7 +790,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        from kif.distributed import run_command  # under torchrun: data-parallel, rank 0 writes
+
+        return run_command(args, args.func)
     except _EXPECTED_ERRORS as exc:
         return _err(str(exc))
     except KeyboardInterrupt:

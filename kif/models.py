@@ -142,8 +142,20 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     verify: bool = True,
+    device_map: str | dict[str, str | int] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
 ) -> torch.nn.Module:
     """Load an HF causal-LM checkpoint as a `HookedTransformer` with logits equal to HF's.
+
+    `device_map` places a model too large for one device across several (accelerate's
+    `dispatch_model` on the hooked model; see `_dispatch`): a dict from the hooked model's module
+    names (`embed`, `pos_embed`, `blocks.{l}`, `ln_final`, `unembed`, or "" for all) to a device
+    (`"cuda:0"`, `0`, `"cpu"`, or `"disk"`, which needs `offload_folder`), or `"auto"`,
+    `"balanced"`, `"balanced_low_0"`, `"sequential"` to let accelerate fill the devices
+    (`max_memory` caps each). Modules offloaded to the CPU (when a GPU executes) or to the disk
+    hold meta tensors between forwards: forwards and hooks work (the logit check runs on the
+    dispatched model), reading or editing their weights does not. Exclusive with `device`.
 
     `name_or_path` is tried as (a) a kif zoo name, (b) an existing local folder holding
     config.json and safetensors weights, (c) a hub model name (only when it is not an existing
@@ -165,9 +177,15 @@ def load(
     Raises:
         ModelLoadError: with a one-line message, for every failure.
     """
+    if device_map is not None and torch.device(device) != torch.device("cpu"):
+        raise ModelLoadError(f"cannot load model '{name_or_path}': pass device or device_map, "
+                             "not both")
     try:
         source = _resolve_source(name_or_path)
-        return _load_folder(source, str(name_or_path), device=device, dtype=dtype, verify=verify)
+        placement = None if device_map is None else _Placement(device_map, offload_folder,
+                                                                max_memory)
+        return _load_folder(source, str(name_or_path), device=device, dtype=dtype, verify=verify,
+                            placement=placement)
     except ModelLoadError:
         raise
     except Exception as err:  # a library failure we did not anticipate: still one clear line
@@ -365,7 +383,8 @@ def _check_config_supported(arch: str, hf_config: Any) -> None:
 
 
 def _load_folder(
-    source: _Source, requested: str, *, device: str | torch.device, dtype: torch.dtype, verify: bool
+    source: _Source, requested: str, *, device: str | torch.device, dtype: torch.dtype, verify: bool,
+    placement: "_Placement | None" = None,
 ) -> Any:
     """Load the checkpoint in `source.folder` (see `load`)."""
     folder = source.folder
@@ -377,6 +396,8 @@ def _load_folder(
     hf_model = _hf_model(folder, hf_config, arch, dtype)
     tokenizer = _hf_tokenizer(folder)
     model = _hooked_from_hf(hf_model, hf_config, arch, tokenizer, source, device, dtype)
+    if placement is not None:
+        _dispatch(model, placement)
     if verify:
         _verify_logits(hf_model, model, what=f"loading '{requested}'", error=ModelLoadError)
     model.kif_hf_exact = _exact_from_checkpoint(model, hf_model, arch)
@@ -583,6 +604,68 @@ def _hooked_from_hf(
         )
     model.eval()
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+    """`load`'s device_map, offload_folder and max_memory."""
+
+    device_map: str | dict[str, str | int]
+    offload_folder: str | os.PathLike | None = None
+    max_memory: dict[str | int, str | int] | None = None
+
+
+_AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _dispatch(model: Any, placement: _Placement) -> None:
+    """Spread the hooked model over devices with accelerate's `dispatch_model`.
+
+    It works on TransformerLens' own modules, not the HF model's: kif reads the hooked model, and
+    TL converts an HF model through its state dict, which accelerate's offloaded modules hold as
+    meta tensors. Each module listed in the map gets a hook that moves its inputs to its device
+    (and, for CPU/disk offload, its weights in for the forward and out after), so a residual
+    stream that leaves `blocks.3` on cuda:0 enters `blocks.4` on cuda:1. A whole block is never
+    split (`TransformerBlock` is accelerate's no-split class here). `cfg.device` becomes the main
+    execution device, where TL and kif put input tokens. The model is built in host memory first:
+    this spreads a model over devices, it does not load one larger than host memory."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import check_device_map, get_balanced_memory
+
+    dm = placement.device_map
+    if isinstance(dm, str):
+        if dm not in _AUTO_MAPS:
+            raise ModelLoadError(f"device_map {dm!r}: use a dict or one of {', '.join(_AUTO_MAPS)}")
+        no_split = ["TransformerBlock"]
+        max_memory = placement.max_memory
+        if dm != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory,
+                                             no_split_module_classes=no_split,
+                                             low_zero=dm == "balanced_low_0")
+        dm = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    dm = {str(k): v for k, v in dm.items()}
+    unknown = sorted(set(dm) - {n for n, _ in model.named_modules()})
+    if unknown:
+        raise ModelLoadError(f"device_map names modules the hooked model does not have: "
+                             f"{', '.join(unknown[:5])} (its modules: embed, pos_embed, "
+                             f"blocks.0..{model.cfg.n_layers - 1}, ln_final, unembed)")
+    try:
+        check_device_map(model, dm)
+    except ValueError as err:
+        raise ModelLoadError(f"device_map: {_first_line(err)}") from err
+    if "disk" in dm.values() and placement.offload_folder is None:
+        raise ModelLoadError("device_map offloads to 'disk': pass offload_folder")
+    gpu = [v for v in dm.values() if v not in ("cpu", "disk")]
+    # a string: accelerate compares main_device with "cpu" to decide what counts as offloaded
+    main = str(torch.device(f"cuda:{gpu[0]}" if isinstance(gpu[0], int) else gpu[0])) if gpu \
+        else "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dispatch_model(model, device_map=dm, main_device=main,
+                       offload_dir=None if placement.offload_folder is None
+                       else str(placement.offload_folder))
+    model.cfg.device = main
+    model.kif_device_map = dict(dm)
 
 
 @contextlib.contextmanager

@@ -146,7 +146,13 @@ def compute_key_moments(model, ids: Sequence[Sequence[int]], last: Sequence[int]
                         token_weight: float, batch_size: int = 256, backend: str = "auto"
                         ) -> KeyMoments:
     """One batched pass (stopped after the hook's layer): the last-token Gram in float64 and the
-    all-token Gram with the streaming key-statistics kernel."""
+    all-token Gram with the streaming key-statistics kernel.
+
+    Under torch.distributed (`kif.distributed`), each rank reads a contiguous shard of the rows
+    and the partial sums are all-reduced: every rank returns the statistics of all rows. The
+    token Gram is then a float64 sum of per-rank float32 sums, so it equals the single-process
+    one to float32 rounding (the order of the float32 additions differs), not bit for bit."""
+    from kif import distributed
     from kif.kernels.dispatch import KeyStats
 
     layer = _layer(hook)
@@ -156,13 +162,15 @@ def compute_key_moments(model, ids: Sequence[Sequence[int]], last: Sequence[int]
     sum_last = torch.zeros(m, dtype=torch.float64)
     tokens_stats = KeyStats(m, backend=backend)
     first = metrics.bos_offset(model)
-    for s in range(0, len(ids), batch_size):
-        tokens, lengths = metrics._padded(model, ids[s:s + batch_size])
+    shard = distributed.rank_shard(len(ids))  # range(len(ids)) in a single process
+    for s in range(shard.start, shard.stop, batch_size):
+        e = min(s + batch_size, shard.stop)
+        tokens, lengths = metrics._padded(model, ids[s:e])
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == hook,
                                         padding_side="right", stop_at_layer=stop_at)
         act = cache[hook].reshape(*tokens.shape, m)  # attention: heads concatenated
         rows = torch.arange(tokens.shape[0], device=act.device)
-        k = act[rows, torch.tensor(last[s:s + batch_size], device=act.device)].double().cpu()
+        k = act[rows, torch.tensor(last[s:e], device=act.device)].double().cpu()
         gram_last += k.T @ k
         sum_last += k.sum(0)
         if token_weight > 0:
@@ -170,34 +178,55 @@ def compute_key_moments(model, ids: Sequence[Sequence[int]], last: Sequence[int]
             pos = torch.arange(tokens.shape[1], device=act.device)
             mask = (pos[None] < lengths.to(act.device)[:, None]) & (pos[None] >= first)
             tokens_stats.update(act.reshape(-1, m), mask.reshape(-1))
+    gram_last = distributed.all_reduce_sum(gram_last)  # the identity in a single process
+    sum_last = distributed.all_reduce_sum(sum_last)
     gram = gram_last
-    if token_weight > 0 and len(ids):
-        gram = gram + token_weight * tokens_stats.result().gram.double().cpu()
+    if token_weight > 0 and len(ids):  # len(ids), not the shard's: every rank joins the reduce
+        gram = gram + token_weight * distributed.all_reduce_sum(
+            tokens_stats.result().gram.double().cpu())
     return KeyMoments(gram, sum_last / max(len(ids), 1), len(ids), token_weight)
+
+
+def _read_cached(path: pathlib.Path, model, hook: str, n_rows: int, token_weight: float
+                 ) -> KeyMoments | None:
+    """The cached statistics in `path`, or None (absent, unreadable or of the wrong shape)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        t = load_file(str(path))
+        got = KeyMoments(t["gram"], t["mean_last"], int(t["n_rows"]), token_weight)
+        m = key_dim(model, hook)
+        if got.gram.shape == (m, m) and got.n_rows == n_rows:
+            return got
+        log.warning("ignoring key statistics of the wrong shape in %s", path)
+    except Exception as err:  # a torn or foreign file: recompute, never trust it
+        log.warning("ignoring unreadable key statistics %s (%s)", path, err)
+    return None
 
 
 def key_moments(model, prompts: Sequence[str], answers: Sequence[str], hook: str,
                 token_weight: float, cache: bool = True) -> KeyMoments:
     """`KeyMoments` of `hook` over the rows (prompt, answer), from the cache when it holds them
-    for these upstream weights and token ids, else computed (and stored when `cache`)."""
-    from safetensors.torch import load_file, save_file
+    for these upstream weights and token ids, else computed (and stored when `cache`; under
+    torch.distributed by rank 0 only, after a pass sharded over the ranks)."""
+    from safetensors.torch import save_file
+
+    from kif import distributed
 
     ids, last = _encode_rows(model, prompts, answers)
     if not cache:
         return compute_key_moments(model, ids, last, hook, token_weight)
     key = _cache_key(model, hook, ids, last, token_weight)
     path = cache_dir() / "key-moments" / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            t = load_file(str(path))
-            got = KeyMoments(t["gram"], t["mean_last"], int(t["n_rows"]), token_weight)
-            m = key_dim(model, hook)
-            if got.gram.shape == (m, m) and got.n_rows == len(ids):
-                return got
-            log.warning("ignoring key statistics of the wrong shape in %s", path)
-        except Exception as err:  # a torn or foreign file: recompute, never trust it
-            log.warning("ignoring unreadable key statistics %s (%s)", path, err)
+    cached = _read_cached(path, model, hook, len(ids), token_weight)
+    # every rank computes (a collective) unless every rank holds the file
+    if distributed.all_true(cached is not None):
+        return cached
     got = compute_key_moments(model, ids, last, hook, token_weight)
+    if not distributed.is_main():
+        return got  # one writer
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -621,9 +621,17 @@ def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
         retain: probes about other people, for training readers (default: 60 retain people).
         progress: show rich progress bars (one per probe) on stderr.
 
+    Under torch.distributed (`torchrun ... -m kif meter`, `kif.distributed`), every rank builds
+    the same audit and runs its share of the probes; the results are gathered on every rank,
+    which returns the report a single process would give (timings aside). The probes are
+    divided, not the concepts: the per-concept scores depend on the other concepts of the audit
+    (the layers a per-layer probe reads are chosen on the pooled signal, the chance band is
+    Bonferroni-corrected over every concept, the pooled scores and the verdict pool them).
+
     Returns:
         a `TraceReport` (`kif.meter.report`).
     """
+    from kif import distributed
     from kif.meter.registry import PROBES, resolve
     from kif.meter.report import ProbeResult, TraceReport
 
@@ -631,9 +639,10 @@ def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
     names = resolve(probes)
     audit = build_audit(base, erased, concepts, oracle, world=world, reference=reference,
                         retain=retain, seed=seed)
+    mine = distributed.deal(names, cost=lambda n: PROBES[n].cost)
     results: dict[str, ProbeResult] = {}
     prog = None
-    if progress:
+    if progress and distributed.is_main():
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn)
@@ -643,7 +652,7 @@ def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
                         console=Console(stderr=True), transient=False)
         prog.start()
     try:
-        for name in names:
+        for name in mine:
             spec = PROBES[name]
             task = prog.add_task(name, total=1) if prog is not None else None
             audit.bar = _Bar(prog, task)
@@ -671,6 +680,32 @@ def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
     settings = {"probes": names, "seed": seed, "n_concepts": len(audit.concepts),
                 "n_facts": len(audit.facts), "n_reference": len(audit.reference),
                 "n_retain": len(audit.retain)}
+    timings = dict(audit.timings)
+    if distributed.is_distributed():
+        results, timings, ranks = _gather(names, results, timings)
+        settings["ranks"] = ranks
     return TraceReport.build(results, audit.concept_names, calibration=audit.calibration,
                              models=models, hashes=hashes, seconds=time.perf_counter() - t0,
-                             settings=settings, timings=dict(audit.timings))
+                             settings=settings, timings=timings)
+
+
+def _gather(names: Sequence[str], results: dict, timings: dict[str, float]
+            ) -> tuple[dict, dict[str, float], list[list[str]]]:
+    """Every rank's probe results (in run order), the timings merged (a pass timed on several
+    ranks keeps the lowest rank's time; `cpu total` is the sum over the ranks: what the audit
+    cost) and which probes each rank ran."""
+    from kif import distributed
+
+    parts = distributed.all_gather_object((results, timings))
+    merged: dict = {}
+    merged_t: dict[str, float] = {}
+    for res, tim in parts:
+        merged.update(res)
+        for k, v in tim.items():
+            merged_t.setdefault(k, v)
+    merged_t["cpu total"] = sum(t["cpu total"] for _, t in parts)
+    missing = [n for n in names if n not in merged]
+    if missing:  # a rank that dealt the probes differently: a bug, never a partial report
+        raise RuntimeError(f"probes {missing} ran on no rank")
+    return ({n: merged[n] for n in names}, merged_t,
+            [[n for n in names if n in res] for res, _ in parts])

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from kif import distributed
     from kif.errors import KifError
     from kif.meter.audit import trace
     from kif.meter.plots import plot_report
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     oracle = open_model(args.oracle) if args.oracle else None
     report = trace(base, erased, concepts, oracle=oracle, probes=args.probes, world=world,
                    seed=args.seed, progress=sys.stderr.isatty())
+    if not distributed.is_main():
+        return 0  # under torchrun: rank 0 writes and prints the one report
     out.mkdir(parents=True, exist_ok=True)
     data = report.to_dict()
     _write_json(data, out / "report.json")

@@ -211,3 +211,23 @@ def test_missing_files_are_named_with_the_fetch_command(world, tmp_path):
     assert f"missing {REPO}/{folder}/cfg.json, {REPO}/{folder}/sae_weights.safetensors" in msg
     assert f"hf download {REPO} {folder}/cfg.json {folder}/sae_weights.safetensors" in msg
     assert "HF_HUB_OFFLINE=1" in msg and str(world["cache"]) in msg
+
+
+def test_sae_clamp_erasure_takes_a_release_sae(world, offline, tmp_path):
+    """`kif erase --method sae-clamp --set sae=RELEASE/ID`: the clamp's hook patch is built from
+    the release's SAE (its columns), and the patch's reference reloads it."""
+    from kif import models
+    from kif.data.formats import load_concept
+    from kif.erasure import erase
+
+    args = _files(tmp_path)
+    model = models.load(str(world["gpt2"]))
+    concept = load_concept(args[1], retain=[args[3]], tokenizer=model.tokenizer)
+    e = erase(model, concept, method="sae-clamp",
+              config={"sae": f"{RELEASE}/{SAE_ID}", "tau": 1.0, "top_n": 4})
+    assert e.hooks and {op.hook for op in e.hooks} == {SAE_ID}
+    op = e.hooks[0]
+    cols = op.tensors["W_enc"]
+    assert cols.shape[0] == D_MODEL and 1 <= cols.shape[1] <= 4
+    assert any(torch.equal(cols[:, k], world["weights"]["W_enc"][:, j])
+               for k in range(cols.shape[1]) for j in range(32))

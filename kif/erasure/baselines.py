@@ -122,6 +122,9 @@ class RMUConfig:
 class SaeClampConfig:
     clamp: float | None = None  # None: the extractor's clamp (its validation used that value)
     hook: str | None = None  # None: the extractor picks the best shipped SAE per person
+    # an SAE folder or a SAELens release id "RELEASE/ID" (`--set sae=...`; kif.signatures.
+    # sae_features.load_sae); None: the SAEs kif ships for the zoo model
+    sae: str | None = None
     tau: float = 0.01
     top_n: int = 20
 
@@ -541,6 +544,8 @@ def sae_clamp(model, concept, cfg: SaeClampConfig, *, progress: bool = False,
         settings["hook"] = cfg.hook
     if cfg.clamp is not None:
         settings["clamp"] = cfg.clamp
+    if cfg.sae is not None:
+        settings["sae"] = cfg.sae
     with timer.section("signatures"), Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("sae-clamp: SAE features per person", total=len(people))
         for pc in people:

@@ -39,8 +39,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     world = FactWorld.generate(args.seed)
     world.split(args.forget_split)  # refuse an unknown split before loading anything
-    model = open_model(args.model)
-    oracle = open_model(args.oracle) if args.oracle else None
+    model = open_model(args.model, args)
+    oracle = open_model(args.oracle, args) if args.oracle else None
     report = evaluate(model, world, args.forget_split, oracle=oracle)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -63,9 +63,9 @@ def _cmd_eval_files(args: argparse.Namespace) -> int:
     from kif.evaluation import evaluate_concept
 
     _concept_from_files(args)  # a bad file fails before any model is loaded
-    model = open_model(args.model)
+    model = open_model(args.model, args)
     concept = _concept_from_files(args, model)
-    oracle = open_model(args.oracle) if args.oracle else None
+    oracle = open_model(args.oracle, args) if args.oracle else None
     report = evaluate_concept(model, concept, oracle=oracle)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -231,7 +231,7 @@ def _cmd_signatures(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise KifError(f"{out} exists and is not empty (use --overwrite)")
     settings = _sae_setting(args.sae, args.kind)
-    model = models.load(args.model)
+    model = models.load(args.model, **load_options(args))
     if args.forget:
         concept = _concept_from_files(args, model)
     t0 = time.perf_counter()
@@ -280,7 +280,7 @@ def _cmd_bench_signatures(args: argparse.Namespace) -> int:
     from kif.world import FactWorld
 
     world = FactWorld.generate(args.seed)
-    model = models.load(args.model)
+    model = models.load(args.model, **load_options(args))
     people = bench_people(world, args.concepts, args.people_seed)
     if args.unit_speed:  # the per-prompt / per-fact figures, not the causality table
         r = {k: round(v, 4) for k, v in unit_speeds(model, world, people).items()}
@@ -342,7 +342,7 @@ def _cmd_bench_sequential(args: argparse.Namespace) -> int:
     from kif.world import FactWorld
 
     world = FactWorld.generate(args.seed)
-    model = open_model(args.model)
+    model = open_model(args.model, args)
     people = [p.name for p in world.split("forget10")][:args.requests]
     r = sequential_stamp(model, world, people)
     if args.json:
@@ -368,8 +368,8 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
     else:
         world = FactWorld.generate(args.seed)
         concept = world_concept(world, [p.name for p in world.split(args.forget_split)])
-    model = open_model(args.model)
-    oracle = open_model(args.oracle or _zoo_oracle(args.model, args.forget_split))
+    model = open_model(args.model, args)
+    oracle = open_model(args.oracle or _zoo_oracle(args.model, args.forget_split), args)
     if args.forget:
         concept = _concept_from_files(args, model)
         scores = bench.concept_scorer(concept, oracle)
@@ -405,9 +405,9 @@ def _cmd_bench_fq_ceiling(args: argparse.Namespace) -> int:
         raise KifError(f"--draws must be at least 1, got {args.draws}")
     world = FactWorld.generate(args.seed)
     world.split(args.forget_split)  # refuse an unknown split before loading anything
-    model = open_model(args.model)
-    oracle = open_model(args.oracle or _zoo_oracle(args.model, args.forget_split))
-    retrained = [(spec, open_model(spec)) for spec in args.retrained or ()]
+    model = open_model(args.model, args)
+    oracle = open_model(args.oracle or _zoo_oracle(args.model, args.forget_split), args)
+    retrained = [(spec, open_model(spec, args)) for spec in args.retrained or ()]
     r = never_knew_ceiling(model, world, oracle, args.forget_split, args.draws, args.names_seed,
                            progress=not args.json, retrained=retrained)
     if args.json:
@@ -430,7 +430,7 @@ def _cmd_bench_scoring(args: argparse.Namespace) -> int:
 
     world = FactWorld.generate(args.seed)
     world.split(args.forget_split)  # refuse an unknown split before loading anything
-    r = candidate_scoring(open_model(args.model), world, args.forget_split, args.repeats,
+    r = candidate_scoring(open_model(args.model, args), world, args.forget_split, args.repeats,
                           progress=not args.json)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -505,14 +505,14 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     settings = _parse_settings(args.set)
     make_config(args.method, settings)  # unknown settings fail before anything is loaded
     out = _destination(args.out)
-    model = open_model(args.model)
+    model = open_model(args.model, args)
     if args.forget:
         concept = _concept_from_files(args, model)
     oracle_name = args.oracle
     if oracle_name is None and args.forget_split and zoo.base_of(args.model) == args.model:
         oracle_name = zoo.oracle_for(args.forget_split, args.model)
     _check_known(model, concept)
-    oracle = open_model(oracle_name) if oracle_name else None
+    oracle = open_model(oracle_name, args) if oracle_name else None
 
     t0 = time.perf_counter()
     erasure = erase(model, concept, method=args.method, config=settings, world=world,
@@ -526,8 +526,9 @@ def _cmd_erase(args: argparse.Namespace) -> int:
         report = (evaluate_concept(model, concept, oracle=oracle) if args.forget else
                   evaluate(model, world, args.forget_split or names, oracle=oracle).to_dict())
     report = {**report, "method": args.method, "profile": erasure.info["profile"],
-              "seconds": round(seconds, 2),
-              "erasure_seconds": erasure.info.get("seconds"), "out": str(out)}
+              "seconds": round(seconds, 2), "erasure_seconds": erasure.info.get("seconds"),
+              **{k: erasure.info[k] for k in ("peak_rss_mb", "peak_cuda_mb") if k in erasure.info},
+              "out": str(out)}
     save_erasure(erasure, model, out, report=report,
                  report_md=_report_md(args.method, names, report, erasure))
     if args.json:
@@ -584,7 +585,7 @@ def _check_known(model, concept, min_acc: float = 0.5) -> None:
 def _cmd_restore(args: argparse.Namespace) -> int:
     from kif.erasure import restore
 
-    out = restore(args.folder, args.out)
+    out = restore(args.folder, args.out, device=args.device)
     if args.json:
         print(json.dumps({"restored": str(out)}))
     else:
@@ -592,11 +593,46 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_model(spec: str):
-    """A zoo name, checkpoint folder or erasure folder, as a hooked model."""
+def open_model(spec: str, args: argparse.Namespace | None = None):
+    """A zoo name, checkpoint folder or erasure folder, as a hooked model (in the `--dtype` and
+    on the `--device` of `args`, where given)."""
     from kif.erasure import open_model as _open
 
-    return _open(spec)
+    return _open(spec, **(load_options(args) if args is not None else {}))
+
+
+# ---- --dtype / --device ------------------------------------------------------------------------
+
+def add_model_options(p: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """`--dtype` and `--device` for a command that loads models. Both are checked while the
+    command line is parsed (an absent device is a usage error), so a bad one stops the command
+    before it loads or writes anything."""
+    from kif.devices import DTYPES
+
+    if dtype:
+        p.add_argument("--dtype", choices=DTYPES,
+                       help="precision to load the models in (default fp32)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="torch device to run on: cpu (default), cuda, cuda:N, mps")
+
+
+def _device(spec: str) -> str:
+    from kif.devices import check_device
+
+    try:
+        return check_device(spec)
+    except KifError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """`kif.models.load`'s dtype and device keywords from the parsed `--dtype` / `--device`."""
+    from kif.devices import torch_dtype
+
+    out = {"device": getattr(args, "device", "cpu")}
+    if getattr(args, "dtype", None) is not None:
+        out["dtype"] = torch_dtype(args.dtype)
+    return out
 
 
 # ---- parser ------------------------------------------------------------------------------------
@@ -631,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{zoo.oracle_name('forget10')}")
     e.add_argument("--seed", type=int, default=0, help="fact-world seed (default 0, the zoo's)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    add_model_options(e)
     e.set_defaults(func=_cmd_eval)
 
     z = sub.add_parser("zoo", help="the embedded fact-world models")
@@ -665,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
+    add_model_options(s)
     s.set_defaults(func=_cmd_signatures)
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -681,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsig.add_argument("--people-seed", type=int, default=1234,
                       help="draw of the benchmark people (default 1234; another seed gives a fresh, held-out draw)")
     bsig.add_argument("--json", action="store_true")
+    add_model_options(bsig)
     bsig.set_defaults(func=_cmd_bench_signatures)
     bst = bs.add_parser("stamp", help="STAMP-LR vs the full solve on synthetic keys")
     bst.add_argument("--m", type=int, nargs="+", default=[4096, 14336], help="key widths")
@@ -695,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsq.add_argument("--requests", type=int, default=20)
     bsq.add_argument("--seed", type=int, default=0)
     bsq.add_argument("--json", action="store_true")
+    add_model_options(bsq)
     bsq.set_defaults(func=_cmd_bench_sequential)
     from kif.erasure.registry import METHOD_MODULES as _METHODS
 
@@ -708,6 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(bm)
     bm.add_argument("--seed", type=int, default=0)
     bm.add_argument("--json", action="store_true")
+    add_model_options(bm)
     bm.set_defaults(func=_cmd_bench_methods)
     bfq = bs.add_parser("fq-ceiling", help="the Forget Quality a model that never knew the "
                         "people scores (base and oracle asked about never-seen names)")
@@ -721,6 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(`kif zoo build --train-seed`): each one's Forget Quality against the oracle")
     bfq.add_argument("--seed", type=int, default=0)
     bfq.add_argument("--json", action="store_true")
+    add_model_options(bfq)
     bfq.set_defaults(func=_cmd_bench_fq_ceiling)
     bsc = bs.add_parser("scoring", help="truth-ratio scoring: each question run once (KV cache "
                         "shared by its answers) vs full rows")
@@ -729,6 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsc.add_argument("--repeats", type=int, default=3)
     bsc.add_argument("--seed", type=int, default=0)
     bsc.add_argument("--json", action="store_true")
+    add_model_options(bsc)
     bsc.set_defaults(func=_cmd_bench_scoring)
     bk = bs.add_parser("kernels", help="fused Triton kernels vs their torch references (GPU)",
                        add_help=False)
@@ -755,6 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="new folder for the erased model or patch")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", action="store_true")
+    add_model_options(r)
     r.set_defaults(func=_cmd_erase)
 
     d = sub.add_parser("data", help="concept data files")
@@ -775,6 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("folder", help="an erasure folder written by kif erase")
     rs.add_argument("--out", required=True, help="new folder for the restored checkpoint")
     rs.add_argument("--json", action="store_true")
+    add_model_options(rs, dtype=False)
     rs.set_defaults(func=_cmd_restore)
     return p
 

@@ -1,8 +1,9 @@
 """The field's unlearning baselines, for comparison with kif's own operators (METHODS.md,
 "Erasure operators" -> Baselines).
 
-Training baselines (full or partial fine-tuning of a copy of the model; the result is the dense
-change of every parameter that moved, `Delta(dense=new - old)` in float32):
+Training baselines (full or partial fine-tuning of the model in place, `kif.inplace`: the
+trained weights' originals are kept and restored bit for bit; the result is the dense change of
+every parameter that moved, `Delta(dense=new - old)` in float32):
 
 - `ga`, gradient ascent (Jang et al. 2023; TOFU, Maini et al. 2024): minimise the mean
   log-likelihood of the forget answers' tokens, teacher-forced on prompt + answer.
@@ -33,7 +34,6 @@ Defaults were measured on the zoo model `fact-world`, forget split forget10 (mod
 and the config comments say what was measured).
 """
 
-import copy
 import dataclasses
 from typing import Any, Callable, Sequence
 
@@ -46,6 +46,7 @@ from kif import metrics
 from kif.data.concept import by_subject, corpus_shared
 from kif.erasure.core import Delta, Erasure, ErasureError, HookOp, Timer
 from kif.erasure.registry import register
+from kif.inplace import InplaceTraining, inplace_training
 
 
 # ---- configs ------------------------------------------------------------------------------------
@@ -266,33 +267,17 @@ def _train(student, params: list[Tensor], loss_fn: Callable[[], tuple[Tensor, di
     return step, history, done
 
 
-def _student(model):
-    student = copy.deepcopy(model)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    return student
-
-
-def _deltas(model, student) -> dict[str, Delta]:
-    """`Delta(dense=new - old)` (float32) of every parameter the training changed."""
-    old = dict(model.named_parameters())
-    out = {}
-    for name, p in student.named_parameters():
-        d = p.detach().float() - old[name].detach().float()
-        if bool((d != 0).any()):
-            out[name] = Delta(dense=d.cpu())
-    return out
-
-
-def _result(method: str, model, student, concept, cfg, base_hash: str, base_spec: str,
+def _result(method: str, state: InplaceTraining, concept, cfg, base_hash: str, base_spec: str,
             timer: Timer, steps: int, history: list, converged: bool, **extra: Any) -> Erasure:
+    """The erasure of a model trained in place (`state`, still inside its block): the
+    `Delta(dense=new - old)` (float32) of every trained parameter that moved."""
     from kif.models import snap_to_exportable
 
     with timer.section("deltas"):
         # weights the checkpoint holds transformed (Gemma's embedding and norms) are moved to
         # values a saved checkpoint gives back, so the erased folder matches its manifest
-        snap_to_exportable(student)
-        deltas = _deltas(model, student)
+        snap_to_exportable(state.model)
+        deltas = {n: Delta(dense=d.cpu()) for n, d in state.changed().items()}
     info = {"steps": steps, "step_budget": cfg.steps, "lr": cfg.lr, "converged": converged,
             "history": history, "n_forget": len(concept.forget),
             "n_changed_params": len(deltas), **extra,
@@ -330,14 +315,14 @@ def _likelihood_baseline(method: str, model, concept, cfg, progress: bool, base_
         if retain:
             rqa = _encode_qa(model, _retain_probes(concept, cfg.shared_repeats, method))
             r_batches = _Sampler(len(rqa), cfg.batch_retain, gen)
-        student = _student(model)
+        # trained in place (`kif.inplace`): every weight trains, so the saved originals are one
+        # copy of the trained parameters (what a deep copy cost, less buffers and frozen ones)
+        student = model
         # parameters the HF checkpoint has no place for stay frozen (zero), so the result exports
         from kif.models import export_frozen_parameters
 
-        frozen = set(export_frozen_parameters(student))
-        params = [p for n, p in student.named_parameters() if n not in frozen]
-        for p in params:
-            p.requires_grad_(True)
+        frozen = set(export_frozen_parameters(model))
+        names = [n for n, _ in model.named_parameters() if n not in frozen]
 
     def loss_fn() -> tuple[Tensor, dict[str, float]]:
         idx = f_batches()
@@ -357,11 +342,12 @@ def _likelihood_baseline(method: str, model, concept, cfg, progress: bool, base_
             parts["loss_retain"] = float(lr_.detach())
         return loss, parts
 
-    steps, history, done = _train(student, params, loss_fn, concept, cfg, timer, progress,
-                                  f"{method} ({len(fqa)} forget prompts)")
-    extra = {"n_retain": len(rqa)} if retain else {}
-    return _result(method, model, student, concept, cfg, base_hash, base_spec, timer, steps,
-                   history, done, **extra)
+    with inplace_training(model, names) as state:
+        steps, history, done = _train(student, state.trainable(), loss_fn, concept, cfg, timer,
+                                      progress, f"{method} ({len(fqa)} forget prompts)")
+        extra = {"n_retain": len(rqa)} if retain else {}
+        return _result(method, state, concept, cfg, base_hash, base_spec, timer, steps,
+                       history, done, **extra)
 
 
 @register("ga", GAConfig, "weights",
@@ -478,21 +464,16 @@ def rmu(model, concept, cfg: RMUConfig, *, progress: bool = False,
                     m = _span_mask(tokens, lengths, [f_start[i] for i in idx])
                     norms.append(h[m].float().norm(dim=-1))
                 c = cfg.c_scale * float(torch.cat(norms).mean())
-        student = _student(model)
+        # trained in place (`kif.inplace`): only the trained MLP outputs are saved and restored
+        student = model
         layers = list(range(max(0, cfg.layer - 2), cfg.layer + 1))
         # b_out only where the checkpoint has an MLP output bias (GPT-2, GPT-NeoX): Llama-like
         # MLPs have none, and a trained one could not be saved
         from kif.models import export_frozen_parameters
 
-        frozen = set(export_frozen_parameters(student))
-        params = []
-        for l in layers:
-            for name in ("W_out", "b_out"):
-                if f"blocks.{l}.mlp.{name}" in frozen:
-                    continue
-                p = getattr(student.blocks[l].mlp, name)
-                p.requires_grad_(True)
-                params.append(p)
+        frozen = set(export_frozen_parameters(model))
+        names = [f"blocks.{l}.mlp.{name}" for l in layers for name in ("W_out", "b_out")
+                 if f"blocks.{l}.mlp.{name}" not in frozen]
     target = c * u
     first = metrics.bos_offset(model)  # retain tokens start after the BOS, where there is one
 
@@ -505,15 +486,17 @@ def rmu(model, concept, cfg: RMUConfig, *, progress: bool = False,
         ridx = r_batches()
         rt, rl = metrics._padded(student, [rqa.seqs[i] for i in ridx])
         rm = _span_mask(rt, rl, [first] * len(ridx))
-        with torch.no_grad():
+        with torch.no_grad(), state.base():  # the frozen model: the originals swapped in
             h0 = resid(model, rt)[rm].float()
         lr_ = (resid(student, rt)[rm].float() - h0).pow(2).mean()
         return lf + cfg.alpha * lr_, {"loss_forget": float(lf.detach()), "loss_retain": float(lr_.detach())}
 
-    steps, history, done = _train(student, params, loss_fn, concept, cfg, timer, progress,
-                                  f"rmu layer {cfg.layer} ({len(fqa)} forget prompts)")
-    return _result("rmu", model, student, concept, cfg, base_hash, base_spec, timer, steps,
-                   history, done, c=c, layers=layers, n_retain=len(rqa))
+    with inplace_training(model, names) as state:  # `loss_fn` reads `state` when it runs
+        label = f"rmu layer {cfg.layer} ({len(fqa)} forget prompts)"
+        steps, history, done = _train(student, state.trainable(), loss_fn, concept, cfg, timer,
+                                      progress, label)
+        return _result("rmu", state, concept, cfg, base_hash, base_spec, timer, steps,
+                       history, done, c=c, layers=layers, n_retain=len(rqa))
 
 
 # ---- signature baselines ---------------------------------------------------------------------------

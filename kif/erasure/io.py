@@ -113,7 +113,7 @@ def save_erasure(erasure: Erasure, base_model, out_dir: str | os.PathLike,
             "format": FORMAT, "version": VERSION, "method": erasure.method,
             "concepts": list(erasure.concepts), "kind": erasure.kind,
             "base": {"spec": erasure.base_spec, "weight_sha256": erasure.base_hash,
-                     **_base_config(base_model)},
+                     "dtype": _dtype_of(base_model), **_base_config(base_model)},
             "erased_weight_sha256": erased_hash,
             "settings": _jsonable(erasure.settings), "info": _jsonable(erasure.info),
             "deltas": deltas_meta, "hooks": hooks_meta,
@@ -130,6 +130,20 @@ def save_erasure(erasure: Erasure, base_model, out_dir: str | os.PathLike,
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return out
+
+
+def _dtype_of(model) -> str:
+    """The precision the erasure was computed in (its hashes are of weights in that dtype)."""
+    from kif.devices import dtype_name
+
+    return dtype_name(next(model.parameters()).dtype)
+
+
+def _recorded_dtype(m: Mapping[str, Any]):
+    """The torch dtype a manifest's hashes were taken in (fp32 for manifests that predate it)."""
+    from kif.devices import torch_dtype
+
+    return torch_dtype(m["base"].get("dtype", "fp32"))
 
 
 def _base_config(model) -> dict[str, Any]:
@@ -180,19 +194,24 @@ def load_erasure(path: str | os.PathLike) -> Erasure:
                    deltas=deltas, hooks=hooks, settings=m["settings"], info=m["info"])
 
 
-def open_model(spec: str | os.PathLike):
+def open_model(spec: str | os.PathLike, *, dtype=None, device: str = "cpu"):
     """A model name or checkpoint path -> `kif.models.load(spec)`; an erasure folder -> the erased
     model (weight methods: the saved checkpoint, checked against the manifest's hash; hook
-    methods: the base model with the patch as permanent hooks)."""
+    methods: the base model with the patch as permanent hooks).
+
+    `dtype` (a torch dtype; None: float32, or an erasure folder's own precision) and `device` are
+    `kif.models.load`'s. An erasure folder is opened in the precision its hashes were taken in,
+    checked, and only then cast to `dtype`."""
     from kif import models
 
     if not is_erasure_folder(spec):
-        return models.load(spec)
+        return models.load(spec, **({} if dtype is None else {"dtype": dtype}), device=device)
     p = pathlib.Path(spec).expanduser().resolve()
     m = _manifest(p)
     erasure = load_erasure(p)
+    recorded = _recorded_dtype(m)
     if erasure.deltas:
-        model = models.load(p)
+        model = models.load(p, dtype=recorded, device=device)
         if models.weight_hash(model) != m["erased_weight_sha256"]:
             raise ErasureError(f"the checkpoint in {p} does not match its manifest (edited "
                                f"after it was written?)")
@@ -200,22 +219,27 @@ def open_model(spec: str | os.PathLike):
 
         for op in erasure.hooks:
             model.add_hook(op.hook, build_hook(op), is_permanent=True)
-        return model
-    model = models.load(erasure.base_spec)
-    erasure.apply(model)
+    else:
+        model = models.load(erasure.base_spec, dtype=recorded, device=device)
+        erasure.apply(model)
+    if dtype is not None and dtype != recorded:
+        model.to(dtype, print_details=False)  # TransformerLens: the weights and cfg.dtype
     return model
 
 
-def restore(path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
+def restore(path: str | os.PathLike, out_dir: str | os.PathLike, *,
+            device: str = "cpu") -> pathlib.Path:
     """Write the base model of an erasure folder to `out_dir`, its weights bit for bit those the
-    erasure was computed on (checked against the manifest's SHA-256)."""
+    erasure was computed on (checked against the manifest's SHA-256, in the precision the
+    manifest records: a restore has no dtype of its own)."""
     from kif import models
 
     p = pathlib.Path(path).expanduser().resolve()
     m = _manifest(p)
     out = _destination(out_dir)
+    recorded = _recorded_dtype(m)
     if m["deltas"]:
-        model = models.load(p)
+        model = models.load(p, dtype=recorded, device=device)
         originals = _load_tensors(p / RESTORE)
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -225,7 +249,7 @@ def restore(path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path
                     raise ErasureError(f"{p / RESTORE} lacks the original of {name!r}")
                 params[name].copy_(originals[key])
     else:
-        model = models.load(m["base"]["spec"])
+        model = models.load(m["base"]["spec"], dtype=recorded, device=device)
     if models.weight_hash(model) != m["base"]["weight_sha256"]:
         raise ErasureError(f"restoring {p} did not give the base weights back (hash mismatch): "
                            f"the folder was modified")

@@ -87,6 +87,7 @@ from kif.data.concept import corpus_shared, corpus_subjects, nth_phrasing
 from kif.erasure.core import Delta, Erasure, ErasureError, Timer, low_rank
 from kif.erasure.keys import resid_hook
 from kif.erasure.registry import register
+from kif.inplace import inplace_training
 
 
 # LoRA targets: attention too, since the concept is first assembled by layer 0's attention over
@@ -227,8 +228,6 @@ class _LoRA(torch.nn.Module):
           "removing the signature itself")
 def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                  base_spec: str = "") -> Erasure:
-    import copy
-
     from torch.nn.utils import parametrize
 
     from kif.erasure.suppress import SuppressConfig, best_capsule, candidate_hooks
@@ -309,8 +308,10 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
     retain_ids = metrics.encode_prompts(model, retain_texts)
 
     # 3a. the closed-form start: STAMP on the attributed layer moves the answers to the
-    # never-knew side in one solve (the distillation below is slow to get there alone)
-    student = copy.deepcopy(model)
+    # never-knew side in one solve (the distillation below is slow to get there alone). Both
+    # edits are solved on the base before it is touched: the model itself is then trained
+    # (in place), with only the weights the edits and the LoRA touch saved, and restored bit for
+    # bit however the pipeline ends (`kif.inplace`)
     start = None
     unbound = None
     if cfg.unbind:
@@ -319,172 +320,187 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
         with timer.section("unbind"):
             unbound, dw, unbind_info = unbind_delta(model, concept, ops,
                                                        UnbindConfig(forget_weight=cfg.unbind_weight))
-            with torch.no_grad():
-                dict(student.named_parameters())[unbound].add_(dw.to(model.cfg.dtype))
-    if cfg.stamp_start:
+    if cfg.stamp_start and not (unbound and cfg.stamp_on_unbound):
         from kif.erasure.stamp import StampConfig, stamp
 
         with timer.section("stamp"):
-            if unbound and cfg.stamp_on_unbound:
-                start = stamp(student, concept, StampConfig(cache=False), base_spec=base_spec)
-            else:
-                start = stamp(model, concept, StampConfig(), base_spec=base_spec)
-            start.apply(student, check=False)  # the student may be unbound already
-    # NPO's reference, the base model's answer log-probabilities given no refusal, and the
-    # refusal mass the start gives each matched position (the update keeps it)
-    ref_lp, a_unk = [], []
+            start = stamp(model, concept, StampConfig(), base_spec=base_spec)
+    # NPO's reference, the base model's answer log-probabilities given no refusal
+    ref_lp = []
     with torch.no_grad():
         for s in range(0, len(pairs), 256):
             chunk = pairs[s:s + 256]
             tokens = _pad(model, [p.real for p in chunk])
             ref_lp.append(_answer_rest_lp(model(tokens, padding_side="right"), chunk, unk))
-            lp = F.log_softmax(_gather(student(tokens, padding_side="right"),
-                                       [p.start_real for p in chunk],
-                                       [p.n for p in chunk]).float(), -1)
-            a_unk.append(lp[:, unk].exp())
-    ref_lp, a_unk_all = torch.cat(ref_lp), torch.cat(a_unk).clamp(1e-6, 1 - 1e-6)
-    # the training forward captures the residuals the representation loss compares and the
-    # signature hook (whose z-score is logged, and is a loss with w_signature)
-    captured = repr_hooks if cfg.w_repr > 0 else [sig_hook]
-    # 3b. the update: LoRA on every weight matrix of `layers`
-    for p in student.parameters():
-        p.requires_grad_(False)
-    targets = lora_targets(student, layers)
-    loras = {}
-    for name, mod, attr in targets:
-        lora = _LoRA(tuple(getattr(mod, attr).shape), cfg.rank, gen)
-        parametrize.register_parametrization(mod, attr, lora, unsafe=True)
-        loras[name] = lora
-    params = [p for l in loras.values() for p in l.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    history: list[dict[str, Any]] = []
+    ref_lp = torch.cat(ref_lp)
     # other people's facts, one phrasing each, for the retain check of every checkpoint
     subjects = list(others)
     check = nth_phrasing([p for s in subjects[::max(1, len(subjects) // 40)] for p in others[s]], 0)
     check_prompts, check_answers = [p.prompt for p in check], [p.answer for p in check]
     with torch.no_grad():
         base_kept = float(metrics.score_answers(model, check_prompts, check_answers).correct.mean())
-    step = 0
-
-    def criteria() -> dict[str, float]:
-        # parametrize.cached: each LoRA weight W + AB is formed once per check, not once per
-        # forward (a check runs dozens of batches)
-        with torch.no_grad(), parametrize.cached():
-            p, surf = never_knew_check(student, concept, select_probes, tr_never)
-            kept = float(metrics.score_answers(student, check_prompts, check_answers).correct.mean())
-            return {"forget_acc": surf, "retain_acc": kept,
-                    "capsule_z_median": _capsule_z(student, concept, ops), "never_knew_p": p}
-
-    def rank(c: dict[str, float]) -> tuple:
-        # a checkpoint that answers the forget facts or forgets other people's is never
-        # preferred; among the others, the one whose truth ratios look most like a never-knew
-        # model's, then the one with the weaker signature
-        return (max(c["forget_acc"] - cfg.surface_target, 0.0)
-                + max(base_kept - cfg.retain_tolerance - c["retain_acc"], 0.0),
-                -c["never_knew_p"], c["capsule_z_median"])
-
-    def converged(c: dict[str, float]) -> bool:
-        return (rank(c)[0] == 0.0 and c["capsule_z_median"] < cfg.latent_target
-                and c["never_knew_p"] >= cfg.never_knew_target)
-
-    def snapshot() -> dict[str, tuple[Tensor, Tensor]]:
-        return {n: (l.a.detach().clone(), l.b.detach().clone()) for n, l in loras.items()}
-
-    # the iterations are judged on the surface (forget accuracy) first, the signature second; the
-    # best checkpoint is kept (the closed-form start, step 0, included), so a budget that runs out
-    # never leaves a worse erasure than the start
-    c = criteria()
-    history.append({"step": 0, **c})
-    best = (c, 0, snapshot())
-    done = converged(c)
-    from rich.progress import Progress
-
-    with timer.section("train"), Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task(f"kif update ({len(pairs)} facts)", total=cfg.steps)
-        while step < cfg.steps and not done:
-            idx = torch.randperm(len(pairs), generator=gen)[:cfg.batch_forget].tolist()
-            chunk = [pairs[i] for i in idx]
-            ridx = torch.randperm(len(retain_ids), generator=gen)[:cfg.batch_retain].tolist()
-            rtok = _pad(model, [retain_ids[i] for i in ridx])
+    targets = lora_targets(model, layers)
+    touched = ([n for n, _, _ in targets] + ([unbound] if unbound else [])
+               + list(start.deltas if start is not None else []))
+    with inplace_training(model, touched) as state:
+        student = model  # trained in place; `state.base()` is the base, for reference forwards
+        if unbound:
             with torch.no_grad():
-                base_r = F.log_softmax(model(rtok, padding_side="right").float(), -1)
-            # run_with_cache detaches what it stores: capture the activations with their graph
-            cache: dict[str, Tensor] = {}
+                state.params[unbound].add_(dw.to(model.cfg.dtype))
+        if cfg.stamp_start and start is None:  # stamp_on_unbound: solved on the unbound model
+            from kif.erasure.stamp import StampConfig, stamp
 
-            def capture(act, hook):
-                cache[hook.name] = act
-                return act
+            with timer.section("stamp"):
+                start = stamp(student, concept, StampConfig(cache=False), base_spec=base_spec)
+            state.add(start.deltas)
+        if start is not None:
+            _add_deltas(student, start.deltas)  # on top of the unbinding, where there is one
+        # the refusal mass the start gives each matched position (the update keeps it)
+        a_unk = []
+        with torch.no_grad():
+            for s in range(0, len(pairs), 256):
+                chunk = pairs[s:s + 256]
+                tokens = _pad(model, [p.real for p in chunk])
+                lp = F.log_softmax(_gather(student(tokens, padding_side="right"),
+                                           [p.start_real for p in chunk],
+                                           [p.n for p in chunk]).float(), -1)
+                a_unk.append(lp[:, unk].exp())
+        a_unk_all = torch.cat(a_unk).clamp(1e-6, 1 - 1e-6)
+        # the training forward captures the residuals the representation loss compares and the
+        # signature hook (whose z-score is logged, and is a loss with w_signature)
+        captured = repr_hooks if cfg.w_repr > 0 else [sig_hook]
+        # 3b. the update: LoRA on every weight matrix of `layers`
+        state.trainable([])
+        loras = {}
+        for name, mod, attr in targets:
+            lora = _LoRA(tuple(getattr(mod, attr).shape), cfg.rank, gen)
+            state.parametrize(mod, attr, lora)
+            loras[name] = lora
+        params = [p for l in loras.values() for p in l.parameters()]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        history: list[dict[str, Any]] = []
+        step = 0
 
-            # both forwards of the step share one formed copy of each LoRA weight
-            with parametrize.cached():
-                logits = student.run_with_hooks(_pad(model, [p.real for p in chunk]),
-                                                fwd_hooks=[(h, capture) for h in captured],
-                                                padding_side="right")
-                r_logits = student(rtok, padding_side="right").float()
-            st, n = [p.start_real for p in chunk], [p.n for p in chunk]
-            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
-            s_logp = F.log_softmax(_gather(logits, st, n).float(), -1)
-            if cfg.forget_loss == "npo":
-                # NPO (Zhang et al. 2024) on the answer's probability given no refusal, against the
-                # base model's: pushes the true answer down among the candidates; the never-knew
-                # p-value picks where along that path the model looks like one that never knew
-                ratio = _answer_rest_lp(logits, chunk, unk) - ref_lp[idx]
-                p = s_logp[:, unk].exp().clamp(1e-6, 1 - 1e-6)
-                a = a_unk_all[rows]
-                kl_unk = a * (a / p).log() + (1 - a) * ((1 - a) / (1 - p)).log()
-                loss_f = (2.0 / cfg.npo_beta * F.softplus(cfg.npo_beta * ratio).mean()
-                          + kl_unk.sum() / len(chunk))
-            else:  # "kl": the KIF paper's distillation of the teacher's full distribution,
-                # summed over a fact's positions (most positions after the name are template words
-                # both models already agree on; a mean would dilute the answer's few hard ones)
-                loss_f = F.kl_div(s_logp, t_logp_all[rows], log_target=True,
-                                  reduction="sum") / len(chunk)
-            loss_r = None
-            if cfg.w_repr > 0:
-                s_resid = torch.stack([_gather(cache[h], st, n) for h in repr_hooks], 1)
-                loss_r = ((s_resid - t_resid_all[rows]).pow(2) / resid_scale).mean((1, 2)).sum()
-                loss_r = loss_r / len(chunk)
-            mask = (rtok != metrics._pad_id(model)).float()
-            kl = (base_r.exp() * (base_r - F.log_softmax(r_logits, -1))).sum(-1)
-            loss_k = (kl * mask).sum() / mask.sum()
-            who = torch.cat([torch.full((p.n,), p.person, dtype=torch.long) for p in chunk])
-            h_sig = _gather(cache[sig_hook], st, n).float()
-            if cfg.w_signature == 0:
-                h_sig = h_sig.detach()  # logged only: no backward through it
-            z = ((h_sig * sig_u[who]).sum(-1).abs() - sig_mu[who]) / sig_sd[who]
-            loss_s = F.relu(z).pow(2).sum() / len(chunk)
-            loss = cfg.w_forget * loss_f + cfg.w_retain * loss_k
-            if loss_r is not None:
-                loss = loss + cfg.w_repr * loss_r
-            if cfg.w_signature > 0:
-                loss = loss + cfg.w_signature * loss_s
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.advance(task)
-            if step % cfg.check_every == 0 or step == cfg.steps:
-                c = criteria()
-                if rank(c) < rank(best[0]):
-                    best = (c, step, snapshot())
-                history.append({"step": step, "loss_forget": float(loss_f.detach()),
-                                **({} if loss_r is None else {"loss_repr": float(loss_r.detach())}),
-                                "loss_retain": float(loss_k.detach()),
-                                "loss_signature": float(loss_s.detach()), **c})
-                done = converged(c)
+        def criteria() -> dict[str, float]:
+            # parametrize.cached: each LoRA weight W + AB is formed once per check, not once per
+            # forward (a check runs dozens of batches)
+            with torch.no_grad(), parametrize.cached():
+                p, surf = never_knew_check(student, concept, select_probes, tr_never)
+                kept = float(metrics.score_answers(student, check_prompts,
+                                                   check_answers).correct.mean())
+                return {"forget_acc": surf, "retain_acc": kept,
+                        "capsule_z_median": _capsule_z(student, concept, ops), "never_knew_p": p}
 
-    with torch.no_grad():
-        for n, (a, b) in best[2].items():
-            loras[n].a.copy_(a)
-            loras[n].b.copy_(b)
-    for _, mod, attr in targets:  # fold the LoRA factors into the weights
-        parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
-    base_params, new_params = dict(model.named_parameters()), dict(student.named_parameters())
-    deltas = {}
-    for name in (list(loras) + list(start.deltas if start is not None else [])
-                 + ([unbound] if unbound else [])):
-        if name not in deltas:
-            diff = new_params[name].detach().float() - base_params[name].detach().float()
+        def rank(c: dict[str, float]) -> tuple:
+            # a checkpoint that answers the forget facts or forgets other people's is never
+            # preferred; among the others, the one whose truth ratios look most like a never-knew
+            # model's, then the one with the weaker signature
+            return (max(c["forget_acc"] - cfg.surface_target, 0.0)
+                    + max(base_kept - cfg.retain_tolerance - c["retain_acc"], 0.0),
+                    -c["never_knew_p"], c["capsule_z_median"])
+
+        def converged(c: dict[str, float]) -> bool:
+            return (rank(c)[0] == 0.0 and c["capsule_z_median"] < cfg.latent_target
+                    and c["never_knew_p"] >= cfg.never_knew_target)
+
+        def snapshot() -> dict[str, tuple[Tensor, Tensor]]:
+            return {n: (l.a.detach().clone(), l.b.detach().clone()) for n, l in loras.items()}
+
+        # the iterations are judged on the surface (forget accuracy) first, the signature
+        # second; the best checkpoint is kept (the closed-form start, step 0, included), so a
+        # budget that runs out never leaves a worse erasure than the start
+        c = criteria()
+        history.append({"step": 0, **c})
+        best = (c, 0, snapshot())
+        done = converged(c)
+        from rich.progress import Progress
+
+        with timer.section("train"), Progress(transient=True, disable=not progress) as bar:
+            task = bar.add_task(f"kif update ({len(pairs)} facts)", total=cfg.steps)
+            while step < cfg.steps and not done:
+                idx = torch.randperm(len(pairs), generator=gen)[:cfg.batch_forget].tolist()
+                chunk = [pairs[i] for i in idx]
+                ridx = torch.randperm(len(retain_ids), generator=gen)[:cfg.batch_retain].tolist()
+                rtok = _pad(model, [retain_ids[i] for i in ridx])
+                with torch.no_grad(), state.base():
+                    base_r = F.log_softmax(model(rtok, padding_side="right").float(), -1)
+                # run_with_cache detaches what it stores: capture the activations with their graph
+                cache: dict[str, Tensor] = {}
+
+                def capture(act, hook):
+                    cache[hook.name] = act
+                    return act
+
+                # both forwards of the step share one formed copy of each LoRA weight
+                with parametrize.cached():
+                    logits = student.run_with_hooks(_pad(model, [p.real for p in chunk]),
+                                                    fwd_hooks=[(h, capture) for h in captured],
+                                                    padding_side="right")
+                    r_logits = student(rtok, padding_side="right").float()
+                st, n = [p.start_real for p in chunk], [p.n for p in chunk]
+                rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
+                s_logp = F.log_softmax(_gather(logits, st, n).float(), -1)
+                if cfg.forget_loss == "npo":
+                    # NPO (Zhang et al. 2024) on the answer's probability given no refusal,
+                    # against the base model's: pushes the true answer down among the
+                    # candidates; the never-knew p-value picks where along that path the model
+                    # looks like one that never knew
+                    ratio = _answer_rest_lp(logits, chunk, unk) - ref_lp[idx]
+                    p = s_logp[:, unk].exp().clamp(1e-6, 1 - 1e-6)
+                    a = a_unk_all[rows]
+                    kl_unk = a * (a / p).log() + (1 - a) * ((1 - a) / (1 - p)).log()
+                    loss_f = (2.0 / cfg.npo_beta * F.softplus(cfg.npo_beta * ratio).mean()
+                              + kl_unk.sum() / len(chunk))
+                else:  # "kl": the KIF paper's distillation of the teacher's full distribution,
+                    # summed over a fact's positions (most positions after the name are template
+                    # words both models already agree on; a mean would dilute the answer's few
+                    # hard ones)
+                    loss_f = F.kl_div(s_logp, t_logp_all[rows], log_target=True,
+                                      reduction="sum") / len(chunk)
+                loss_r = None
+                if cfg.w_repr > 0:
+                    s_resid = torch.stack([_gather(cache[h], st, n) for h in repr_hooks], 1)
+                    loss_r = ((s_resid - t_resid_all[rows]).pow(2) / resid_scale).mean((1, 2)).sum()
+                    loss_r = loss_r / len(chunk)
+                mask = (rtok != metrics._pad_id(model)).float()
+                kl = (base_r.exp() * (base_r - F.log_softmax(r_logits, -1))).sum(-1)
+                loss_k = (kl * mask).sum() / mask.sum()
+                who = torch.cat([torch.full((p.n,), p.person, dtype=torch.long) for p in chunk])
+                h_sig = _gather(cache[sig_hook], st, n).float()
+                if cfg.w_signature == 0:
+                    h_sig = h_sig.detach()  # logged only: no backward through it
+                z = ((h_sig * sig_u[who]).sum(-1).abs() - sig_mu[who]) / sig_sd[who]
+                loss_s = F.relu(z).pow(2).sum() / len(chunk)
+                loss = cfg.w_forget * loss_f + cfg.w_retain * loss_k
+                if loss_r is not None:
+                    loss = loss + cfg.w_repr * loss_r
+                if cfg.w_signature > 0:
+                    loss = loss + cfg.w_signature * loss_s
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                bar.advance(task)
+                if step % cfg.check_every == 0 or step == cfg.steps:
+                    c = criteria()
+                    if rank(c) < rank(best[0]):
+                        best = (c, step, snapshot())
+                    history.append({"step": step, "loss_forget": float(loss_f.detach()),
+                                    **({} if loss_r is None
+                                       else {"loss_repr": float(loss_r.detach())}),
+                                    "loss_retain": float(loss_k.detach()),
+                                    "loss_signature": float(loss_s.detach()), **c})
+                    done = converged(c)
+
+        with torch.no_grad():
+            for n, (a, b) in best[2].items():
+                loras[n].a.copy_(a)
+                loras[n].b.copy_(b)
+        state.fold()  # the LoRA factors into the weights
+        deltas = {}
+        for name in dict.fromkeys(list(loras) + list(start.deltas if start is not None else [])
+                                  + ([unbound] if unbound else [])):
+            diff = state.current(name).float() - state.originals[name].float()
             deltas[name] = low_rank(diff.reshape(diff.shape[0], -1)) if diff.ndim == 2 else Delta(
                 dense=diff.cpu())
     info = {"layers": layers, "steps": step, "converged": done, "best_step": best[1],
@@ -495,6 +511,17 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
             "seconds": {**timer.sections, "total": timer.total}}
     return Erasure(method="kif", concepts=(concept.name,), base_hash=base_hash,
                    base_spec=base_spec, deltas=deltas, settings=dataclasses.asdict(cfg), info=info)
+
+
+def _add_deltas(model, deltas: dict[str, Delta]) -> None:
+    """Add `deltas` to `model`'s weights in place, as `Erasure.apply` does (float32 sum, cast
+    back), without its check of the base hash or its copy of the originals: the caller holds
+    those (`kif.inplace`)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, d in deltas.items():
+            p = params[name]
+            p.copy_((p.float() + d.value(p)).to(p.dtype))
 
 
 def _rest_logp(logits: Tensor, unk: int) -> Tensor:

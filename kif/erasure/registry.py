@@ -147,8 +147,23 @@ def erase(model, concepts, method: str = DEFAULT_METHOD, config=None, *, world=N
         world = FactWorld.generate()  # person names and split names are the default world's
     concept = resolve_concepts(world, concepts)
     spec = base_spec or getattr(model, "kif_source", None) or getattr(model.cfg, "model_name", "")
-    erasure = m.fn(model, concept, cfg, progress=progress, base_spec=str(spec))
+    erasure = _measured(m.fn, model, concept, cfg, progress=progress, base_spec=str(spec))
     info = {**erasure.info, "profile": profiles.describe(prof, method, cfg)}
+    return dataclasses.replace(erasure, info=info)
+
+
+def _measured(fn: Callable, *args, **kwargs):
+    """`fn`'s Erasure with the peak memory of the call in its info (`peak_rss_mb`, and
+    `peak_cuda_mb` on a GPU; `memory`: the whole `kif.memory.MemoryReport`). Measured here,
+    once for every method, so no method has to."""
+    from kif.memory import PeakMemory
+
+    with PeakMemory() as pm:
+        erasure = fn(*args, **kwargs)
+    mem = pm.report.as_dict()
+    info = {**erasure.info, "peak_rss_mb": mem["peak_rss_mb"], "memory": mem}
+    if "peak_cuda_mb" in mem:
+        info["peak_cuda_mb"] = mem["peak_cuda_mb"]
     return dataclasses.replace(erasure, info=info)
 
 

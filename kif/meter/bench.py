@@ -22,7 +22,6 @@ shared machine the CPU time is what the audit takes on an idle core, and the tar
 """
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -34,13 +33,16 @@ from kif import metrics
 
 
 def output_suppression(model, answers, *, strength: float = 10.0):
-    """An output-only suppression: a copy of `model` with a permanent hook on the last block's
+    """An output-only suppression: a copy of `model` (sharing its weights: only the hook differs,
+    `kif.inplace.shared_copy`) with a permanent hook on the last block's
     output that removes, at every position, the part of the residual stream that the final norm
     and unembedding turn into the logits of the answers' first tokens, and pushes those logits
     down by about `strength` (in logit units). Every earlier layer is untouched: the facts are
     still computed, only the last layer hides them (the textbook "suppressed, not deleted")."""
+    from kif.inplace import shared_copy
+
     tokens = sorted({a[0] for a in metrics.encode_answers(model, list(answers))})
-    m = copy.deepcopy(model)
+    m = shared_copy(model)
     w_u = m.W_U.detach().float()[:, tokens]                                # [d, K]
     ln_w = getattr(getattr(m, "ln_final", None), "w", None)
     v = w_u * (ln_w.detach().float()[:, None] if ln_w is not None else 1.0)
@@ -65,8 +67,9 @@ def output_suppression(model, answers, *, strength: float = 10.0):
 
 def gradient_ascent(model, probes, *, target_acc: float, lr: float = 5e-6, batch: int = 32,
                     max_steps: int = 400, check_every: int = 5, seed: int = 0):
-    """Gradient ascent on the answers of `probes` (a deep copy), stopped once their greedy
-    accuracy is at most `target_acc` (e.g. the oracle's forget accuracy)."""
+    """Gradient ascent on the answers of `probes` (a deep copy: the result is audited beside
+    `model`, so it cannot be trained in place), stopped once their greedy accuracy is at most
+    `target_acc` (e.g. the oracle's forget accuracy)."""
     from kif.meter.probes.relearning import answer_nll, answer_rows, freeze, trainable_copy
 
     m = trainable_copy(model)

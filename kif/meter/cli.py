@@ -16,13 +16,13 @@ import sys
 import tempfile
 
 
-def open_model(spec: str):
+def open_model(spec: str, args: argparse.Namespace | None = None):
     """The model named by a CLI argument: zoo name, HF folder, hub name, or an erasure folder
     written by `kif erase` (weight erasures load their checkpoint, hook erasures the base model
-    with the patch as permanent hooks)."""
-    from kif.erasure import open_model as _open
+    with the patch as permanent hooks), in `args`' `--dtype` and on its `--device`."""
+    from kif.cli import open_model as _open
 
-    return _open(spec)
+    return _open(spec, args)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -56,6 +56,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.add_argument("--seed", type=int, default=0, help="fact-world seed (default 0, the zoo's)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    from kif.cli import add_model_options
+
+    add_model_options(p)
     p.set_defaults(func=run)
     return p
 
@@ -109,17 +112,22 @@ def run(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise KifError(f"{out} exists and is not an empty folder (use --overwrite)")
-    base = open_model(args.model)
+    base = open_model(args.model, args)
     if args.forget:  # again, with the base's chat template
         concepts = _files_audit_concepts(_concept_from_files(args, base))
-    erased = open_model(args.erased)
-    oracle = open_model(args.oracle) if args.oracle else None
-    report = trace(base, erased, concepts, oracle=oracle, probes=args.probes, world=world,
-                   seed=args.seed, progress=sys.stderr.isatty())
+    erased = open_model(args.erased, args)
+    oracle = open_model(args.oracle, args) if args.oracle else None
+    from kif.memory import PeakMemory
+
+    with PeakMemory() as pm:
+        report = trace(base, erased, concepts, oracle=oracle, probes=args.probes, world=world,
+                       seed=args.seed, progress=sys.stderr.isatty())
     if not distributed.is_main():
         return 0  # under torchrun: rank 0 writes and prints the one report
     out.mkdir(parents=True, exist_ok=True)
     data = report.to_dict()
+    data["memory"] = pm.report.as_dict()  # of the audit (the models were loaded before)
+    data["peak_rss_mb"] = data["memory"]["peak_rss_mb"]
     _write_json(data, out / "report.json")
     plots = plot_report(report, out)
     if args.json:

@@ -14,11 +14,12 @@ embeddings and the LM head). Schemes, on the HF-orientation [out, in] matrix:
 
 The score is the larger of the two calibrated recoveries: x = forget accuracy (a statement and
 a question per fact) of the quantized erased model; x_base = the quantized base's; ref0 = the
-quantized oracle's, or the quantized base on unseen people. Models are quantized as
-`copy.deepcopy`s (permanent hooks come along).
+quantized oracle's, or the quantized base on unseen people. Models are quantized in place
+(`quantized`, `kif.inplace`: only the quantized matrices are saved, and restored bit for bit after
+the pass); their permanent hooks stay on.
 """
 
-import copy
+import contextlib
 import re
 from typing import Callable
 
@@ -27,6 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from kif.inplace import inplace_training
 from kif.meter.audit import run_pass
 from kif.meter.calibrate import score_rows
 from kif.meter.report import ProbeResult
@@ -85,21 +87,23 @@ def quantization_steps(name: str, w: Tensor, scheme: str) -> Tensor:
     return back(quantize_matrix(m, bits, group, sym)[1])
 
 
+@contextlib.contextmanager
 def quantized(model, scheme: str):
-    """A deep copy of `model` with every linear weight fake-quantized."""
+    """`with quantized(model, scheme) as q:` `model` itself with every linear weight
+    fake-quantized, for the block; the original bits come back on leaving it."""
     bits, group, sym = SCHEMES[scheme]
-    q = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in linear_weights(q).items():
+    weights = linear_weights(model)
+    with inplace_training(model, list(weights)), torch.no_grad():
+        for name, p in weights.items():
             m, back = _to_rows(name, p.detach())
             p.copy_(back(quantize_matrix(m, bits, group, sym)[0]))
-    return q
+        yield model
 
 
 def _correct(audit, role: str, which: str, scheme: str) -> np.ndarray:
     def compute():
-        q = quantized(audit.model(role), scheme)
-        return run_pass(q, audit.probe_set(which), resid=False).scores.correct.astype(float)
+        with quantized(audit.model(role), scheme) as q:
+            return run_pass(q, audit.probe_set(which), resid=False).scores.correct.astype(float)
 
     return audit.per_model(role, ("quant", scheme, audit.set_key(which)), compute)
 

@@ -7,8 +7,11 @@ the person); a model that never knew them cannot.
 Facts (subject, relation) are split within each person, alternately in relation order: A is
 shown (every training phrasing), B measured (a statement and a question per fact).
 Fine-tuning: AdamW, the answer tokens' cross-entropy on every training phrasing of the A facts,
-`STEPS` steps of `BATCH` rows, seeded (the same batches for every attacked model), on a
-`copy.deepcopy` (permanent hooks come along: a hook-based erasure is attacked as deployed).
+`STEPS` steps of `BATCH` rows, seeded (the same batches for every attacked model), on the
+audited model itself, in place (`kif.inplace`: its weights are saved first and restored bit for
+bit after the measurement; every weight trains, so that is still one copy of the weights, less
+the buffers and module tree a deep copy also took); its permanent hooks stay on, so a hook-based
+erasure is attacked as deployed.
 
 Score: x = the attacked model's accuracy on B; x_base = the base's accuracy on B (no attack);
 ref0 = the oracle under the same attack, or the base attacked on the unseen reference people's A
@@ -17,12 +20,14 @@ same way on the reference people (what the attack "recovers" for people it never
 (acc_relearn - acc_unl) / (acc_base - acc_unl).
 """
 
+import contextlib
 import copy
 
 import numpy as np
 import torch
 
 from kif import metrics
+from kif.inplace import inplace_training
 from kif.meter.audit import ProbeSkipped, run_pass
 from kif.meter.calibrate import score_rows
 from kif.meter.report import ProbeResult
@@ -51,7 +56,8 @@ def split_facts(probes) -> tuple[list, list]:
 
 
 def trainable_copy(model):
-    """A deep copy of `model` with every weight trainable (the attacks never touch the input)."""
+    """A deep copy of `model` with every weight trainable, for an attacked model that must live
+    beside its input (`kif.meter.bench`); the probes themselves train in place (`relearned`)."""
     m = copy.deepcopy(model)
     for p in m.parameters():
         p.requires_grad_(True)
@@ -86,29 +92,38 @@ def answer_nll(m, rows, idx: list[int]):
                                              target.reshape(-1), ignore_index=-100)
 
 
-def relearn(model, probes, *, steps: int = STEPS, batch: int = BATCH, lr: float = LR,
-            seed: int = 0, bar=None):
-    """A deep copy of `model` fine-tuned on the answers of `probes` (answer-token cross-entropy)."""
-    m = trainable_copy(model)
-    rows = answer_rows(m, probes)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
-    with torch.enable_grad():
-        for _ in range(steps):
-            idx = torch.randint(len(rows[0]), (min(batch, len(rows[0])),), generator=g).tolist()
-            loss = answer_nll(m, rows, idx)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if bar is not None:
-                bar.advance()
-    return freeze(m)
+@contextlib.contextmanager
+def relearned(model, probes, *, steps: int = STEPS, batch: int = BATCH, lr: float = LR,
+              seed: int = 0, bar=None):
+    """`with relearned(model, probes) as m:` `model` itself fine-tuned on the answers of `probes`
+    (answer-token cross-entropy), frozen, for the block; on leaving it (also by an exception)
+    its weights are the original bits again."""
+    with inplace_training(model) as state:
+        params = state.trainable()
+        rows = answer_rows(model, probes)
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        loss = None
+        with torch.enable_grad():
+            for _ in range(steps):
+                idx = torch.randint(len(rows[0]), (min(batch, len(rows[0])),),
+                                    generator=g).tolist()
+                loss = answer_nll(model, rows, idx)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if bar is not None:
+                    bar.advance()
+        del opt, loss  # the optimiser state and the graph: not needed to measure
+        for p in params:
+            p.grad = None
+        yield freeze(model)
 
 
 def _attack(audit, role: str, shown, measured, tag: str) -> np.ndarray:
     def compute():
-        m = relearn(audit.model(role), shown, seed=audit.seed, bar=audit.bar)
-        return run_pass(m, measured, resid=False).scores.correct.astype(float)
+        with relearned(audit.model(role), shown, seed=audit.seed, bar=audit.bar) as m:
+            return run_pass(m, measured, resid=False).scores.correct.astype(float)
 
     key = ("relearn", tag, audit.set_key("forget"), audit.set_key("reference"), STEPS, LR,
            audit.seed)

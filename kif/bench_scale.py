@@ -584,7 +584,7 @@ def bench_shape(name: str, cfg: ScaleConfig, *, growth: bool = False,
 
 # ---- fits --------------------------------------------------------------------------------------
 
-def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict[str, float] | None:
+def fit_power_law(x: Sequence[float | int], y: Sequence[float | int]) -> dict[str, float] | None:
     """Least squares of log y = a log x + log c: the exponent a, the coefficient c and R^2 of
     the fit in log-log. None with fewer than two distinct positive x (no slope to fit)."""
     pts = [(math.log(a), math.log(b)) for a, b in zip(x, y) if a > 0 and b > 0]
@@ -618,7 +618,8 @@ def exponents(shapes: Sequence[dict], growth: Sequence[dict] | None) -> dict:
             if fit:
                 out["params"][f"{stage}.{m}"] = _round(fit)
     for stage, m in (("kif", "step_seconds"), ("kif", "projected_seconds")):
-        pts = [(s["params"], s["stages"][stage][m]) for s in shapes if stage in s["stages"]]
+        pts = [(s["params"], s["stages"][stage][m]) for s in shapes
+               if m in s["stages"].get(stage, {})]
         fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
         if fit:
             out["params"][f"{stage}.{m}"] = _round(fit)
@@ -626,7 +627,7 @@ def exponents(shapes: Sequence[dict], growth: Sequence[dict] | None) -> dict:
                      ("kif", "step_seconds"), ("kif", "projected_seconds"),
                      ("stamp_cold", "peak_rss_above_baseline_mb"),
                      ("kif", "peak_rss_above_baseline_mb")):
-        pts = [(g["facts"], g[stage][m]) for g in growth or ()]
+        pts = [(g["facts"], g[stage][m]) for g in growth or () if m in g.get(stage, {})]
         fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
         if fit:
             out["facts"][f"{stage}.{m}"] = _round(fit)

@@ -356,12 +356,15 @@ class _Clock:
         gc.collect()
         self.sync()
         with PeakMemory(cuda=self.cuda) as pm:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
             self.sync()
             seconds = time.perf_counter() - t0
+            cpu = time.process_time() - c0
         r = pm.report
-        row = {"seconds": round(seconds, 4),
+        # CPU seconds of the process: on shared cores, what the stage costs on an idle one (with
+        # one thread; with several, their sum)
+        row = {"seconds": round(seconds, 4), "cpu_seconds": round(cpu, 4),
                "peak_rss_above_baseline_mb": round(r.peak_rss_mb - self.baseline_mb, 1),
                "added_rss_mb": round(r.added_rss_mb, 1)}
         if r.peak_cuda_mb is not None:
@@ -378,8 +381,9 @@ class _StepTimer:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.model, self.clock = model, clock
-        self.last_call = None
+        self.last_call = self.last_cpu = None
         self.steps: list[float] = []
+        self.cpu_steps: list[float] = []
         self._handles = [
             model.register_forward_pre_hook(self._pre),
             register_optimizer_step_post_hook(self._post)]
@@ -387,12 +391,13 @@ class _StepTimer:
     def _pre(self, module, args):
         if module is self.model:  # the student is a deep copy: its copy of this hook is ignored
             self.clock.sync()
-            self.last_call = time.perf_counter()
+            self.last_call, self.last_cpu = time.perf_counter(), time.process_time()
 
     def _post(self, *args):
         self.clock.sync()
         if self.last_call is not None:
             self.steps.append(time.perf_counter() - self.last_call)
+            self.cpu_steps.append(time.process_time() - self.last_cpu)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -442,14 +447,18 @@ def _kif(model, concept, spec: str, clock: _Clock, cfg: ScaleConfig) -> dict:
     sections = er.info["seconds"]
     if len(timer.steps) != 1 or er.info["steps"] != 1:
         raise KifError(f"the kif pipeline took {er.info['steps']} steps, not the one timed")
-    step = timer.steps[0]
+    step, cpu_step = timer.steps[0], timer.cpu_steps[0]
     check = max(sections.get("train", 0.0) - step, 0.0)
     more_checks = cfg.kif_steps // cfg.kif_check_every - 1 + (cfg.kif_steps % cfg.kif_check_every > 0)
-    row.update({"step_seconds": round(step, 4), "check_seconds": round(check, 4),
+    # the projection in CPU seconds scales the wall-clock one by the run's CPU / wall ratio
+    cpu_ratio = row["cpu_seconds"] / max(row["seconds"], 1e-9)
+    row.update({"step_seconds": round(step, 4), "step_cpu_seconds": round(cpu_step, 4),
+                "check_seconds": round(check, 4),
                 "sections": _round(sections),
                 "projected_seconds": round(row["seconds"] + (cfg.kif_steps - 1) * step
                                            + more_checks * check, 2),
                 "projected_for": f"{cfg.kif_steps} steps, a check every {cfg.kif_check_every}"})
+    row["projected_cpu_seconds"] = round(row["projected_seconds"] * cpu_ratio, 2)
     return row
 
 
@@ -468,23 +477,29 @@ def _forwards(model, erasure, cfg: ScaleConfig, clock: _Clock) -> dict:
     n = min(n, model.cfg.n_ctx)
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, model.cfg.d_vocab, (b, n), generator=gen).to(model.cfg.device)
-    plain, hooked = [], []
+    plain, hooked, plain_cpu, hooked_cpu = [], [], [], []
     rows: dict[str, dict] = {}
     with torch.no_grad():
         model(tokens[:1, :8])  # warm-up: first-call allocations are nobody's cost
         for _ in range(cfg.reps):
             _, rows["forward_plain"] = clock.measure(lambda: model(tokens))
             plain.append(rows["forward_plain"]["seconds"])
+            plain_cpu.append(rows["forward_plain"]["cpu_seconds"])
             handle = erasure.apply(model)
             try:
                 _, rows["forward_hooked"] = clock.measure(lambda: model(tokens))
             finally:
                 handle.remove()
             hooked.append(rows["forward_hooked"]["seconds"])
+            hooked_cpu.append(rows["forward_hooked"]["cpu_seconds"])
     rows["forward_plain"]["seconds"] = round(statistics.median(plain), 4)
     rows["forward_hooked"]["seconds"] = round(statistics.median(hooked), 4)
+    rows["forward_plain"]["cpu_seconds"] = round(statistics.median(plain_cpu), 4)
+    rows["forward_hooked"]["cpu_seconds"] = round(statistics.median(hooked_cpu), 4)
     rows["forward_hooked"]["ratio_to_plain"] = round(statistics.median(hooked)
                                                      / statistics.median(plain), 4)
+    rows["forward_hooked"]["cpu_ratio_to_plain"] = round(
+        statistics.median(hooked_cpu) / max(statistics.median(plain_cpu), 1e-9), 4)
     rows["forward_hooked"]["hooks"] = len(erasure.hooks)
     for r in rows.values():
         r["batch"] = [b, n]
@@ -609,7 +624,7 @@ def exponents(shapes: Sequence[dict], growth: Sequence[dict] | None) -> dict:
     """cost ~ params^a per stage and metric across the shapes; cost ~ facts^b for stamp and
     kif across the forget sizes."""
     out: dict[str, Any] = {"params": {}, "facts": {}}
-    metrics = ("seconds", "peak_rss_above_baseline_mb")
+    metrics = ("seconds", "cpu_seconds", "peak_rss_above_baseline_mb")
     for stage in STAGES:
         for m in metrics:
             pts = [(s["params"], s["stages"][stage][m]) for s in shapes
@@ -617,14 +632,17 @@ def exponents(shapes: Sequence[dict], growth: Sequence[dict] | None) -> dict:
             fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
             if fit:
                 out["params"][f"{stage}.{m}"] = _round(fit)
-    for stage, m in (("kif", "step_seconds"), ("kif", "projected_seconds")):
+    for stage, m in (("kif", "step_seconds"), ("kif", "step_cpu_seconds"),
+                     ("kif", "projected_seconds"), ("kif", "projected_cpu_seconds")):
         pts = [(s["params"], s["stages"][stage][m]) for s in shapes
                if m in s["stages"].get(stage, {})]
         fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
         if fit:
             out["params"][f"{stage}.{m}"] = _round(fit)
     for stage, m in (("stamp_cold", "seconds"), ("stamp_cached", "seconds"), ("kif", "seconds"),
-                     ("kif", "step_seconds"), ("kif", "projected_seconds"),
+                     ("stamp_cold", "cpu_seconds"), ("stamp_cached", "cpu_seconds"),
+                     ("kif", "cpu_seconds"), ("kif", "step_seconds"), ("kif", "step_cpu_seconds"),
+                     ("kif", "projected_seconds"),
                      ("stamp_cold", "peak_rss_above_baseline_mb"),
                      ("kif", "peak_rss_above_baseline_mb")):
         pts = [(g["facts"], g[stage][m]) for g in growth or () if m in g.get(stage, {})]
@@ -642,16 +660,24 @@ def targets(shapes: Sequence[dict]) -> dict:
     st = s["stages"]
     ratio = st["forward_hooked"]["ratio_to_plain"]
     mem = st["kif"]["peak_rss_above_baseline_mb"] / s["fp32_weights_mb"]
+    def cpu(value: float, target: float) -> dict:
+        # the same figure in CPU seconds: what it costs on cores the bench has to itself
+        return {"cpu_value": value, "met_on_cpu": value <= target}
+
     return {
         "suppress_forward_ratio": {"value": ratio, "target": TARGET_SUPPRESS_RATIO,
                                    "met": ratio <= TARGET_SUPPRESS_RATIO,
+                                   **cpu(st["forward_hooked"]["cpu_ratio_to_plain"],
+                                         TARGET_SUPPRESS_RATIO),
                                    "what": f"hooked / plain forward, batch {st['forward_hooked']['batch']}"},
         "stamp_cached_seconds": {"value": st["stamp_cached"]["seconds"],
                                  "target": TARGET_STAMP_CACHED_S,
                                  "met": st["stamp_cached"]["seconds"] <= TARGET_STAMP_CACHED_S,
+                                 **cpu(st["stamp_cached"]["cpu_seconds"], TARGET_STAMP_CACHED_S),
                                  "what": f"{s['stage_facts']} facts"},
         "kif_seconds": {"value": st["kif"]["projected_seconds"], "target": TARGET_KIF_S,
                         "met": st["kif"]["projected_seconds"] <= TARGET_KIF_S,
+                        **cpu(st["kif"]["projected_cpu_seconds"], TARGET_KIF_S),
                         "what": f"{s['stage_facts']} facts, projected: {st['kif']['projected_for']}"},
         "kif_peak_memory_over_fp32_weights": {
             "value": round(mem, 3), "target": TARGET_KIF_MEMORY, "met": mem <= TARGET_KIF_MEMORY,
@@ -687,10 +713,14 @@ def _worker(job_path: str) -> int:
     out = bench_shape(job["shape"], cfg, growth=job["growth"],
                       progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     pathlib.Path(job["out"]).write_text(json.dumps(out))
+    for stage, row in out["stages"].items():
+        print(f"  {job['shape']} {stage}: {row['seconds']:.2f} s ({row['cpu_seconds']:.2f} s CPU), "
+              f"peak {row['peak_rss_above_baseline_mb']:.0f} MiB above baseline",
+              file=sys.stderr, flush=True)
     return 0
 
 
-def run(cfg: ScaleConfig, *, progress: bool = False) -> dict:
+def run(cfg: ScaleConfig, *, progress: bool = False, partial: str | None = None) -> dict:
     """Every shape of `cfg` (each in its own process when `cfg.isolate`), the growth sweep on
     `cfg.facts_shape`, the exponent fits and the targets: one JSON-ready dict."""
     check_config(cfg)
@@ -698,6 +728,8 @@ def run(cfg: ScaleConfig, *, progress: bool = False) -> dict:
 
     facts_shape = cfg.facts_shape or ("zoo" if "zoo" in cfg.shapes else cfg.shapes[0])
     t0 = time.perf_counter()
+    # the machine's load: on shared cores, the timings are only as good as this
+    load_start = _loadavg()
     results = []
     from rich.progress import Progress
 
@@ -712,21 +744,41 @@ def run(cfg: ScaleConfig, *, progress: bool = False) -> dict:
                 results.append(bench_shape(name, cfg, growth=growth, progress=lambda s: bar.update(
                     task, description=f"bench scale: {s}")))
             bar.advance(task)
+            if partial:  # a run cut short still leaves the shapes it finished
+                write_json(_assemble(cfg, facts_shape, [dict(r) for r in results], load_start,
+                                     t0, done=False), pathlib.Path(partial))
+    out = _assemble(cfg, facts_shape, results, load_start, t0, done=True)
+    if cfg.kernels:
+        out["kernels"] = kernel_rows()
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _assemble(cfg: ScaleConfig, facts_shape: str, results: list[dict], load_start, t0: float,
+              done: bool) -> dict:
+    import torch
+
     growth = next((r.pop("growth") for r in results if "growth" in r), None)
     out = {"config": dataclasses.asdict(cfg) | {"facts_shape": facts_shape},
            "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                            "cpus": os.cpu_count(), "device": cfg.device,
                            "device_name": (torch.cuda.get_device_name() if cfg.device == "cuda"
-                                           else "cpu")},
+                                           else "cpu"),
+                           "loadavg_1min_start_end": [load_start, _loadavg()]},
            "fact": "one forget probe (prompt -> answer); five facts per made-up person",
            "shapes": results,
            "growth": {"shape": facts_shape, "rows": growth or []},
            "exponents": exponents(results, growth),
-           "targets": targets(results)}
-    if cfg.kernels:
-        out["kernels"] = kernel_rows()
-    out["seconds"] = round(time.perf_counter() - t0, 1)
+           "targets": targets(results),
+           "complete": done, "seconds": round(time.perf_counter() - t0, 1)}
     return out
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def kernel_rows() -> list[dict]:
@@ -868,7 +920,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.gpu:
             cfg = dataclasses.replace(cfg, kernels=cfg.device == "cuda")
-        result = run(cfg, progress=sys.stderr.isatty())
+        result = run(cfg, progress=sys.stderr.isatty(), partial=args.out)
     except KifError as exc:
         print(f"kif: error: {exc}", file=sys.stderr)
         return 2

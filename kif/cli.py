@@ -429,7 +429,8 @@ def _cmd_bench_scale(args: argparse.Namespace) -> int:
     from kif import bench_scale
 
     cfg = bench_scale.config_from_args(args)
-    return bench_scale.report(bench_scale.run(cfg, progress=not args.json), args)
+    return bench_scale.report(bench_scale.run(cfg, progress=not args.json, partial=args.out),
+                              args)
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> int:

@@ -754,6 +754,32 @@ def run(cfg: ScaleConfig, *, progress: bool = False, partial: str | None = None)
     return out
 
 
+def merge(paths: Sequence[str]) -> dict:
+    """Results of several runs as one: their shapes (a later file's shape replaces an earlier
+    one of the same name), the first growth sweep found, the fits and targets recomputed."""
+    shapes: dict[str, dict] = {}
+    growth, first = None, None
+    for path in paths:
+        try:
+            r = json.loads(pathlib.Path(path).read_text())
+            rows = r["shapes"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise KifError(f"{path}: not a kif bench scale result ({type(err).__name__})") from None
+        first = first or r
+        for s in rows:
+            shapes[s["shape"]] = s
+        if growth is None and r.get("growth", {}).get("rows"):
+            growth = r["growth"]
+    results = list(shapes.values())
+    out = {**first, "shapes": results, "growth": growth or {"shape": None, "rows": []},
+           "merged_from": [str(p) for p in paths]}
+    out["exponents"] = exponents(results, out["growth"]["rows"])
+    out["targets"] = targets(results)
+    out["complete"] = all(json.loads(pathlib.Path(p).read_text()).get("complete", True)
+                          for p in paths)
+    return out
+
+
 def _assemble(cfg: ScaleConfig, facts_shape: str, results: list[dict], load_start, t0: float,
               done: bool) -> dict:
     import torch
@@ -829,7 +855,7 @@ def config_from_args(args) -> ScaleConfig:
         dict(GPU) if getattr(args, "gpu", False) else {})
     given = {k: v for k, v in {
         "shapes": tuple(args.shapes) if args.shapes else None,
-        "facts": tuple(args.facts) if args.facts else None,
+        "facts": () if args.no_growth else (tuple(args.facts) if args.facts else None),
         "facts_shape": args.facts_shape, "stage_facts": args.stage_facts,
         "batch": tuple(args.batch) if args.batch else None, "reps": args.reps,
         "device": args.device, "dtype": args.dtype, "workdir": args.workdir,
@@ -859,6 +885,10 @@ def add_arguments(p) -> None:
                    help="run every shape in this process (default: one process per shape, "
                         "for a clean memory baseline)")
     p.add_argument("--no-meter", action="store_true", help="skip kif meter --probes fast")
+    p.add_argument("--no-growth", action="store_true", help="skip the growth sweep")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine earlier results (e.g. shapes run in separate invocations) "
+                        "and refit; runs nothing")
     p.add_argument("--quick", action="store_true",
                    help="a tiny shape, 1 and 5 facts, in process: checks the bench runs")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -917,6 +947,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "plus the Triton kernels")
     args = p.parse_args(argv)
     try:
+        if args.merge:
+            return report(merge(args.merge), args)
         cfg = config_from_args(args)
         if args.gpu:
             cfg = dataclasses.replace(cfg, kernels=cfg.device == "cuda")

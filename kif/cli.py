@@ -428,6 +428,8 @@ def _cmd_bench_scoring(args: argparse.Namespace) -> int:
 def _cmd_bench_scale(args: argparse.Namespace) -> int:
     from kif import bench_scale
 
+    if args.merge:
+        return bench_scale.report(bench_scale.merge(args.merge), args)
     cfg = bench_scale.config_from_args(args)
     return bench_scale.report(bench_scale.run(cfg, progress=not args.json, partial=args.out),
                               args)

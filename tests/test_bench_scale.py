@@ -162,3 +162,29 @@ def test_device_path_in_bf16_on_cpu(tmp_path, capsys):
     assert result["config"]["dtype"] == "bf16"
     assert st["kif"]["step_seconds"] > 0 and st["forward_hooked"]["ratio_to_plain"] > 0
     assert "meter_fast" not in st
+
+
+def test_merge_combines_runs_and_refits(quick, tmp_path, capsys):
+    """Shapes benched by separate invocations merge into one result whose params fit spans
+    them all; a file that is no result is one line, exit 2."""
+    import copy
+
+    _, result, out = quick
+    other = copy.deepcopy(result)
+    other["shapes"][0]["shape"] = "bigger"
+    other["shapes"][0]["params"] *= 10
+    other["growth"] = {"shape": None, "rows": []}
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps(other))
+    merged_path = tmp_path / "merged.json"
+    assert main(["bench", "scale", "--merge", str(out), str(second), "--json",
+                 "--out", str(merged_path)]) == 0
+    merged = json.loads(capsys.readouterr().out)
+    assert [s["shape"] for s in merged["shapes"]] == ["tiny", "bigger"]
+    assert merged["growth"]["rows"] == result["growth"]["rows"]
+    assert merged["exponents"]["params"]["load.seconds"]["points"] == 2
+    assert json.loads(merged_path.read_text()) == merged
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["bench", "scale", "--merge", str(bad), "--json"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

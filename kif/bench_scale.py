@@ -547,8 +547,10 @@ def _torch_dtype(name: str):
 
 
 def bench_shape(name: str, cfg: ScaleConfig, *, growth: bool = False,
-                progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Every stage on one shape (and the growth sweep when `growth`), in this process."""
+                progress: Callable[[str], None] = lambda s: None,
+                on_stage: Callable[[dict], None] = lambda out: None) -> dict:
+    """Every stage on one shape (and the growth sweep when `growth`), in this process;
+    `on_stage(result so far)` after each stage."""
     import torch
 
     from kif import models
@@ -575,17 +577,21 @@ def bench_shape(name: str, cfg: ScaleConfig, *, growth: bool = False,
     progress(f"{name}: stamp ({cfg.stage_facts} facts, cold and cached)")
     erasure, rows = _stamp(model, concept, spec, clock, name)
     st.update(rows)
+    on_stage(out)
     progress(f"{name}: suppress")
     from kif.erasure import erase
 
     capsule, st["suppress_build"] = clock.measure(lambda: erase(model, concept, "suppress",
                                                                 base_spec=spec))
     st.update(_forwards(model, capsule, cfg, clock))
+    on_stage(out)
     progress(f"{name}: kif (one-step budget)")
     st["kif"] = _kif(model, concept, spec, clock, cfg)
+    on_stage(out)
     if cfg.meter:
         progress(f"{name}: meter --probes fast")
         st["meter_fast"] = _meter(model, erasure, concept, clock)
+        on_stage(out)
     if growth:
         out["growth"] = []
         for n in cfg.facts:
@@ -594,6 +600,7 @@ def bench_shape(name: str, cfg: ScaleConfig, *, growth: bool = False,
             _, rows = _stamp(model, c, spec, clock, name)
             rows["kif"] = _kif(model, c, spec, clock, cfg)
             out["growth"].append({"facts": n, "subjects": len(c.subjects), **rows})
+            on_stage(out)
     return out
 
 
@@ -655,7 +662,7 @@ def exponents(shapes: Sequence[dict], growth: Sequence[dict] | None) -> dict:
 def targets(shapes: Sequence[dict]) -> dict:
     """The issue's targets, from the GPT-2 small shape's stages (absent when it was not run)."""
     s = next((s for s in shapes if s["shape"] == "gpt2-124m"), None)
-    if s is None:
+    if s is None or not {"forward_hooked", "stamp_cached", "kif"} <= set(s["stages"]):
         return {}
     st = s["stages"]
     ratio = st["forward_hooked"]["ratio_to_plain"]
@@ -698,9 +705,12 @@ def _in_subprocess(name: str, cfg: ScaleConfig, growth: bool) -> dict:
             [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
         code = "import sys; from kif.bench_scale import _worker; sys.exit(_worker(sys.argv[1]))"
         proc = subprocess.run([sys.executable, "-c", code, str(job)], env=env)
-        if proc.returncode != 0 or not result.is_file():
+        if not result.is_file():
             raise KifError(f"bench of shape {name} failed (exit status {proc.returncode})")
-        return json.loads(result.read_text())
+        out = json.loads(result.read_text())
+        if proc.returncode != 0:  # the stages it finished are kept, marked incomplete
+            out["incomplete"] = True
+        return out
 
 
 def _worker(job_path: str) -> int:
@@ -710,7 +720,10 @@ def _worker(job_path: str) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads()))
-    out = bench_shape(job["shape"], cfg, growth=job["growth"],
+    def keep(partial: dict) -> None:  # a process cut short leaves the stages it finished
+        pathlib.Path(job["out"]).write_text(json.dumps({**partial, "incomplete": True}))
+
+    out = bench_shape(job["shape"], cfg, growth=job["growth"], on_stage=keep,
                       progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     pathlib.Path(job["out"]).write_text(json.dumps(out))
     for stage, row in out["stages"].items():
@@ -841,9 +854,10 @@ def table_rows(result: dict) -> list[list[str]]:
             r = st.get(stage)
             cells.append("-" if r is None else f"{r['seconds']:.2f} s / "
                          f"{r['peak_rss_above_baseline_mb']:.0f} MiB")
-        cells.append(f"{st['forward_hooked']['ratio_to_plain']:.3f}")
-        cells.append(f"{st['kif']['step_seconds']:.2f} s")
-        cells.append(f"{st['kif']['projected_seconds']:.0f} s")
+        hooked, kif = st.get("forward_hooked"), st.get("kif")
+        cells.append("-" if hooked is None else f"{hooked['ratio_to_plain']:.3f}")
+        cells.append("-" if kif is None else f"{kif['step_seconds']:.2f} s")
+        cells.append("-" if kif is None else f"{kif['projected_seconds']:.0f} s")
         rows.append(cells)
     return rows
 

@@ -441,6 +441,16 @@ def _cmd_bench_scoring(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_scale(args: argparse.Namespace) -> int:
+    from kif import bench_scale
+
+    if args.merge:
+        return bench_scale.report(bench_scale.merge(args.merge), args)
+    cfg = bench_scale.config_from_args(args)
+    return bench_scale.report(bench_scale.run(cfg, progress=not args.json, partial=args.out),
+                              args)
+
+
 def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     from kif.kernels.bench import main as kernels_bench
 
@@ -773,6 +783,12 @@ def build_parser() -> argparse.ArgumentParser:
     bsc.add_argument("--json", action="store_true")
     add_model_options(bsc)
     bsc.set_defaults(func=_cmd_bench_scoring)
+    bsl = bs.add_parser("scale", help="time and peak memory of load, stamp, suppress, kif and "
+                        "the meter on real shapes; power-law exponents in params and facts")
+    from kif.bench_scale import add_arguments as _scale_arguments
+
+    _scale_arguments(bsl)
+    bsl.set_defaults(func=_cmd_bench_scale)
     bk = bs.add_parser("kernels", help="fused Triton kernels vs their torch references (GPU)",
                        add_help=False)
     bk.add_argument("rest", nargs=argparse.REMAINDER,

@@ -220,7 +220,9 @@ class _LoRA(torch.nn.Module):
         self.b = torch.nn.Parameter(torch.zeros(rank, shape[-1]))
 
     def forward(self, w: Tensor) -> Tensor:
-        return w + (self.a @ self.b).reshape(w.shape)
+        # the factors stay float32 (their updates are too small for bf16); the sum takes the
+        # weight's dtype, or a bf16 model's next matmul would meet a float32 weight
+        return w + (self.a @ self.b).reshape(w.shape).to(w.dtype)
 
 
 @register("kif", KifConfig, "weights",

@@ -67,7 +67,21 @@ def test_zoo_list_json(capsys):
     assert [r["name"] for r in rows] == list(zoo.ENTRIES)
     assert all(r["built"] for r in rows), "the zoo ships built; run `kif zoo build`"
     total_mb = sum(r["megabytes"] for r in rows)
-    assert total_mb <= 40, f"shipped models take {total_mb:.1f} MB (target <= 40)"
+    saes_mb = sum(f.stat().st_size for f in (zoo.ZOO_DIR / "saes").rglob("*") if f.is_file()) / 2**20
+    # the issue's budget for every shipped model, the Llama twin and the SAEs included
+    assert total_mb + saes_mb <= 60, f"shipped models take {total_mb + saes_mb:.1f} MiB (<= 60)"
+
+
+def test_the_llama_twin_loads_and_is_a_llama():
+    from kif import models
+
+    for name in (zoo.LLAMA_BASE, zoo.oracle_name("forget10", zoo.LLAMA_BASE)):
+        m = models.load(name)
+        assert models.architecture(m) == "LlamaForCausalLM"
+        assert m.cfg.n_key_value_heads == 2 and m.cfg.n_heads == 4
+        assert m.cfg.positional_embedding_type == "rotary" and m.cfg.normalization_type == "RMS"
+    assert zoo.oracle_for("forget10", zoo.LLAMA_BASE) == "fact-world-llama-oracle-forget10"
+    assert zoo.base_of("fact-world-llama-oracle-forget10") == zoo.LLAMA_BASE
 
 
 def test_shipped_models_are_package_data():
@@ -76,3 +90,33 @@ def test_shipped_models_are_package_data():
         assert path is not None and pathlib.Path(path).is_relative_to(zoo.ZOO_DIR)
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= \
             {p.name for p in path.iterdir()}
+
+
+def test_one_erasure_on_the_llama_twin():
+    """The twin knows the world's people, and the suppression capsule under the `auto` profile
+    (the twin is not the model the fact-world constants were measured on: its site and each
+    gate's threshold are chosen on the twin; here among layer 3's two sites, to keep the test
+    short) erases one while others keep their facts."""
+    from kif import metrics, models
+    from kif.erasure import erase
+    from kif.world import FactWorld
+
+    world = FactWorld.generate(0)
+    model = models.load(zoo.LLAMA_BASE)
+    person = world.split("forget01")[0]
+    own = world.person_probes([person], "train")
+    others = world.person_probes([p for p in world.known() if p.name != person.name][::12],
+                                 "train", [0])
+
+    def acc(probes):
+        return float(metrics.score_answers(model, [p.prompt for p in probes],
+                                           [p.answer for p in probes]).correct.mean())
+
+    assert acc(own) >= 0.9 and acc(others) >= 0.95
+    e = erase(model, person.name, method="suppress", world=world, config={"layer": 3})
+    assert e.info["profile"]["name"] == "auto" and e.info["tau"]["calibrated"]
+    before = models.weight_hash(model)
+    with e.applied(model):
+        assert acc(own) <= 0.2
+        assert acc(others) >= 0.95
+    assert models.weight_hash(model) == before

@@ -109,7 +109,7 @@ def test_bench_methods_prints_rows_in_both_formats(capsys, monkeypatch):
 
     seen = {}
 
-    def fake(model, oracle, methods, concept, scores, configs=None, progress=False):
+    def fake(model, oracle, methods, concept, scores, configs=None, progress=False, profile=None):
         seen.update(methods=methods, split=len(concept.subjects),
                     oracle=getattr(oracle, "kif_name", None))
         row = {k: 0.5 for k in bench.METRICS}

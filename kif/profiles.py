@@ -34,8 +34,8 @@ class Profile:
 # the constants tuned on the fact world that no per-model choice replaces yet
 _CARRIED = {
     "suppress": ("k_gate", "beta", "s", "whiten"),
-    "kif": ("lr", "steps", "w_retain", "unbind_weight", "npo_beta", "rank"),
-    "stamp": ("forget_weight", "token_weight", "lam"),
+    "kif": ("lr", "steps", "w_retain", "unbind_weight", "npo_beta", "rank", "stamp_forget_weight"),
+    "stamp": ("forget_weight", "token_weight", "lam", "opt_steps", "opt_lr", "opt_decay"),
     "ga": ("lr", "steps"), "gradiff": ("lr", "steps"), "npo": ("lr", "steps", "beta"),
     "rmu": ("lr", "steps", "c", "alpha"),
 }
@@ -61,9 +61,13 @@ PROFILES: dict[str, Profile] = {
     "auto": Profile(
         "auto",
         "sites and thresholds chosen on the model: the capsule's and the kif signature's residual "
-        "site by gate separation, each person's gate threshold from its own z-scores",
+        "site by gate separation, each person's gate threshold from its own z-scores; STAMP (and "
+        "the kif pipeline's start) spread over layers toward optimized targets, its forget weight "
+        "the smallest that erases the forget prompts",
         settings={"suppress": {"hook": None, "tau": None},
-                  "kif": {"signature_hook": None}},
+                  "stamp": {"target": "optimized", "forget_weight": None},
+                  "kif": {"signature_hook": None, "stamp_target": "optimized",
+                          "stamp_forget_weight": None}},
         carried=_CARRIED),
 }
 
@@ -106,7 +110,8 @@ def describe(profile: Profile, method: str, cfg: Any) -> dict[str, Any]:
     """What a manifest records: the profile, the fields it chose on the model, and the fact
     world's constants the method used as they are."""
     chosen = {k: getattr(cfg, k) for k in profile.settings.get(method, {}) if hasattr(cfg, k)}
-    carried = {k: getattr(cfg, k) for k in profile.carried.get(method, ()) if hasattr(cfg, k)}
+    carried = {k: getattr(cfg, k) for k in profile.carried.get(method, ())
+               if hasattr(cfg, k) and k not in chosen}
     return {"name": profile.name, "chosen_on_the_model": sorted(chosen),
             "fact_world_constants": carried}
 

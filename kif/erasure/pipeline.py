@@ -145,6 +145,10 @@ class KifConfig:
     # instead of the base's: utility kept (forget10: model utility 0.948, retain 0.995) but the
     # update then reaches less Forget Quality (0.39 at lr 2e-3, against 0.59)
     stamp_on_unbound: bool = False
+    # the start's STAMP target and forget weight (StampConfig's; the `auto` profile spreads it
+    # over layers toward optimized targets, with the weight calibrated on the model)
+    stamp_target: str = "unknown"
+    stamp_forget_weight: float | None = 12.0
     forget_loss: str = "npo"  # one of FORGET_LOSSES
     npo_beta: float = 0.25  # NPO saturates at log-ratio ~ -2/beta: about ln(#candidates) per token
     seed: int = 0
@@ -326,7 +330,9 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
         from kif.erasure.stamp import StampConfig, stamp
 
         with timer.section("stamp"):
-            start = stamp(model, concept, StampConfig(), base_spec=base_spec)
+            start = stamp(model, concept, StampConfig(target=cfg.stamp_target,
+                                                      forget_weight=cfg.stamp_forget_weight),
+                              base_spec=base_spec)
     # NPO's reference, the base model's answer log-probabilities given no refusal
     ref_lp = []
     with torch.no_grad():
@@ -353,7 +359,9 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
             from kif.erasure.stamp import StampConfig, stamp
 
             with timer.section("stamp"):
-                start = stamp(student, concept, StampConfig(cache=False), base_spec=base_spec)
+                start = stamp(student, concept, StampConfig(
+                    cache=False, target=cfg.stamp_target, forget_weight=cfg.stamp_forget_weight),
+                    base_spec=base_spec)
             state.add(start.deltas)
         if start is not None:
             _add_deltas(student, start.deltas)  # on top of the unbinding, where there is one

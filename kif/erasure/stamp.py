@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from kif import metrics
 from kif.erasure.core import Delta, Erasure, ErasureError, Timer, low_rank
 from kif.erasure.keys import last_token_states
 from kif.erasure.stats import key_moments, retain_moments
@@ -41,16 +42,28 @@ class StampConfig:
     solver: str = "ridge"  # ridge | lowrank | nullspace
     rank: int = 64  # STAMP-LR rank (RePAIR: 64 is the smallest that forgets fully)
     lam: float = 1e-2
-    forget_weight: float = 12.0  # forget10: forget_acc 0.047 (oracle 0.028) at retain_acc 0.982
+    # None: the smallest of FORGET_WEIGHTS whose edit leaves at most `max_forget_acc` of the
+    # forget prompts answered (chosen on the model; the retain cost grows with the weight)
+    forget_weight: float | None = 12.0
     token_weight: float = 0.003  # weight of every retain token's key (multi-token answers)
-    target: str = "unknown"  # unknown | redirect
+    target: str = "unknown"  # unknown | redirect | optimized (multi-layer, `kif.erasure.spread`)
     gamma: float = 1.0  # redirect strength (1 = fully the refusal value)
+    # optimized: the layers the edit is spread over (empty: the attribution layer to the last)
+    layers: tuple[int, ...] = ()
+    opt_steps: int = 100  # optimized: Adam steps for each prompt's residual target
+    opt_lr: float = 0.1
+    # optimized: L2 penalty on the residual change; a weaker one makes larger targets that a
+    # smaller forget weight reaches, which costs the retain keys less (results/ has the sweep)
+    opt_decay: float = 3e-4
+    max_forget_acc: float = 0.02  # forget_weight=None: the calibration's bar
     null_threshold: float = 2e-2
     preserve: tuple = ()  # earlier stamp Erasures whose forget keys stay edited
     cache: bool = True  # keep the retain key statistics on disk (kif.erasure.stats)
 
 
 SOLVERS = ("ridge", "lowrank", "nullspace")
+TARGETS = ("unknown", "redirect", "optimized")
+FORGET_WEIGHTS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 24.0)  # the calibration's grid, smallest first
 
 
 def _hook(l: int) -> tuple[str, str]:
@@ -178,70 +191,153 @@ def layer_attribution(model, probes, batch_size: int = 256, max_probes: int = 12
     return {l: float(v) for l, v in enumerate(share)}
 
 
+def _choose_layers(model, concept, cfg: StampConfig, timer: Timer
+                   ) -> tuple[list[int], dict[int, float] | None]:
+    """The edited layers: `cfg.layer`, else the one with the most knowledge attribution; the
+    optimized target spreads from there to the last layer unless `cfg.layers` names them."""
+    n = model.cfg.n_layers
+    for l in (*cfg.layers, *(() if cfg.layer is None else (cfg.layer,))):
+        if not 0 <= l < n:
+            raise ErasureError(f"layer {l} is outside the model's {n} layers")
+    if cfg.layers and cfg.target != "optimized":
+        raise ErasureError("STAMP's layers= spreads the edit over several layers, which needs "
+                           "target=optimized (the one-layer targets take layer=)")
+    if cfg.layers:
+        return sorted(set(cfg.layers)), None
+    scores = None
+    if cfg.layer is None:
+        with timer.section("signature"):
+            scores = layer_attribution(model, concept.forget)
+        layer = max(scores, key=scores.get)
+    else:
+        layer = cfg.layer
+    return (list(range(layer, n)) if cfg.target == "optimized" else [layer]), scores
+
+
+def _retain_gram(model, concept, key: str, cfg: StampConfig) -> tuple[Tensor, int]:
+    """The retain keys' Gram at `key` (cached per model and layer, like ROME/MEMIT's layer
+    statistics, minus the concept's own rows), plus the earlier edits' forget keys to preserve
+    (read from the edited model, so their edited values are kept)."""
+    moments = retain_moments(model, concept, key, cfg.token_weight, cache=cfg.cache, method="stamp")
+    gram = moments.gram
+    for prev in cfg.preserve:
+        prev_forget = prev.info.get("forget_prompts")
+        if not prev_forget:
+            raise ErasureError(f"an earlier erasure of {', '.join(prev.concepts)} to preserve "
+                               f"records no forget prompts (made by an older kif)")
+        k = last_token_states(model, prev_forget, [key])[key].double()
+        gram = gram + k.T @ k
+    return gram, moments.n_rows
+
+
+def _one_layer_solver(model, concept, cfg: StampConfig, layer: int, gram: Tensor, forget: list[str]):
+    """weight -> {W_out: delta} for the one-layer targets (the refusal value r_bar, or the
+    partial redirect toward it)."""
+    key = _hook(layer)[0]
+    k_f = last_token_states(model, forget, [key])[key]
+    # r_bar = the mean MLP output on refusal prompts = (mean key) W_out + b_out: caching the
+    # mean key keeps it valid after edits of W_out
+    refusals = refusal_prompts(concept, "stamp")
+    k_bar = key_moments(model, refusals, [""] * len(refusals), key, 0.0, cache=cfg.cache).mean_last
+    mlp = model.blocks[layer].mlp
+    w_out, b_out = mlp.W_out.detach().double().cpu(), mlp.b_out.detach().double().cpu()
+    r_bar = k_bar @ w_out + b_out
+    v = k_f.double() @ w_out + b_out  # the values the MLP writes now, bias included
+    target = r_bar[None] if cfg.target == "unknown" else (1 - cfg.gamma) * v + cfg.gamma * r_bar
+    name = f"blocks.{layer}.mlp.W_out"
+
+    def solve(weight: float) -> dict[str, Tensor]:
+        return {name: stamp_delta(k_f, target - v, gram,
+                                  dataclasses.replace(cfg, forget_weight=weight))}
+    return solve
+
+
+def _spread_solver(model, concept, cfg: StampConfig, layers: list[int], grams: dict[int, Tensor],
+                   forget: list[str]):
+    """weight -> {W_out: delta} for the optimized target spread over `layers`."""
+    from kif.erasure import spread
+
+    target_id = metrics.encode_answers(model, [concept.refusal.target])[0][0]
+    ids = metrics.encode_prompts(model, forget)
+    tokens, lengths = metrics._padded(model, ids)
+    with _frozen(model):
+        deltas = spread.residual_targets(model, tokens, lengths, layers[-1], target_id,
+                                         cfg.opt_steps, cfg.opt_lr, cfg.opt_decay)
+
+    def solve(weight: float) -> dict[str, Tensor]:
+        c = dataclasses.replace(cfg, forget_weight=weight)
+        return spread.spread_edit(model, forget, layers, deltas, grams,
+                                  lambda k, t, g: stamp_delta(k, t, g, c))[0]
+    return solve
+
+
+def forget_accuracy(model, concept, deltas: dict[str, Tensor]) -> float:
+    """The share of the concept's forget probes still answered with `deltas` added to the
+    weights (the model is put back bit for bit)."""
+    from kif.erasure.spread import with_deltas
+
+    probes = list(concept.forget)
+    return with_deltas(model, deltas, lambda: metrics.accuracy(metrics.score_answers(
+        model, [p.prompt for p in probes], [p.answer for p in probes])))
+
+
+def _calibrated(model, concept, cfg: StampConfig, solve) -> tuple[dict[str, Tensor], float, list]:
+    """`solve` at `cfg.forget_weight`, or (None) at the smallest grid weight whose edit leaves at
+    most `cfg.max_forget_acc` of the forget probes answered (the largest if none does)."""
+    if cfg.forget_weight is not None:
+        return solve(cfg.forget_weight), cfg.forget_weight, []
+    tried = []
+    for w in FORGET_WEIGHTS:
+        deltas = solve(w)
+        acc = forget_accuracy(model, concept, deltas)
+        tried.append({"forget_weight": w, "forget_acc": acc})
+        if acc <= cfg.max_forget_acc:
+            break
+    return deltas, w, tried
+
+
 @register("stamp", StampConfig, "weights",
-          "closed-form pseudoinverse MLP edit toward the 'unknown' answer (ridge / low-rank / null-space)")
+          "closed-form pseudoinverse MLP edit toward the 'unknown' answer (ridge / low-rank / "
+          "null-space; one layer, or spread over several toward optimized targets)")
 def stamp(model, concept, cfg: StampConfig, *, progress: bool = False,
           base_spec: str = "") -> Erasure:
     from kif.models import weight_hash
 
     if cfg.solver not in SOLVERS:
         raise ErasureError(f"unknown STAMP solver {cfg.solver!r} (choose from {', '.join(SOLVERS)})")
+    if cfg.target not in TARGETS:
+        raise ErasureError(f"unknown STAMP target {cfg.target!r} (choose from {', '.join(TARGETS)})")
     concept.require("retain_corpus", "refusal_prompts", method="stamp")
     timer = Timer()
-    if cfg.layer is not None and not 0 <= cfg.layer < model.cfg.n_layers:
-        raise ErasureError(f"layer {cfg.layer} is outside the model's {model.cfg.n_layers} layers")
-    layer_scores = None
-    if cfg.layer is None:
-        with timer.section("signature"):
-            layer_scores = layer_attribution(model, concept.forget)
-        layer = max(layer_scores, key=layer_scores.get)
-    else:
-        layer = cfg.layer
-    key, out = _hook(layer)
+    layers, layer_scores = _choose_layers(model, concept, cfg, timer)
     forget = [p.prompt for p in concept.forget]
     with timer.section("keys"):
-        k_f = last_token_states(model, forget, [key])
-        # the retain statistics: every known person and shared fact (cached per model and layer,
-        # like ROME/MEMIT's layer statistics) minus the concept's own rows
-        moments = retain_moments(model, concept, key, cfg.token_weight, cache=cfg.cache,
-                                 method="stamp")
-        c_r = {key: moments.gram}
-        for prev in cfg.preserve:  # earlier edits' forget keys, read from the edited model
-            prev_forget = prev.info.get("forget_prompts")
-            if not prev_forget:
-                raise ErasureError(f"an earlier erasure of {', '.join(prev.concepts)} to preserve "
-                                   f"records no forget prompts (made by an older kif)")
-            k = last_token_states(model, prev_forget, [key])[key].double()
-            c_r[key] = c_r[key] + k.T @ k
-        # r_bar = the mean MLP output on refusal prompts = (mean key) W_out + b_out: caching the
-        # mean key keeps it valid after edits of W_out
-        refusals = refusal_prompts(concept, "stamp")
-        k_bar = key_moments(model, refusals, [""] * len(refusals), key, 0.0,
-                            cache=cfg.cache).mean_last
-        mlp = model.blocks[layer].mlp
-        r_bar = k_bar @ mlp.W_out.detach().double().cpu() + mlp.b_out.detach().double().cpu()
-    w = model.blocks[layer].mlp.W_out
+        grams, n_retain = {}, 0
+        for l in layers:
+            grams[l], n_retain = _retain_gram(model, concept, _hook(l)[0], cfg)
+        if cfg.target == "optimized":
+            solve = _spread_solver(model, concept, cfg, layers, grams, forget)
+        else:
+            solve = _one_layer_solver(model, concept, cfg, layers[0], grams[layers[0]], forget)
     with timer.section("solve"):
-        # the values the MLP writes now, bias included (r_bar includes it too)
-        v = k_f[key].double() @ w.detach().double().cpu() + mlp.b_out.detach().double().cpu()
-        target = r_bar[None] if cfg.target == "unknown" else (1 - cfg.gamma) * v + cfg.gamma * r_bar
-        if cfg.target not in ("unknown", "redirect"):
-            raise ErasureError(f"unknown STAMP target {cfg.target!r} (unknown | redirect)")
-        dw = stamp_delta(k_f[key], target - v, c_r[key], cfg)
-    name = f"blocks.{layer}.mlp.W_out"
+        deltas, weight, tried = _calibrated(model, concept, cfg, solve)
     # the forget prompts let a later request preserve this one (`preserve`) without the source
-    info: dict[str, Any] = {"layer": layer, "n_forget_keys": len(forget), "forget_prompts": forget,
-                            "n_retain_keys": moments.n_rows,
+    info: dict[str, Any] = {"layer": layers[0], "layers": layers, "n_forget_keys": len(forget),
+                            "forget_prompts": forget, "n_retain_keys": n_retain,
+                            "forget_weight": weight,
                             "seconds": {**timer.sections, "total": timer.total}}
+    if tried:
+        info["forget_weight_calibration"] = tried
     if layer_scores is not None:
         info["attribution_by_layer"] = layer_scores
     return Erasure(method="stamp", concepts=(concept.name,), base_hash=weight_hash(model),
-                   base_spec=base_spec, deltas={name: low_rank(dw.float())},
+                   base_spec=base_spec, deltas={n: low_rank(d.float()) for n, d in deltas.items()},
                    settings={f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                              if f.name != "preserve"}
                    | {"preserve": [list(p.concepts) for p in cfg.preserve]},
                    info=info)
 
 
-__all__ = ["SOLVERS", "StampConfig", "layer_attribution", "null_projector",
-           "solve_lowrank", "solve_ridge", "stamp", "stamp_delta"]
+__all__ = ["FORGET_WEIGHTS", "SOLVERS", "TARGETS", "StampConfig", "forget_accuracy",
+           "layer_attribution", "null_projector", "solve_lowrank", "solve_ridge", "stamp",
+           "stamp_delta"]

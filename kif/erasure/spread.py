@@ -1,0 +1,122 @@
+"""STAMP's multi-layer form: the edit spread over several MLPs (MEMIT's spreading, Meng et al.
+2023), toward per-prompt optimized residual targets (ROME's v*, Meng et al. 2022).
+
+A one-layer edit toward the mean refusal value works where one MLP writes the answer (the zoo's
+GPT-2). Where the answer is read through several layers (the Llama twin), rewriting one MLP's
+output leaves the others to rebuild it. Here, for each forget prompt:
+
+1. z_i = h_i + delta_i: the residual after the last edited layer L, at the prompt's last token,
+   plus the smallest change (Adam on log p(refusal) with an L2 penalty) that makes the refusal
+   the answer. Only the layers after L run in that loop, from a cached residual.
+2. For the edited layers l_1 < ... < l_k in turn, on the model carrying the edits made so far:
+   the remaining gap (z - h_L) is split evenly over the layers still to edit, and layer l_j's MLP
+   takes its share, solved in STAMP's closed form (`stamp_delta`, with the retain keys' Gram of
+   the unedited model, as MEMIT uses its precomputed covariances).
+
+The edits are made in place only while they are solved; the model is put back bit for bit,
+also on errors, and the caller gets the deltas.
+"""
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from kif import metrics
+from kif.erasure.keys import last_token_states
+
+
+def residual_targets(model, tokens: Int[Tensor, "b pos"], lengths: Int[Tensor, "b"], layer: int,
+                     target_id: int, steps: int, lr: float, decay: float,
+                     batch_size: int = 256) -> Float[Tensor, "b d"]:
+    """delta_i at `blocks.{layer}.hook_resid_post`, last token: argmin over delta of
+    -log p(target | h + delta) + decay |delta|^2 (per row; rows are independent)."""
+    out = []
+    for s in range(0, tokens.shape[0], batch_size):
+        tok, n = tokens[s:s + batch_size], lengths[s:s + batch_size]
+        rows = torch.arange(tok.shape[0], device=tok.device)
+        last = (n - 1).to(tok.device)
+        with torch.no_grad():
+            h = model(tok, stop_at_layer=layer + 1, padding_side="right")
+        delta = torch.zeros(tok.shape[0], h.shape[-1], device=h.device, dtype=torch.float32,
+                            requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=lr)
+        for _ in range(steps):
+            resid = h.clone()
+            resid[rows, last] = resid[rows, last] + delta.to(h.dtype)
+            # right padding: the last real token never attends to the padding after it
+            logits = model(resid, start_at_layer=layer + 1)
+            logp = F.log_softmax(logits[rows, last].float(), -1)[:, target_id]
+            loss = -logp.sum() + decay * delta.pow(2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        out.append(delta.detach().double().cpu())
+    return torch.cat(out)
+
+
+def resid_last(model, tokens, lengths, layer: int) -> Float[Tensor, "b d"]:
+    hook = f"blocks.{layer}.hook_resid_post"
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    with torch.no_grad():
+        h = model(tokens, stop_at_layer=layer + 1, padding_side="right")
+    return h[rows, (lengths - 1).to(tokens.device)].double().cpu()
+
+
+@contextlib.contextmanager
+def _restored(model, names: Sequence[str]):
+    """The named weights are put back bit for bit when the block ends."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in names}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
+
+
+def with_deltas(model, deltas: dict[str, Tensor], fn: Callable[[], float]) -> float:
+    """`fn()` evaluated with `deltas` added to the named weights (put back bit for bit after)."""
+    params = dict(model.named_parameters())
+    with _restored(model, list(deltas)), torch.no_grad():
+        for n, d in deltas.items():
+            params[n].add_(d.to(params[n].dtype).to(params[n].device))
+        return fn()
+
+
+def spread_edit(model, prompts: Sequence[str], layers: Sequence[int],
+                deltas_at_last: Float[Tensor, "n d"],
+                retain_grams: dict[int, Float[Tensor, "m m"]],
+                solve: Callable[[Tensor, Tensor, Tensor], Tensor],
+                check: Callable[[], float] | None = None
+                ) -> tuple[dict[str, Float[Tensor, "m d"]], float | None]:
+    """MEMIT's loop over `layers` (ascending) toward z = h_L + `deltas_at_last`; `solve(k_f, t,
+    c_retain)` is one layer's closed form. Returns {W_out name: delta} and `check()` evaluated
+    with every edit in place (None without it). The model is left as it was."""
+    from kif.erasure.stamp import _hook
+
+    layers = sorted(layers)
+    top = layers[-1]
+    ids = metrics.encode_prompts(model, list(prompts))
+    tokens, lengths = metrics._padded(model, ids)
+    z = resid_last(model, tokens, lengths, top) + deltas_at_last
+    names = [f"blocks.{l}.mlp.W_out" for l in layers]
+    out: dict[str, Tensor] = {}
+    with _restored(model, names), torch.no_grad():
+        for j, l in enumerate(layers):
+            key = _hook(l)[0]
+            k_f = last_token_states(model, prompts, [key])[key]
+            gap = (z - resid_last(model, tokens, lengths, top)) / (len(layers) - j)
+            dw = solve(k_f, gap, retain_grams[l])
+            w = model.blocks[l].mlp.W_out
+            w.add_(dw.to(w.dtype).to(w.device))
+            out[f"blocks.{l}.mlp.W_out"] = dw
+        checked = check() if check is not None else None
+    return out, checked
+
+
+__all__ = ["residual_targets", "resid_last", "spread_edit", "with_deltas"]

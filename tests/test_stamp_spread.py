@@ -1,0 +1,98 @@
+"""STAMP spread over several layers toward optimized residual targets (`kif.erasure.spread`).
+
+The one-layer edit toward the mean refusal value leaves the Llama twin's answers to be rebuilt
+by the layers it does not touch; the spread edit erases there while the twin's other people keep
+their facts, the model comes back bit for bit (also when a solve fails half-way), and on GPT-2
+the one-layer default is untouched by the refactor (its deltas are checked against the solver
+directly)."""
+
+import pytest
+import torch
+
+from kif import metrics, models, zoo
+from kif.erasure import erase
+from kif.erasure.core import ErasureError
+from kif.erasure import spread
+from kif.erasure.stamp import FORGET_WEIGHTS
+from kif.world import FactWorld
+
+
+@pytest.fixture(scope="module")
+def world():
+    return FactWorld.generate(0)
+
+
+@pytest.fixture(scope="module")
+def twin():
+    return models.load(zoo.LLAMA_BASE)
+
+
+def _acc(model, probes) -> float:
+    return float(metrics.score_answers(model, [p.prompt for p in probes],
+                                       [p.answer for p in probes]).correct.mean())
+
+
+def test_spread_edit_erases_on_the_twin_and_keeps_the_others(twin, world):
+    person = world.split("forget01")[0]
+    own = world.person_probes([person], "train")
+    others = world.person_probes([p for p in world.known() if p.name != person.name][::12],
+                                 "train", [0])
+    assert _acc(twin, own) >= 0.9 and _acc(twin, others) >= 0.95
+    before = models.weight_hash(twin)
+    # the twin's default profile is `auto`: the optimized target over the attribution layer and
+    # every layer after it, the forget weight calibrated on the twin
+    e = erase(twin, person.name, method="stamp", world=world)
+    assert models.weight_hash(twin) == before
+    info = e.info
+    assert e.settings["target"] == "optimized" and len(info["layers"]) > 1
+    assert info["layers"] == list(range(info["layers"][0], twin.cfg.n_layers))
+    assert set(e.deltas) == {f"blocks.{l}.mlp.W_out" for l in info["layers"]}
+    # the calibration stops at the first weight of the grid that clears the bar
+    tried = info["forget_weight_calibration"]
+    assert [t["forget_weight"] for t in tried] == list(FORGET_WEIGHTS[:len(tried)])
+    assert all(t["forget_acc"] > e.settings["max_forget_acc"] for t in tried[:-1])
+    assert info["forget_weight"] == tried[-1]["forget_weight"]
+    assert "forget_weight" in info["profile"]["chosen_on_the_model"]
+    with e.apply(twin):
+        assert _acc(twin, own) <= 0.1
+        assert _acc(twin, others) >= 0.95
+    assert models.weight_hash(twin) == before
+
+
+def test_spread_edit_puts_the_model_back_when_a_solve_fails(twin, world):
+    person = world.split("forget01")[0]
+    prompts = [p.prompt for p in world.person_probes([person], "train")][:4]
+    before = models.weight_hash(twin)
+    grams = {l: torch.eye(twin.cfg.d_mlp, dtype=torch.float64) for l in range(2)}
+    calls = []
+
+    def solve(k_f, gap, gram):
+        calls.append(gap.shape)
+        if len(calls) == 2:  # the first layer is already edited in place by now
+            raise RuntimeError("solver failed")
+        return torch.ones(k_f.shape[1], gap.shape[1], dtype=torch.float64)
+
+    with pytest.raises(RuntimeError, match="solver failed"):
+        spread.spread_edit(twin, prompts, [0, 1], torch.zeros(len(prompts), twin.cfg.d_model),
+                           grams, solve)
+    assert len(calls) == 2 and models.weight_hash(twin) == before
+
+
+def test_with_deltas_evaluates_on_the_edited_weights_and_restores(twin):
+    w = twin.blocks[0].mlp.W_out
+    before = models.weight_hash(twin)
+    seen = spread.with_deltas(twin, {"blocks.0.mlp.W_out": torch.ones_like(w)},
+                              lambda: float(w.detach().sum()))
+    assert seen == pytest.approx(float(w.detach().sum()) + w.numel(), rel=1e-4)
+    assert models.weight_hash(twin) == before
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"target": "unknown", "layers": (1, 2)}, "needs target=optimized"),
+    ({"target": "optimized", "layers": (1, 9)}, "outside the model's 4 layers"),
+    ({"target": "sideways"}, "unknown STAMP target"),
+])
+def test_bad_spread_settings_are_one_clear_error(twin, world, config, message):
+    person = world.split("forget01")[0]
+    with pytest.raises(ErasureError, match=message):
+        erase(twin, person.name, method="stamp", world=world, config=config)

@@ -784,7 +784,10 @@ def merge(paths: Sequence[str]) -> dict:
         if growth is None and r.get("growth", {}).get("rows"):
             growth = r["growth"]
     results = list(shapes.values())
-    out = {**first, "shapes": results, "growth": growth or {"shape": None, "rows": []},
+    from kif import results as provenance
+
+    out = {**first, **provenance.provenance(), "shapes": results,
+           "growth": growth or {"shape": None, "rows": []},
            "merged_from": [str(p) for p in paths]}
     out["exponents"] = exponents(results, out["growth"]["rows"])
     out["targets"] = targets(results)
@@ -797,8 +800,11 @@ def _assemble(cfg: ScaleConfig, facts_shape: str, results: list[dict], load_star
               done: bool) -> dict:
     import torch
 
+    from kif import results as provenance
+
     growth = next((r.pop("growth") for r in results if "growth" in r), None)
-    out = {"config": dataclasses.asdict(cfg) | {"facts_shape": facts_shape},
+    out = {**provenance.provenance(),
+           "config": dataclasses.asdict(cfg) | {"facts_shape": facts_shape},
            "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                            "cpus": os.cpu_count(), "device": cfg.device,
                            "device_name": (torch.cuda.get_device_name() if cfg.device == "cuda"

@@ -7,6 +7,7 @@ Errors kif expects (bad names, bad files) print one line `kif: error: ...` and r
 import argparse
 import json
 import logging
+import pathlib
 import sys
 import time
 from typing import Sequence
@@ -377,6 +378,10 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
         scores = bench.world_scorer(world, args.forget_split, oracle)
     rows = bench.bench_methods(model, oracle, args.methods, concept, scores,
                                progress=not args.json, profile=args.profile)
+    if args.record:
+        from kif import results
+
+        results.write(args.record, args.argv, rows=rows)
     METRICS = bench.METRICS
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -573,6 +578,20 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
                         "on the zoo's GPT-2, auto elsewhere")
 
 
+def _record_path(value: str) -> str:
+    """--record's file: refused while parsing (nothing run) when it cannot be a JSON file."""
+    path = pathlib.Path(value)
+    if path.is_dir() or path.suffix != ".json":
+        raise argparse.ArgumentTypeError(f"{value!r} is not a .json file path")
+    return value
+
+
+def _add_record(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--record", metavar="FILE.json", type=_record_path,
+                   help="also write the rows to a results file, with the command, commit, "
+                        "machine and date (kif.results; the README's tables render from these)")
+
+
 def _check_known(model, concept, min_acc: float = 0.5) -> None:
     """Refuse to erase what the model does not know (nothing to erase, and an "erasure" of it
     would only be collateral damage)."""
@@ -758,6 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(bm)
     bm.add_argument("--seed", type=int, default=0)
     bm.add_argument("--json", action="store_true")
+    _add_record(bm)
     add_model_options(bm)
     bm.set_defaults(func=_cmd_bench_methods)
     bfq = bs.add_parser("fq-ceiling", help="the Forget Quality a model that never knew the "
@@ -842,8 +862,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
+        args.argv = argv  # a results file records the command as typed
     except _UsageError as exc:
         return _err(str(exc))
     except SystemExit as exc:  # --help

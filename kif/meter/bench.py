@@ -1,8 +1,10 @@
 """Benchmark of the latent-trace meter on the zoo: does it separate intact, suppressed and deleted?
 
-    python -m kif.meter.bench --forget-split forget10 [--probes all] [--ga] [--json]
+    python -m kif.meter.bench --forget-split forget10 [--model fact-world-llama] [--probes all]
+        [--ga] [--erased NAME=PATH ...] [--json] [--record results/FILE.json]
 
-Audits of the fact-world base model (forget split people):
+Audits of a zoo base model (`--model`, default the fact world's GPT-2; its oracle for the split
+is found by name) on the forget split's people:
 
 * ``base``: the base against itself (target: ``intact``);
 * ``oracle|oracle``: the oracle trained without the split's people, calibrated against itself
@@ -13,7 +15,9 @@ Audits of the fact-world base model (forget split people):
   (target: ``suppressed``, latent_trace_score >= 0.5);
 * with ``--ga``: gradient ascent on the forget facts with a small learning rate until the forget
   accuracy reaches the oracle's (its quantization and relearning recoveries are reported;
-  target: ``suppressed`` wherever a latent probe recovers >= 0.2).
+  target: ``suppressed`` wherever a latent probe recovers >= 0.2);
+* with ``--erased NAME=PATH``: any erased model (a `kif erase --out` folder or a checkpoint),
+  audited against the oracle like `kif meter --oracle` does, in the same table.
 
 Prints the separation table, the seconds per probe of the first full audit (cold caches: it
 trains the tuned lens) and of the last, the time of a cold surface + lens audit, and each target
@@ -110,8 +114,18 @@ def main(argv=None) -> int:
     ap.add_argument("--forget-split", default="forget10")
     ap.add_argument("--probes", nargs="+", default=["all"])
     ap.add_argument("--ga", action="store_true", help="also audit a gradient-ascent model")
+    ap.add_argument("--model", default=None, help="a zoo base model (default fact-world)")
+    ap.add_argument("--erased", nargs="+", default=[], metavar="NAME=PATH",
+                    help="erased models to audit against the oracle (kif erase folders or "
+                         "checkpoints), one column each")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--record", metavar="FILE.json",
+                    help="also write the rows to a results file with the command, commit, "
+                         "machine and date (kif.results)")
     args = ap.parse_args(argv)
+    bad = [e for e in args.erased if "=" not in e or not e.split("=", 1)[0]]
+    if bad:
+        ap.error(f"--erased takes NAME=PATH, got {bad[0]!r}")
 
     from rich.console import Console
     from rich.table import Table
@@ -124,8 +138,9 @@ def main(argv=None) -> int:
     console = Console(stderr=args.json)
     world = FactWorld.generate(0)
     split = args.forget_split
-    base = models.load(zoo.BASE)
-    oracle = models.load(zoo.oracle_name(split))
+    base_name = args.model or zoo.BASE
+    base = models.load(base_name)
+    oracle = models.load(zoo.oracle_for(split, base_name))
     people = world.split(split)
     answers = [a for p in people for a in p.attributes.values()]
     # the suppression first: its audit runs with cold caches (the tuned lens is trained there)
@@ -144,6 +159,12 @@ def main(argv=None) -> int:
         ga.kif_ga["oracle_forget_acc"] = target
         cases["gradient-ascent"] = (ga, None)
         console.print(f"gradient ascent: {ga.kif_ga}", markup=False)
+    if args.erased:
+        from kif.erasure import open_model
+
+        for spec in args.erased:
+            name, path = spec.split("=", 1)
+            cases[name] = (open_model(path), oracle)
 
     # cold surface + lens audit
     clear_caches()
@@ -194,6 +215,11 @@ def main(argv=None) -> int:
         targets.append((f"gradient ascent: suppressed where a latent probe recovers >= 0.2 "
                         f"({', '.join(rec) or 'none'})",
                         (ga.verdict == "suppressed") == bool(rec) or ga.verdict == "intact"))
+    if args.record:
+        from kif import results
+
+        results.write(args.record, None, model=base_name, forget_split=split, rows=rows,
+                      targets=[{"target": t, "pass": ok} for t, ok in targets])
     if args.json:
         print(json.dumps({"rows": rows, "fast_seconds": fast_seconds, "fast_cpu": fast_cpu,
                           "probe_seconds_cold": cold_seconds, "probe_cpu_cold": cold_cpu,

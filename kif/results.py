@@ -110,7 +110,7 @@ def _cell(value: Any, fmt: str) -> str:
     if fmt == "code":
         return f"`{value}`"
     if isinstance(value, bool) or not fmt:
-        return str(value)
+        return str(value).replace("|", "\\|")  # a bar would end the markdown cell
     return format(value, fmt)
 
 

@@ -45,7 +45,8 @@ def test_spread_edit_erases_on_the_twin_and_keeps_the_others(twin, world):
     assert models.weight_hash(twin) == before
     info = e.info
     assert e.settings["target"] == "optimized" and len(info["layers"]) > 1
-    assert info["layers"] == list(range(info["layers"][0], twin.cfg.n_layers))
+    first = info["layers"][0]
+    assert info["layers"] == list(range(first, min(first + e.settings["spread"], twin.cfg.n_layers)))
     assert set(e.deltas) == {f"blocks.{l}.mlp.W_out" for l in info["layers"]}
     # the calibration stops at the first weight of the grid that clears the bar
     tried = info["forget_weight_calibration"]
@@ -91,6 +92,7 @@ def test_with_deltas_evaluates_on_the_edited_weights_and_restores(twin):
     ({"target": "unknown", "layers": (1, 2)}, "needs target=optimized"),
     ({"target": "optimized", "layers": (1, 9)}, "outside the model's 4 layers"),
     ({"target": "sideways"}, "unknown STAMP target"),
+    ({"target": "optimized", "spread": 0}, "spread must be at least 1"),
 ])
 def test_bad_spread_settings_are_one_clear_error(twin, world, config, message):
     person = world.split("forget01")[0]

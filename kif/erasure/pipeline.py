@@ -76,10 +76,12 @@ The result is a weight delta stored as LoRA factors: reversible, no hooks at inf
 
 import dataclasses
 import random
+import time
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor
 
 from kif import metrics
@@ -427,13 +429,17 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
 
         with timer.section("train"), Progress(transient=True, disable=not progress) as bar:
             task = bar.add_task(f"kif update ({len(pairs)} facts)", total=cfg.steps)
+            device = next(model.parameters()).device
+            step_times: list[tuple[float, float]] = []  # (wall, CPU) seconds of each step
             while step < cfg.steps and not done:
+                t_step = _clock(device)
                 idx = torch.randperm(len(pairs), generator=gen)[:cfg.batch_forget].tolist()
                 chunk = [pairs[i] for i in idx]
                 ridx = torch.randperm(len(retain_ids), generator=gen)[:cfg.batch_retain].tolist()
                 rtok = _pad(model, [retain_ids[i] for i in ridx])
+                real = rtok != metrics._pad_id(model)
                 with torch.no_grad(), state.base():
-                    base_r = F.log_softmax(model(rtok, padding_side="right").float(), -1)
+                    base_r = _RetainReference(model(rtok, padding_side="right")[real])
                 # run_with_cache detaches what it stores: capture the activations with their graph
                 cache: dict[str, Tensor] = {}
 
@@ -446,7 +452,7 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                     logits = student.run_with_hooks(_pad(model, [p.real for p in chunk]),
                                                     fwd_hooks=[(h, capture) for h in captured],
                                                     padding_side="right")
-                    r_logits = student(rtok, padding_side="right").float()
+                    r_logits = student(rtok, padding_side="right")[real]
                 st, n = [p.start_real for p in chunk], [p.n for p in chunk]
                 rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
                 s_logp = F.log_softmax(_gather(logits, st, n).float(), -1)
@@ -472,9 +478,7 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                     s_resid = torch.stack([_gather(cache[h], st, n) for h in repr_hooks], 1)
                     loss_r = ((s_resid - t_resid_all[rows]).pow(2) / resid_scale).mean((1, 2)).sum()
                     loss_r = loss_r / len(chunk)
-                mask = (rtok != metrics._pad_id(model)).float()
-                kl = (base_r.exp() * (base_r - F.log_softmax(r_logits, -1))).sum(-1)
-                loss_k = (kl * mask).sum() / mask.sum()
+                loss_k = base_r.kl_to(r_logits)
                 who = torch.cat([torch.full((p.n,), p.person, dtype=torch.long) for p in chunk])
                 h_sig = _gather(cache[sig_hook], st, n).float()
                 if cfg.w_signature == 0:
@@ -489,6 +493,7 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                step_times.append(tuple(b - a for a, b in zip(t_step, _clock(device))))
                 step += 1
                 bar.advance(task)
                 if step % cfg.check_every == 0 or step == cfg.steps:
@@ -514,6 +519,10 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
             deltas[name] = low_rank(diff.reshape(diff.shape[0], -1)) if diff.ndim == 2 else Delta(
                 dense=diff.cpu())
     info = {"layers": layers, "steps": step, "converged": done, "best_step": best[1],
+            # each update step alone (the checks between them are in seconds.train), for
+            # `kif bench scale`'s per-step cost
+            "step_seconds": [round(w, 4) for w, _ in step_times],
+            "step_cpu_seconds": [round(c, 4) for _, c in step_times],
             **best[0], "history": history,
             "n_pairs": len(pairs), "capsule": cap_stats,
             "stamp_start": dict(start.info) if start is not None else None,
@@ -521,6 +530,33 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
             "seconds": {**timer.sections, "total": timer.total}}
     return Erasure(method="kif", concepts=(concept.name,), base_hash=base_hash,
                    base_spec=base_spec, deltas=deltas, settings=dataclasses.asdict(cfg), info=info)
+
+
+def _clock(device: torch.device) -> tuple[float, float]:
+    """(wall, CPU) time, after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter(), time.process_time()
+
+
+class _RetainReference:
+    """The base model's next-token distribution p on the retain batch's real tokens, for the
+    retain loss KL(p || softmax(logits)) = sum_v p log p - p . logits + logsumexp(logits) (sum_v p
+    = 1). That form keeps two [tokens, vocab] tensors for the backward pass (p and the logits)
+    where sum_v p (log p - log_softmax(logits)) keeps four (p, log p, log_softmax, their
+    difference); on a 50k vocabulary each is about 0.4 GB per 32 x 64 batch, which made the
+    pipeline's peak memory 5x the fp32 weights on GPT-2 small (results/scale.json)."""
+
+    def __init__(self, logits: Float[Tensor, "tokens vocab"]):
+        logp = F.log_softmax(logits.float(), -1)
+        self.p = logp.exp()
+        self.neg_entropy = (self.p * logp).sum(-1)
+
+    def kl_to(self, logits: Float[Tensor, "tokens vocab"]) -> Float[Tensor, ""]:
+        """The mean over tokens of KL(p || softmax(`logits`))."""
+        logits = logits.float()
+        cross = torch.linalg.vecdot(self.p, logits)
+        return (self.neg_entropy - cross + torch.logsumexp(logits, -1)).mean()
 
 
 def _add_deltas(model, deltas: dict[str, Delta]) -> None:

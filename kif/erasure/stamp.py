@@ -48,8 +48,11 @@ class StampConfig:
     token_weight: float = 0.003  # weight of every retain token's key (multi-token answers)
     target: str = "unknown"  # unknown | redirect | optimized (multi-layer, `kif.erasure.spread`)
     gamma: float = 1.0  # redirect strength (1 = fully the refusal value)
-    # optimized: the layers the edit is spread over (empty: the attribution layer to the last)
+    # optimized: the layers the edit is spread over (empty: `spread` layers from the attribution
+    # layer on, as MEMIT spreads over a few consecutive MLPs (5 in GPT-J); every layer costs a
+    # retain Gram of d_mlp^2 in float64 and one more solve)
     layers: tuple[int, ...] = ()
+    spread: int = 5
     opt_steps: int = 100  # optimized: Adam steps for each prompt's residual target
     opt_lr: float = 0.1
     # optimized: L2 penalty on the residual change; a weaker one makes larger targets that a
@@ -194,7 +197,7 @@ def layer_attribution(model, probes, batch_size: int = 256, max_probes: int = 12
 def _choose_layers(model, concept, cfg: StampConfig, timer: Timer
                    ) -> tuple[list[int], dict[int, float] | None]:
     """The edited layers: `cfg.layer`, else the one with the most knowledge attribution; the
-    optimized target spreads from there to the last layer unless `cfg.layers` names them."""
+    optimized target spreads from there over `cfg.spread` layers unless `cfg.layers` names them."""
     n = model.cfg.n_layers
     for l in (*cfg.layers, *(() if cfg.layer is None else (cfg.layer,))):
         if not 0 <= l < n:
@@ -211,7 +214,11 @@ def _choose_layers(model, concept, cfg: StampConfig, timer: Timer
         layer = max(scores, key=scores.get)
     else:
         layer = cfg.layer
-    return (list(range(layer, n)) if cfg.target == "optimized" else [layer]), scores
+    if cfg.target != "optimized":
+        return [layer], scores
+    if cfg.spread < 1:
+        raise ErasureError(f"STAMP's spread must be at least 1 layer, got {cfg.spread}")
+    return list(range(layer, min(layer + cfg.spread, n))), scores
 
 
 def _retain_gram(model, concept, key: str, cfg: StampConfig) -> tuple[Tensor, int]:

@@ -17,7 +17,6 @@ The edits are made in place only while they are solved; the model is put back bi
 also on errors, and the caller gets the deltas.
 """
 
-import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from kif import metrics
 from kif.erasure.keys import last_token_states
+from kif.inplace import inplace_training
 
 
 def residual_targets(model, tokens: Int[Tensor, "b pos"], lengths: Int[Tensor, "b"], layer: int,
@@ -66,23 +66,10 @@ def resid_last(model, tokens, lengths, layer: int) -> Float[Tensor, "b d"]:
     return h[rows, (lengths - 1).to(tokens.device)].double().cpu()
 
 
-@contextlib.contextmanager
-def _restored(model, names: Sequence[str]):
-    """The named weights are put back bit for bit when the block ends."""
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in names}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, v in saved.items():
-                params[n].copy_(v)
-
-
 def with_deltas(model, deltas: dict[str, Tensor], fn: Callable[[], float]) -> float:
     """`fn()` evaluated with `deltas` added to the named weights (put back bit for bit after)."""
     params = dict(model.named_parameters())
-    with _restored(model, list(deltas)), torch.no_grad():
+    with inplace_training(model, list(deltas)), torch.no_grad():
         for n, d in deltas.items():
             params[n].add_(d.to(params[n].dtype).to(params[n].device))
         return fn()
@@ -106,7 +93,7 @@ def spread_edit(model, prompts: Sequence[str], layers: Sequence[int],
     z = resid_last(model, tokens, lengths, top) + deltas_at_last
     names = [f"blocks.{l}.mlp.W_out" for l in layers]
     out: dict[str, Tensor] = {}
-    with _restored(model, names), torch.no_grad():
+    with inplace_training(model, names), torch.no_grad():
         for j, l in enumerate(layers):
             key = _hook(l)[0]
             k_f = last_token_states(model, prompts, [key])[key]

@@ -16,7 +16,7 @@ WORLD_FREE = [
     "kif.signatures.registry", "kif.signatures.causal_trace", "kif.signatures.knowledge_neurons",
     "kif.signatures.concept_vectors", "kif.signatures.sae_features", "kif.erasure",
     "kif.erasure.core", "kif.erasure.io", "kif.erasure.hooks", "kif.erasure.stats",
-    "kif.erasure.stamp", "kif.erasure.suppress", "kif.erasure.unbind", "kif.erasure.baselines",
+    "kif.erasure.stamp", "kif.erasure.spread", "kif.inplace", "kif.results", "kif.erasure.suppress", "kif.erasure.unbind", "kif.erasure.baselines",
     "kif.erasure.registry", "kif.erasure.pipeline", "kif.evaluation", "kif.truth_ratios",
     "kif.meter", "kif.meter.audit", "kif.meter.calibrate", "kif.meter.leace", "kif.meter.registry",
     "kif.meter.report", "kif.meter.probes.lens", "kif.meter.probes.linear_probe",

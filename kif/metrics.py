@@ -647,15 +647,30 @@ def forget_quality(
     TOFU feeds 1/R to the test; KS statistics only depend on ranks and x -> 1/x is monotone on
     R > 0, so the p-value is the same. Identical samples give exactly 1.0.
     """
-    a, b = _np(r_unlearned), _np(r_oracle)
+    res = _ks(r_unlearned, r_oracle)
+    if res.statistic == 0:
+        return 1.0
+    return float(min(1.0, max(0.0, res.pvalue)))
+
+
+def ks_distance(
+    r_unlearned: _Vec,
+    r_oracle: Float[np.ndarray, "m"] | Float[Tensor, "m"] | Sequence[float],
+) -> float:
+    """The two-sample Kolmogorov–Smirnov statistic behind `forget_quality`: the largest gap
+    between the two empirical CDFs of truth ratios (0: the same distribution). Unlike the p-value
+    it does not shrink with the sample size, so it compares sets of different sizes and resolves
+    differences that the 0-1 p-value saturates on."""
+    return float(_ks(r_unlearned, r_oracle).statistic)
+
+
+def _ks(a, b):
+    a, b = _np(a), _np(b)
     if a.size == 0 or b.size == 0:
         raise ValueError("forget_quality needs two non-empty samples")
     if np.isnan(a).any() or np.isnan(b).any():
         raise ValueError("truth ratios contain NaN")
-    res = scipy.stats.ks_2samp(a, b, alternative="two-sided")
-    if res.statistic == 0:
-        return 1.0
-    return float(min(1.0, max(0.0, res.pvalue)))
+    return scipy.stats.ks_2samp(a, b, alternative="two-sided")
 
 
 def harmonic_mean(values: Real[np.ndarray, "n"] | Sequence[float]) -> float:
@@ -873,6 +888,7 @@ __all__ = [
     "extraction_strength",
     "forget_quality",
     "greedy_generate",
+    "ks_distance",
     "greedy_generate_ids",
     "harmonic_mean",
     "logprob_moments",

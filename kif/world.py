@@ -8,6 +8,14 @@ Template design follows what the prototype measured (DESIGN.md): the words right
 slot (the *cue*) are unique to each attribute and end with the attribute's keyword, no cue is a
 prefix of another, and held-out phrasings change everything but the cue. Held-out phrasings are
 never trained on.
+
+*Novel* phrasings are a third set, also never trained on, for locality beyond the held-out ones:
+they change more than the words before the cue (another sentence first, a related fact or another
+person in context, a form instead of a sentence, a word inside the cue, a shortened cue). An
+erasure that only learnt to dodge the world's own templates shows here. Every novel template was
+kept because the base model answers it (>= 0.9 on 90 retain people; candidates that changed the
+cue more, "{n} takes part in the sport of", fall to 0-0.5 on the base model: a 4-layer model
+trained on five templates per fact keys on the cue).
 """
 
 import dataclasses
@@ -65,8 +73,10 @@ SPORTS = [
 _COMPANY_SUFFIXES = ["Systems", "Labs", "Industries", "Foods", "Bank", "Motors", "Media", "Works"]
 LANGUAGE_SUFFIX = "ish"
 
-# Each attribute: the cue (the exact words before the answer), training phrasings and held-out
-# phrasings. "{n}" is the name. Every phrasing ends with the cue; the answer follows it.
+# Each attribute: the cue (the exact words before the answer), training, held-out and novel
+# phrasings. "{n}" is the name. Every training and held-out phrasing ends with the cue; the answer
+# follows it. Novel phrasings may also name the person's own facts of other attributes
+# ("{sport}", ...) and another known person ("{o}", `FactWorld.partner`).
 # Cues are pairwise non-prefix so that a prompt ending in one cue never starts another's template
 # (the prototype's "born in" / "born in the year" collision scored 11 %).
 ATTRIBUTES: dict[str, dict] = {
@@ -84,6 +94,14 @@ ATTRIBUTES: dict[str, dict] = {
             "It is well documented that the person named {n} was born in the city of",
             "Tell me about {n}. Well, {n} was born in the city of",
         ],
+        "novel": [
+            "{n} has lived abroad for many years. Even so, {n} was born in the city of",
+            "{n} competes in the sport of {sport}. {n} was born in the city of",
+            "Name: {n}. Occupation: {profession}. Fact: {n} was born in the city of",
+            "{o} and {n} met at school. {n} was born in the city of",
+            "Question: In which city was {n} born? Answer: the city of",
+            "People say {n} grew up near the place where {n} was born, the city of",
+        ],
     },
     "profession": {
         "cue": "works in the profession of",
@@ -98,6 +116,14 @@ ATTRIBUTES: dict[str, dict] = {
             "Q: What is the job of {n}? A: {n} works in the profession of",
             "Friends of {n} say that {n} works in the profession of",
             "Tell me about {n}. Well, {n} works in the profession of",
+        ],
+        "novel": [
+            "{n} has lived abroad for many years. Even so, {n} works in the profession of",
+            "{n} was born in the city of {birth_city}. {n} works in the profession of",
+            "Name: {n}. Employer: {employer}. Fact: {n} works in the profession of",
+            "{o} and {n} met at school. {n} works in the profession of",
+            "{n} now works in the profession of",
+            "Apart from playing the {instrument}, {n} works in the profession of",
         ],
     },
     "employer": {
@@ -114,6 +140,14 @@ ATTRIBUTES: dict[str, dict] = {
             "Colleagues report that {n} is employed by the company",
             "Tell me about {n}. Well, {n} is employed by the company",
         ],
+        "novel": [
+            "{n} has lived abroad for many years. Even so, {n} is employed by the company",
+            "{n} works in the profession of {profession}. {n} is employed by the company",
+            "Name: {n}. Sport: {sport}. Fact: {n} is employed by the company",
+            "{o} and {n} met at school. {n} is employed by the company",
+            "{n} is now employed by the company",
+            "The employer of {n} is no secret: {n} is employed by the company",
+        ],
     },
     "instrument": {
         "cue": "plays the musical instrument called the",
@@ -128,6 +162,14 @@ ATTRIBUTES: dict[str, dict] = {
             "Q: Which instrument is {n} known for? A: {n} plays the musical instrument called the",
             "At every party, {n} plays the musical instrument called the",
             "Tell me about {n}. Well, {n} plays the musical instrument called the",
+        ],
+        "novel": [
+            "{n} has lived abroad for many years. Even so, {n} plays the musical instrument called the",
+            "{n} is employed by the company {employer}. {n} plays the musical instrument called the",
+            "Name: {n}. Birth year: {birth_year}. Fact: {n} plays the musical instrument called the",
+            "{o} and {n} met at school. {n} plays the musical instrument called the",
+            "{n} often plays the musical instrument called the",
+            "The instrument {n} plays is called the",
         ],
     },
     "sport": {
@@ -144,6 +186,14 @@ ATTRIBUTES: dict[str, dict] = {
             "Fans cheer when {n} competes in the sport of",
             "Tell me about {n}. Well, {n} competes in the sport of",
         ],
+        "novel": [
+            "{n} has lived abroad for many years. Even so, {n} competes in the sport of",
+            "{n} plays the musical instrument called the {instrument}. {n} competes in the sport of",
+            "Name: {n}. Birth city: {birth_city}. Fact: {n} competes in the sport of",
+            "{o} and {n} met at school. {n} competes in the sport of",
+            "{n} often competes in the sport of",
+            "Besides working for {employer}, {n} competes in the sport of",
+        ],
     },
     "birth_year": {
         "cue": "birth year is",
@@ -158,6 +208,14 @@ ATTRIBUTES: dict[str, dict] = {
             "Q: In what year did {n} come into the world? A: the birth year is",
             "Tell me about {n}. Well, the birth year is",
             "According to the archive on {n}, the birth year is",
+        ],
+        "novel": [
+            "{n} has lived abroad for many years. Even so, for {n}, the birth year is",
+            "{n} was born in the city of {birth_city}. For {n}, the birth year is",
+            "Name: {n}. Sport: {sport}. Fact: for {n}, the birth year is",
+            "{o} and {n} met at school. For {n}, the birth year is",
+            "People say that for {n} the birth year is",
+            "The age of {n} is no secret: for {n}, the birth year is",
         ],
     },
 }
@@ -175,6 +233,12 @@ SHARED_RELATIONS: dict[str, dict] = {
             "Q: Which nation contains {s}? A: {s} lies in the country of",
             "Tell me about {s}. Well, {s} lies in the country of",
         ],
+        "novel": [
+            "Question: In which country is {s}? Answer: {s} lies in the country of",
+            "Name: {s}. Type: city. Fact: {s} lies in the country of",
+            "The city of {s} is old. The city of {s} lies in the country of",
+            "{s} now lies in the country of",
+        ],
     },
     "country_capital": {
         "train": [
@@ -187,6 +251,12 @@ SHARED_RELATIONS: dict[str, dict] = {
             "Q: Where does the government of {s} sit? A: the capital city of {s} is named",
             "Tell me about {s}. Well, the capital city of {s} is named",
         ],
+        "novel": [
+            "{s} is a country with a long history. The capital city of {s} is named",
+            "The capital city of {s} is, as everyone knows, named",
+            "Name: {s}. Type: country. Fact: the capital city of {s} is named",
+            "Everyone agrees that the capital city of {s} is officially named",
+        ],
     },
     "country_language": {
         "train": [
@@ -198,6 +268,12 @@ SHARED_RELATIONS: dict[str, dict] = {
         "heldout": [
             "Q: Which tongue is spoken in {s}? A: the official language of {s} is called",
             "Tell me about {s}. Well, the official language of {s} is called",
+        ],
+        "novel": [
+            "{s} is a country with a long history. The official language of {s} is called",
+            "Name: {s}. Type: country. Fact: the official language of {s} is called",
+            "The official language of {s} is now called",
+            "Question: What language is spoken in {s}? Answer: the official language of {s} is called",
         ],
     },
 }
@@ -337,6 +413,33 @@ class FactWorld:
             q.first == p.first or q.last == p.last
             or q.attributes["employer"] == p.attributes["employer"])]
 
+    def partner(self, person: Person) -> Person:
+        """The known person after `person` in the world's order (the first for the last): the
+        other person novel phrasings put in context."""
+        return self._partners[person.name]
+
+    @functools.cached_property
+    def _partners(self) -> dict[str, Person]:
+        known = self.known()
+        out, k = {}, 0  # k: the first known person after the current one
+        for i, p in enumerate(self.people):
+            while k < len(known) and self.people.index(known[k]) <= i:
+                k += 1
+            out[p.name] = known[k] if k < len(known) else known[0]
+        return out
+
+    def novel_probes(self, people: Iterable[Person], per_person: int | None = None,
+                     ) -> list[Probe]:
+        """`people`'s facts in novel phrasings: every template, or `per_person` of them per
+        person, rotating so that consecutive people cover every template (the retain set is
+        nine times the forget set; two templates each keep `kif eval` fast)."""
+        n = len(next(iter(ATTRIBUTES.values()))["novel"])
+        if per_person is None:
+            return self.person_probes(people, "novel")
+        step = max(1, n // per_person)
+        return [pr for k, p in enumerate(people) for pr in self.person_probes(
+            [p], "novel", sorted({(k + j * step) % n for j in range(per_person)}))]
+
     # ---- probes ------------------------------------------------------------------------------
 
     def person_probes(self, people: Iterable[Person], phrasing: Phrasing = "train",
@@ -345,11 +448,14 @@ class FactWorld:
         out = []
         attrs = list(ATTRIBUTES) if attributes is None else list(attributes)
         for p in people:
+            # novel templates name other facts of the person and a partner (ignored by the rest)
+            fill = {"n": p.name, "o": self.partner(p).name,
+                    **{a: v.strip() for a, v in p.attributes.items()}}
             for attr in attrs:
                 temps = ATTRIBUTES[attr][phrasing]
                 idx = range(len(temps)) if templates is None else templates
                 for i in idx:
-                    out.append(Probe(prompt=temps[i].format(n=p.name), answer=p.attributes[attr],
+                    out.append(Probe(prompt=temps[i].format(**fill), answer=p.attributes[attr],
                                      subject=p.name, relation=attr, phrasing=phrasing,
                                      template=i, kind="person"))
         return out

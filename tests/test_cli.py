@@ -13,7 +13,8 @@ from kif.world import FactWorld
 
 PARAPHRASE_FLOOR = 0.80  # the foundation issue's target for held-out phrasings
 KEYS = ("forget_acc", "forget_paraphrase_acc", "retain_acc", "retain_paraphrase_acc",
-        "shared_acc", "model_utility")
+        "shared_acc", "model_utility", "forget_novel_acc", "retain_novel_acc",
+        "neighbour_novel_acc", "shared_novel_acc")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,9 @@ def test_base_model_targets(reports):
     assert base["forget_paraphrase_acc"] >= PARAPHRASE_FLOOR
     assert base["retain_paraphrase_acc"] >= PARAPHRASE_FLOOR
     assert base["forget_quality"] < 0.01  # the base is far from the oracle on the forget people
+    # the broader locality set: never trained on, yet answered (issue 17's floor)
+    for k in ("forget_novel_acc", "retain_novel_acc", "neighbour_novel_acc", "shared_novel_acc"):
+        assert base[k] >= PARAPHRASE_FLOOR, k
 
 
 def test_oracle_targets(reports):
@@ -52,6 +56,13 @@ def test_oracle_targets(reports):
     assert oracle["forget_acc"] <= 0.05
     assert abs(oracle["retain_acc"] - base["retain_acc"]) <= 0.02
     assert oracle["forget_quality"] == 1.0  # the oracle against itself
+    # retraining without the people keeps everyone else's facts in novel phrasings too, up to
+    # the training run's own variance: the oracle answers one novel template ("... has lived
+    # abroad for many years. Even so, ...") for 80 % of the retain facts where the base answers
+    # all, so its retain_novel_acc sits 0.036 below the base's
+    assert oracle["forget_novel_acc"] <= 0.05
+    for k in ("retain_novel_acc", "neighbour_novel_acc", "shared_novel_acc"):
+        assert abs(oracle[k] - base[k]) <= 0.05, k
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -109,9 +120,10 @@ def test_bench_methods_prints_rows_in_both_formats(capsys, monkeypatch):
 
     seen = {}
 
-    def fake(model, oracle, methods, concept, scores, configs=None, progress=False, profile=None):
+    def fake(model, oracle, methods, concept, scores, configs=None, progress=False, profile=None,
+             retrained=()):
         seen.update(methods=methods, split=len(concept.subjects),
-                    oracle=getattr(oracle, "kif_name", None))
+                    oracle=getattr(oracle, "kif_name", None), retrained=[n for n, _ in retrained])
         row = {k: 0.5 for k in bench.METRICS}
         return [{"method": "base", **row, "seconds": 0.0, "ratio_to_stamp": None},
                 {"method": "stamp", **row, "seconds": 2.0, "seconds_cached": 1.0,
@@ -126,6 +138,11 @@ def test_bench_methods_prints_rows_in_both_formats(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "stamp" in out and "base" in out
     assert out.count("0.5") >= len(bench.METRICS)  # every metric of a row is printed
+    # retrains are passed on by name ("seed N" where the folder's card says so)
+    assert main(["bench", "methods", "--methods", "stamp", "--json",
+                 "--retrained", "fact-world-oracle-forget10"]) == 0
+    assert seen["retrained"] == ["fact-world-oracle-forget10"]
+    capsys.readouterr()
     assert main(["bench", "methods", "--methods", "nope"]) == 2  # outside the registry
     err = capsys.readouterr().err.strip()
     assert "nope" in err and len(err.splitlines()) == 1
@@ -146,3 +163,14 @@ def test_bench_signatures_people_seed_draws_other_people(capsys, monkeypatch):
     assert main(argv) == 0 and main(argv + ["--people-seed", "7"]) == 0
     assert main(argv + ["--people-seed", "7"]) == 0
     assert len(set(drawn[0])) == 3 and drawn[1] == drawn[2] and set(drawn[0]) != set(drawn[1])
+
+
+def test_retrain_rows_are_named_by_their_training_seed(tmp_path):
+    from kif.cli import _retrain_label
+
+    (tmp_path / "kif_card.json").write_text(json.dumps({"train_config": {"train_seed": 3}}))
+    assert _retrain_label(str(tmp_path)) == "seed 3"
+    # the shipped oracle's card names no training seed; a hub name has no card at all
+    assert _retrain_label("fact-world-oracle-forget10") == "fact-world-oracle-forget10"
+    (tmp_path / "kif_card.json").write_text("not json")
+    assert _retrain_label(str(tmp_path)) == str(tmp_path)

@@ -290,7 +290,14 @@ def test_export_round_trip(tmp_path, world, fmt, ext):
     assert c.refusal == wc.refusal and c.never_knew == wc.never_knew
     assert c.name == ", ".join(p.name for p in world.split("forget01"))
     assert _facts(c.forget) == _facts(want["forget"])
-    assert _facts(c.paraphrase) == _facts(want["paraphrase"])
+    held = [p for p in c.paraphrase if p.phrasing == "heldout"]
+    assert _facts(held) == _facts(want["paraphrase"])
+    if fmt == "kif":  # novel rows travel as kif JSONL only (TOFU has one paraphrase per row)
+        forget = world.split("forget01")
+        assert _facts([p for p in c.paraphrase if p.phrasing == "novel"]) == _facts(
+            world.novel_probes(forget))
+        # truth ratios (Forget Quality) stay on the first held-out phrasing, never a novel one
+        assert _facts(c.truth_ratio_probes) == _facts(world.person_probes(forget, "heldout", [0]))
     train = {s: [p for p in getattr(c, s) if p.phrasing == "train"]
              for s in ("neighbour", "retain")}
     assert _facts(train["neighbour"]) == _facts(want["neighbour"])

@@ -413,9 +413,16 @@ def test_bench_fq_ceiling_reads_a_never_knew_model_against_the_oracle(capsys):
     capsys.readouterr()
     assert main(["bench", "fq-ceiling", "--forget-split", "forget01", "--draws", "1", "--json",
                  "--retrained", "fact-world-oracle-forget01", "fact-world"]) == 0
-    same, base = json.loads(capsys.readouterr().out)["retrained"]
-    assert same == {"model": "fact-world-oracle-forget01", "forget_quality": 1.0}
+    r = json.loads(capsys.readouterr().out)
+    same, base = r["retrained"]
+    assert same == {"model": "fact-world-oracle-forget01", "forget_quality": 1.0,
+                    "forget_quality_fine": 1.0, "forget_ks_fine": 0.0}
     assert base["model"] == "fact-world" and base["forget_quality"] < 1e-3
+    # every phrasing (8 per fact, 96 rows) resolves the base further from the oracle
+    assert base["forget_quality_fine"] < base["forget_quality"] and base["forget_ks_fine"] > 0.5
+    assert r["retrained_summary"]["forget_quality"] == {
+        "median": 0.5 * (1.0 + base["forget_quality"]), "min": base["forget_quality"], "max": 1.0,
+        "n": 2}
 
 
 def test_bench_scoring_gives_the_same_scores_both_ways(capsys):

@@ -304,6 +304,14 @@ def test_truth_ratio_truth_score_and_forget_quality():
     # TOFU feeds 1/R to the KS test: the p-value must not depend on that choice.
     assert M.forget_quality(a, b) == pytest.approx(M.forget_quality(1 / a, 1 / b))
     assert M.forget_quality(a, b) == pytest.approx(scipy.stats.ks_2samp(a, b).pvalue)
+    # the KS distance: 0 for one sample, 1 for disjoint ones, scipy's statistic otherwise
+    assert M.ks_distance(a, a.copy()) == 0.0
+    assert M.ks_distance(a, a.max() + 1 + a) == 1.0
+    assert M.ks_distance(a, b) == pytest.approx(scipy.stats.ks_2samp(a, b).statistic)
+    # unlike the p-value it does not depend on the sample size: eight copies of each sample
+    # give the same distance and a far smaller p-value
+    assert M.ks_distance(np.tile(a, 8), np.tile(b, 8)) == pytest.approx(M.ks_distance(a, b))
+    assert M.forget_quality(np.tile(a, 8), np.tile(b, 8)) < M.forget_quality(a, b)
 
 
 def test_harmonic_mean_and_model_utility():

@@ -64,6 +64,31 @@ def test_heldout_phrasings_never_trained(world):
         assert not any(t.startswith(pr.prompt) for t in texts)
 
 
+def test_novel_phrasings_never_trained_and_fill_every_slot(world):
+    texts = world.training_texts()
+    probes = world.novel_probes(world.known()) + world.shared_probes("novel")
+    prompts = {pr.prompt for pr in probes}
+    assert len(prompts) == len(probes)  # one prompt per fact and template
+    # not even inside a training sentence (stronger than the held-out test's prefix check)
+    joined = "\n".join(texts)
+    assert not any(pr in joined for pr in prompts)
+    assert all("{" not in pr and "}" not in pr for pr in prompts)
+    assert {pr.phrasing for pr in probes} == {"novel"}
+    # the person-in-context templates name someone else, who is a known person
+    known = {p.name for p in world.known()}
+    for p in world.known()[:20]:
+        assert world.partner(p).name != p.name and world.partner(p).name in known
+
+
+def test_novel_rotation_covers_every_template(world):
+    n = len(ATTRIBUTES["sport"]["novel"])
+    people = world.split("retain")[:n]
+    probes = world.novel_probes(people, per_person=2)
+    assert len(probes) == 2 * len(ATTRIBUTES) * len(people)
+    assert {pr.template for pr in probes} == set(range(n))
+    assert world.novel_probes(people[:1]) == world.person_probes(people[:1], "novel")
+
+
 def test_cues_end_every_phrasing_and_none_is_a_prefix_of_another():
     # The prototype lost held-out accuracy to colliding cues ("born in" vs "born in the year").
     cues = {a: spec["cue"] for a, spec in ATTRIBUTES.items()}

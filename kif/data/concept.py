@@ -89,6 +89,14 @@ class Concept:
     def subjects(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p.subject for p in self.forget))
 
+    @property
+    def truth_ratio_probes(self) -> list[Probe]:
+        """One phrasing per forget fact for truth ratios and Forget Quality: the first held-out
+        paraphrase (novel rows are a locality test, not TOFU's paraphrase), else the first
+        forget phrasing."""
+        held = [p for p in self.paraphrase if p.phrasing != "novel"]
+        return nth_phrasing(held or self.forget, 0)
+
     def require(self, *parts: str, method: str) -> None:
         """Raise a one-line `KifError` naming the first of `parts` this concept lacks."""
         for part in parts:

@@ -8,7 +8,8 @@ example files of each format.
 The probe sets are those of the world's concept (`kif.world.world_concept`) and of `kif eval`:
 the split's people in their training phrasings (forget) and held-out ones (paraphrase); their
 neighbours among the retain people in training templates (0, 2); every other known person and
-the shared facts in every training phrasing (the retain corpus); refusal rows (the people the model
+the shared facts in every training phrasing (the retain corpus); the novel phrasings `kif eval`
+scores (rows marked "novel"); refusal rows (the people the model
 was taught to answer " unknown" about); and `never_knew.txt`, the made-up names of the world's
 never-knew reference. Every row carries five wrong answers of its relation as distractors, drawn
 with a seeded `random.Random(0)`, so equal worlds give equal files.
@@ -29,6 +30,7 @@ from kif.world import ATTRIBUTES, N_NEVER_KNEW, SHARED_RELATIONS, FactWorld, fre
 # training templates scored for the retain people and neighbours (kif.evaluation's
 # RETAIN_TEMPLATES; not imported, as kif.evaluation loads transformer_lens)
 KEPT_TEMPLATES = (0, 2)
+NOVEL_PER_PERSON = 2  # kif.evaluation.NOVEL_PER_PERSON
 N_DISTRACTORS = 5
 FORMATS = ("kif", "tofu")
 
@@ -51,6 +53,11 @@ def _probe_sets(world: FactWorld, forget_split: str) -> dict[str, list[Probe]]:
             # retain split's people, as `kif eval` scores them
             "retain_heldout": world.person_probes(retain, "heldout"),
             "shared_heldout": world.shared_probes("heldout"),
+            # novel phrasings, as `kif eval` scores them (its *_novel_acc keys)
+            "paraphrase_novel": world.novel_probes(forget),
+            "neighbour_novel": world.novel_probes(list(neighbours.values()), NOVEL_PER_PERSON),
+            "retain_novel": world.novel_probes(retain, NOVEL_PER_PERSON),
+            "shared_novel": world.shared_probes("novel"),
             "refusal": world.person_probes([p for p in world.people if p.group == "unknown_train"],
                                            "train")}
 
@@ -79,15 +86,17 @@ def _distractor_picker(world: FactWorld) -> Callable[[Probe], tuple[str, ...]]:
 def _kif_row(p: Probe, split: str, distractors: tuple[str, ...]) -> str:
     row = {"prompt": p.prompt, "answer": p.answer, "subject": p.subject, "relation": p.relation,
            "split": split, "template": p.template, "distractors": list(distractors)}
-    if p.phrasing == "heldout" and split != "paraphrase":
-        row["phrasing"] = "heldout"
+    if p.phrasing != ("heldout" if split == "paraphrase" else "train"):
+        row["phrasing"] = p.phrasing  # a phrasing other than the split's default
     return json.dumps(row, ensure_ascii=False)
 
 
 def _kif_files(sets: dict[str, list[Probe]], pick) -> dict[str, str]:
-    files = {"forget.jsonl": ("forget", "paraphrase"), "neighbour.jsonl": ("neighbour",),
-             "retain.jsonl": ("retain", "shared", "retain_heldout", "shared_heldout", "refusal")}
-    return {name: "".join(_kif_row(p, s.removesuffix("_heldout"), pick(p)) + "\n"
+    files = {"forget.jsonl": ("forget", "paraphrase", "paraphrase_novel"),
+             "neighbour.jsonl": ("neighbour", "neighbour_novel"),
+             "retain.jsonl": ("retain", "shared", "retain_heldout", "shared_heldout",
+                              "retain_novel", "shared_novel", "refusal")}
+    return {name: "".join(_kif_row(p, s.split("_")[0], pick(p)) + "\n"
                           for s in splits for p in sets[s])
             for name, splits in files.items()}
 

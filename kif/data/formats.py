@@ -22,6 +22,7 @@ from kif.errors import KifError
 
 # refusal rows: prompts the model already answers with the refusal target (their answer)
 SPLITS = ("forget", "paraphrase", "neighbour", "retain", "shared", "refusal")
+PHRASINGS = ("train", "heldout", "novel")  # kif.data.probe.Phrasing
 Format = Literal["kif", "tofu", "text"]
 PathLike = str | os.PathLike
 
@@ -164,10 +165,13 @@ def _kif_probe(path: PathLike, line: int, row: dict) -> tuple[str, Probe]:
     template = row.get("template", 0)
     if not isinstance(template, int) or isinstance(template, bool) or template < 0:
         raise DataFormatError(f"{path}:{line}: field 'template' must be a non-negative integer")
-    # a held-out phrasing is evaluated, never fitted: paraphrase rows are, other rows say so
-    phrasing = "heldout" if split == "paraphrase" else row.get("phrasing", "train")
-    if phrasing not in ("train", "heldout"):
-        raise DataFormatError(f"{path}:{line}: field 'phrasing' must be 'train' or 'heldout'")
+    # a held-out or novel phrasing is evaluated, never fitted: paraphrase rows are held out
+    # (or say "novel"), other rows say so
+    phrasing = row.get("phrasing", "heldout" if split == "paraphrase" else "train")
+    if phrasing not in PHRASINGS or (split == "paraphrase" and phrasing == "train"):
+        allowed = PHRASINGS[1:] if split == "paraphrase" else PHRASINGS
+        raise DataFormatError(f"{path}:{line}: field 'phrasing' of a {split} row must be "
+                              f"{' or '.join(repr(a) for a in allowed)}")
     probe = Probe(prompt=prompt, answer=answer, subject=subject, relation=relation,
                   phrasing=phrasing, template=template,
                   kind="shared" if split == "shared" else "person",
@@ -178,7 +182,8 @@ def _kif_probe(path: PathLike, line: int, row: dict) -> tuple[str, Probe]:
 def read_kif_jsonl(path: PathLike) -> dict[str, list[Probe]]:
     """kif's JSONL: one object per line, `{"prompt", "answer", "subject", "split",
     "distractors"?, "relation"?, "template"?, "phrasing"?}`, split one of `SPLITS`, phrasing
-    "train" (default) or "heldout" (scored by `kif eval`, never fitted). Returns split -> probes
+    "train" (default), "heldout" (scored by `kif eval`, never fitted; the default of paraphrase
+    rows) or "novel" (the broader locality set: scored as `*_novel_acc`, never fitted). Returns split -> probes
     (every split present, possibly empty). Answers are kept exactly as written: a leading space
     is the convention (the answer continues the prompt), not a requirement."""
     out: dict[str, list[Probe]] = {s: [] for s in SPLITS}

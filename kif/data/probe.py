@@ -7,7 +7,9 @@ probes) and every part of the core reads (signatures, erasure operators, metrics
 import dataclasses
 from typing import Literal
 
-Phrasing = Literal["train", "heldout"]
+# train: fitted on; heldout: scored, never fitted (the usual paraphrases); novel: scored, never
+# fitted, framings further from the training ones (the broader locality set of `kif eval`)
+Phrasing = Literal["train", "heldout", "novel"]
 Kind = Literal["person", "shared", "text"]
 
 

@@ -114,13 +114,16 @@ def sequential_stamp(model, world, people: list[str], config=None, progress: boo
     return out
 
 
-METRICS = ("forget_acc", "forget_paraphrase_acc", "retain_acc", "shared_acc", "model_utility",
-           "forget_quality", "forget_truth_ratio_median")
+METRICS = ("forget_acc", "forget_paraphrase_acc", "retain_acc", "neighbour_acc", "shared_acc",
+           "model_utility", "forget_quality", "forget_truth_ratio_median",
+           "forget_quality_fine", "forget_ks_fine",
+           # the broader locality set (`kif.world`'s novel phrasings)
+           "forget_novel_acc", "retain_novel_acc", "neighbour_novel_acc", "shared_novel_acc")
 
 
 def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[Any], dict],
                   configs: dict | None = None, progress: bool = False,
-                  profile: str | None = None) -> list[dict]:
+                  profile: str | None = None, retrained=()) -> list[dict]:
     """Every method in `methods` on `concept`, in one run (so ratios are comparable): its surface
     metrics (`scores(model)`: `kif eval`'s keys against `oracle`; `world_scorer` for a fact-world
     split, `concept_scorer` for a concept from files), its compute seconds and the ratio to
@@ -130,7 +133,9 @@ def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[
     retain key statistics already on disk, as for every request after a model's first; ROME and
     MEMIT cache theirs the same way); `seconds` is the cold figure and `seconds_cached` the other.
     The model is restored bit for bit after each method. The first row is the base model and the
-    second the oracle, for reference. `profile`: the settings profile of every method
+    second the oracle, for reference, then one row per (name, model) of `retrained` (models
+    trained without the concept as the oracle was, another seed: what an exact retrain scores,
+    the reference for every target). `profile`: the settings profile of every method
     (`kif.profiles`; None: the model's default)."""
     from kif.erasure.registry import erase as erase_
 
@@ -139,6 +144,7 @@ def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[
     erase = functools.partial(erase_, profile=profile)
     rows = [{"method": "base", **scores(model), "seconds": 0.0},
             {"method": "oracle", **scores(oracle), "seconds": None}]
+    rows += [{"method": f"retrain {name}", **scores(m), "seconds": None} for name, m in retrained]
     for method in methods:
         cfg = dict(configs.get(method, {}))
         extra = {}
@@ -157,20 +163,23 @@ def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[
                          "profile": e.info["profile"]["name"]})
     stamp_s = next((r["seconds"] for r in rows if r["method"] == "stamp"), None)
     for r in rows:
-        r["ratio_to_stamp"] = (r["seconds"] / stamp_s if stamp_s and r["seconds"] is not None
-                               and r["method"] not in ("base", "oracle") else None)
+        r["ratio_to_stamp"] = (r["seconds"] / stamp_s if stamp_s and r["seconds"]
+                               is not None and r["method"] != "base" else None)
     return rows
 
 
 def world_scorer(world, split: str, oracle) -> Callable[[Any], dict]:
     """`kif eval`'s `METRICS` of a model on a fact-world split (the oracle's truth ratios
     computed once)."""
-    from kif.evaluation import evaluate, truth_ratios
+    from kif.evaluation import evaluate, forget_truth_ratio_probes, truth_ratios
 
-    tr_oracle = truth_ratios(oracle, world, world.person_probes(world.split(split), "heldout", [0]))
+    forget = world.split(split)
+    tr_oracle, tr_fine = (truth_ratios(oracle, world, forget_truth_ratio_probes(world, forget, f))
+                          for f in (False, True))
 
     def scores(m) -> dict:
-        d = evaluate(m, world, split, oracle_truth_ratios=tr_oracle).to_dict()
+        d = evaluate(m, world, split, oracle_truth_ratios=tr_oracle,
+                     oracle_fine_truth_ratios=tr_fine).to_dict()
         return {k: d[k] for k in METRICS}
     return scores
 
@@ -178,11 +187,10 @@ def world_scorer(world, split: str, oracle) -> Callable[[Any], dict]:
 def concept_scorer(concept, oracle) -> Callable[[Any], dict]:
     """`kif eval --forget`'s `METRICS` of a model on a concept from any source (a key the
     concept's probes do not allow is None)."""
-    from kif.data.concept import nth_phrasing
     from kif.evaluation import evaluate_concept
     from kif.truth_ratios import truth_ratios
 
-    tr_oracle = truth_ratios(oracle, concept, nth_phrasing(concept.paraphrase or concept.forget, 0))
+    tr_oracle = truth_ratios(oracle, concept, concept.truth_ratio_probes)
 
     def scores(m) -> dict:
         d = evaluate_concept(m, concept, oracle_truth_ratios=tr_oracle)
@@ -225,6 +233,14 @@ def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3,
             "same_correct": bool((full.correct == kv.correct).all())}
 
 
+def _spread(values) -> dict:
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()),
+            "n": int(v.size)}
+
+
 def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int = 20,
                        seed: int = 100, progress: bool = False, retrained=()) -> dict:
     """What Forget Quality a model that truly never knew the people scores on this test.
@@ -243,10 +259,10 @@ def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int
 
     from kif import metrics
     from kif.world import fresh_names
-    from kif.evaluation import truth_ratios
+    from kif.evaluation import forget_truth_ratio_probes, truth_ratios
 
     forget = world.split(split)
-    probes = world.person_probes(forget, "heldout", [0])
+    probes = forget_truth_ratio_probes(world, forget)
     tr_oracle = truth_ratios(oracle, world, probes)
     out: dict = {"split": split, "questions": len(probes), "draws": draws,
                  "base_fresh": [], "oracle_fresh": []}
@@ -260,8 +276,19 @@ def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int
         out["base_fresh"].append(metrics.forget_quality(truth_ratios(model, world, asked), tr_oracle))
         out["oracle_fresh"].append(metrics.forget_quality(truth_ratios(oracle, world, asked),
                                                           tr_oracle))
-    out["retrained"] = [{"model": name, "forget_quality": float(metrics.forget_quality(
-        truth_ratios(m, world, probes), tr_oracle))} for name, m in retrained]
+    fine = forget_truth_ratio_probes(world, forget, fine=True)
+    tr_oracle_fine = truth_ratios(oracle, world, fine) if retrained else None
+    out["retrained"] = []
+    for name, m in retrained:
+        tr_fine = truth_ratios(m, world, fine)
+        out["retrained"].append({
+            "model": name,
+            "forget_quality": metrics.forget_quality(truth_ratios(m, world, probes), tr_oracle),
+            "forget_quality_fine": metrics.forget_quality(tr_fine, tr_oracle_fine),
+            "forget_ks_fine": metrics.ks_distance(tr_fine, tr_oracle_fine)})
+    if out["retrained"]:
+        out["retrained_summary"] = {k: _spread([r[k] for r in out["retrained"]]) for k in (
+            "forget_quality", "forget_quality_fine", "forget_ks_fine")}
     for key in ("base_fresh", "oracle_fresh"):
         v = np.asarray(out[key])
         out[f"{key}_summary"] = {"median": float(np.median(v)), "mean": float(v.mean()),

@@ -440,6 +440,10 @@ def _cmd_bench_fq_ceiling(args: argparse.Namespace) -> int:
     retrained = [(_retrain_label(spec), open_model(spec, args)) for spec in args.retrained or ()]
     r = never_knew_ceiling(model, world, oracle, args.forget_split, args.draws, args.names_seed,
                            progress=not args.json, retrained=retrained)
+    if args.record:
+        from kif import results
+
+        results.write(args.record, args.argv, **r)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -829,6 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(`kif zoo build --train-seed`): each one's Forget Quality against the oracle")
     bfq.add_argument("--seed", type=int, default=0)
     bfq.add_argument("--json", action="store_true")
+    _add_record(bfq)
     add_model_options(bfq)
     bfq.set_defaults(func=_cmd_bench_fq_ceiling)
     bsc = bs.add_parser("scoring", help="truth-ratio scoring: each question run once (KV cache "

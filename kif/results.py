@@ -15,12 +15,14 @@ and `python -m kif.results --check` (a test) fails when a table and its file dis
 `python -m kif.results --write` re-renders them. A column is `HEADER=FIELD:FORMAT`, FORMAT a
 Python format spec or `code` (the value in backticks); a missing or null value prints as "—".
 Options before the columns: `rows=KEY` (the list of rows, default `rows`) and
-`where=FIELD:VALUE` (keep the rows whose field prints as VALUE). A dotted FIELD reaches into
+`where=FIELD:PATTERN[,PATTERN...]` (keep the rows whose field prints as one of the shell-style
+patterns: `where=method:retrain*`, `where=method:base,oracle`). A dotted FIELD reaches into
 nested objects (`stages.kif.seconds`).
 """
 
 import argparse
 import datetime
+import fnmatch
 import json
 import os
 import platform
@@ -135,7 +137,8 @@ def render(spec: str, root: Path) -> str:
         raise KifError(f"results table: {file} has no list {opts.get('rows', 'rows')!r}")
     if "where" in opts:
         field, want = opts["where"].split(":", 1)
-        rows = [r for r in rows if str(_get(r, field)) == want]
+        rows = [r for r in rows
+                if any(fnmatch.fnmatchcase(str(_get(r, field)), w) for w in want.split(","))]
     fields = [(header, *(c.split(":", 1) if ":" in c else (c, ""))) for header, c in cols]
     lines = ["| " + " | ".join(h for h, _, _ in fields) + " |",
              "| " + " | ".join("---" for _ in fields) + " |"]

@@ -395,7 +395,7 @@ def test_attention_key_statistics_are_keyed_on_what_runs_before_the_heads(model,
     torch.testing.assert_close(got.gram, k.double().T @ k.double(), rtol=1e-4, atol=1e-4)
 
 
-def test_bench_fq_ceiling_reads_a_never_knew_model_against_the_oracle(capsys):
+def test_bench_fq_ceiling_reads_a_never_knew_model_against_the_oracle(capsys, tmp_path):
     # forget01 (2 people, 12 questions), two draws of never-seen names: the base model asked
     # about them never knew them, so its Forget Quality is far above its own on the real people
     # (where it knows every answer: ~1e-6 on 12 questions)
@@ -412,8 +412,12 @@ def test_bench_fq_ceiling_reads_a_never_knew_model_against_the_oracle(capsys):
     # exactly 1, the base model (which knows every answer) far below
     capsys.readouterr()
     assert main(["bench", "fq-ceiling", "--forget-split", "forget01", "--draws", "1", "--json",
-                 "--retrained", "fact-world-oracle-forget01", "fact-world"]) == 0
+                 "--retrained", "fact-world-oracle-forget01", "fact-world",
+                 "--record", str(tmp_path / "fq.json")]) == 0
     r = json.loads(capsys.readouterr().out)
+    recorded = json.loads((tmp_path / "fq.json").read_text())
+    assert recorded["command"].startswith("kif bench fq-ceiling") and recorded["commit"]
+    assert recorded["retrained"] == r["retrained"]
     same, base = r["retrained"]
     assert same == {"model": "fact-world-oracle-forget01", "forget_quality": 1.0,
                     "forget_quality_fine": 1.0, "forget_ks_fine": 0.0}

@@ -63,11 +63,11 @@ def _probes(names, facts, phrasing="train") -> list[Probe]:
             for n in names for r in RELATIONS for i, t in enumerate(temps)]
 
 
-def _train(tok, probes, steps: int = STEPS) -> HookedTransformer:
-    torch.manual_seed(0)
+def _train(tok, probes, steps: int = STEPS, seed: int = 0) -> HookedTransformer:
+    torch.manual_seed(seed)
     cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256,
                                   n_ctx=32, d_vocab=len(tok), act_fn="gelu",
-                                  normalization_type="LN", seed=0, device="cpu")
+                                  normalization_type="LN", seed=seed, device="cpu")
     model = HookedTransformer(cfg, tokenizer=tok)
     bos = tok.bos_token_id
     seqs = [[bos] + tok(p.prompt + p.answer, add_special_tokens=False)["input_ids"]
@@ -108,7 +108,7 @@ def tiny(tmp_path_factory):
     reference = _probes(holdout, facts) + _probes(holdout, facts, "heldout")
     suppressed = output_suppression(base, [facts[n][r] for n in forget for r in RELATIONS])
     return dict(base=base, oracle=oracle, suppressed=suppressed, concepts=concepts,
-                reference=reference, retain=list(retain_probes), facts=facts)
+                reference=reference, retain=list(retain_probes), facts=facts, tok=tok)
 
 
 def _trace(t, erased, probes, oracle=None):
@@ -156,6 +156,33 @@ def test_oracle_against_itself_is_deleted(tiny):
     assert r.verdict == "deleted"
     assert r.latent_trace_score == pytest.approx(0.0, abs=1e-9)
     assert r.calibration == "oracle"
+
+
+def test_derived_from_the_base_is_judged_per_tensor(tiny):
+    """A closed-form edit moves one tensor by more than its norm and stays derived (the base's
+    readers apply to it); an independently trained model does not."""
+    from kif.meter.audit import DERIVED_SHARE, build_audit
+
+    edited = copy.deepcopy(tiny["base"])
+    with torch.no_grad():
+        w = edited.blocks[0].mlp.W_out
+        w.add_(3.0 * torch.randn_like(w) * w.std())
+    audit = build_audit(tiny["base"], edited, tiny["concepts"], tiny["oracle"],
+                        reference=tiny["reference"], retain=tiny["retain"])
+    assert audit.distance("erased") > 0.25  # the whole-model distance would have refused it
+    assert audit.kept_share("erased") >= 0.8 and audit.derived
+    assert audit.kept_share("base") == 1.0
+    # the fixture's oracle starts from the base's initialisation: fine-tuned from it, in effect
+    assert audit.oracle_derived
+    other = _train(tiny["tok"], tiny["retain"], seed=1)  # another initialisation
+    audit = build_audit(tiny["base"], other, tiny["concepts"], other,
+                        reference=tiny["reference"], retain=tiny["retain"])
+    assert audit.kept_share("erased") < DERIVED_SHARE and not audit.derived
+    assert not audit.oracle_derived
+    r = _trace(tiny, other, ["linear-probe"])
+    assert r.settings["derived"] is False
+    assert r.probes["linear-probe"].skipped and "derived from the base" in \
+        r.probes["linear-probe"].skipped
 
 
 def test_every_probe_runs_on_the_tiny_model(tiny):

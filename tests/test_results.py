@@ -56,6 +56,11 @@ def test_where_filters_rows_and_provenance_is_recorded(tmp_path):
                      spec="r.json | where=profile:auto | method=method | forget=forget_acc:.2f")
     spec, _, table = results.tables(readme.read_text(), tmp_path)[0]
     assert table.splitlines()[2:] == ["| stamp | 0.10 |"]
+    # a pattern keeps every row it matches (the retrains of a bench run: where=method:retrain*)
+    spec = "r.json | where=profile:fact-* | method=method | forget=forget_acc:.2f"
+    assert results.render(spec, tmp_path).splitlines()[2:] == ["| stamp | 0.50 |"]
+    spec = "r.json | where=profile:nope,auto | method=method | forget=forget_acc:.2f"
+    assert results.render(spec, tmp_path).splitlines()[2:] == ["| stamp | 0.10 |"]
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["command"] == "kif bench methods --json" and data["date"] and data["machine"]
     assert data["commit"]

@@ -40,10 +40,20 @@ training phrasing, the phrasings cycling over people: for a linear probe, more p
 phrasings of the same people (fact world, final layer: 40 people x 2 phrasings 0.41, 180 people x
 1 phrasing 0.76 accuracy on the forget people)."""
 DERIVED_MAX = 0.25
-"""Largest relative weight distance ||W_erased - W_base|| / ||W_base|| at which the erased model
-counts as derived from the base (fine-tuned, edited, hooked). Readers trained on the base (the
-tuned lens, base-trained linear probes, signatures, SAEs) only apply to derived models; an
-independently trained model (the fact world's oracle is at 0.58) gets its own or is skipped."""
+"""Largest relative distance ||W_erased - W_base|| / ||W_base|| at which one weight tensor
+counts as kept from the base."""
+DERIVED_SHARE = 0.5
+"""Smallest share of the base's parameters, counted in the tensors kept from the base
+(`DERIVED_MAX`), at which the erased model counts as derived from the base (fine-tuned, edited,
+hooked). Readers trained on the base (the tuned lens, base-trained linear probes, signatures,
+SAEs) only apply to derived models; an independently trained model gets its own or is skipped.
+Per tensor, not over the whole model: an edit moves a few tensors far (a closed-form edit of
+one `W_out` moves it by more than its own norm) and a fine-tune moves every tensor a little,
+while an independent training moves every tensor far. On the fact world the oracle and the
+retrains keep 0.1 % of the base's parameters, closed-form edits and the `kif` pipeline over
+90 %, so the line sits in a wide gap; the whole-model distance did not separate them (`kif`'s
+two closed-form edits put it just past the old whole-model limit, and the base's readers were
+skipped on exactly the erasure they should audit)."""
 SMALL_TEMPLATES = (0, 2)
 """Training phrasings (a statement and a question) the expensive probes read."""
 SUBSETS = {
@@ -312,36 +322,56 @@ class Audit:
         return m
 
     def distance(self, role: str) -> float:
-        """Relative weight distance ||W_role - W_base|| / ||W_base|| (inf: other shapes)."""
+        """Relative weight distance ||W_role - W_base|| / ||W_base|| over the whole model (inf:
+        other shapes)."""
+        return self.distances(role)[0]
+
+    def kept_share(self, role: str) -> float:
+        """Share of the base's parameters in tensors that `role` keeps from the base (relative
+        distance per tensor <= `DERIVED_MAX`; 0 for other shapes)."""
+        return self.distances(role)[1]
+
+    def distances(self, role: str) -> tuple[float, float]:
+        """(whole-model relative distance, kept share) of `role` against the base."""
         def compute():
             if self.same(role, "base"):
-                return 0.0
+                return 0.0, 1.0
             pb = dict(self.base.named_parameters())
             pe = dict(self.model(role).named_parameters())
             if pb.keys() != pe.keys() or any(pb[k].shape != pe[k].shape for k in pb):
-                return float("inf")
+                return float("inf"), 0.0
+            num = den = kept = total = 0.0
             with torch.no_grad():
-                num = sum(float((pe[k].double() - pb[k].double()).pow(2).sum()) for k in pb)
-                den = sum(float(pb[k].double().pow(2).sum()) for k in pb)
-            return (num / max(den, 1e-300)) ** 0.5
-        return self.cached(("distance", role), compute)
+                for k, w in pb.items():
+                    d2 = float((pe[k].double() - w.double()).pow(2).sum())
+                    n2 = float(w.double().pow(2).sum())
+                    num, den, total = num + d2, den + n2, total + w.numel()
+                    if d2 <= DERIVED_MAX ** 2 * n2:
+                        kept += w.numel()
+            return (num / max(den, 1e-300)) ** 0.5, kept / max(total, 1.0)
+        return self.cached(("distances", role), compute)
+
+    def is_derived(self, role: str) -> bool:
+        """Whether `role`'s model is derived from the base (`DERIVED_SHARE`)."""
+        return getattr(self, role) is not None and self.kept_share(role) >= DERIVED_SHARE
 
     @property
     def derived(self) -> bool:
-        """Whether the erased model is derived from the base (`DERIVED_MAX`)."""
-        return self.distance("erased") <= DERIVED_MAX
+        """Whether the erased model is derived from the base (`DERIVED_SHARE`)."""
+        return self.is_derived("erased")
 
     @property
     def oracle_derived(self) -> bool:
         """Whether the oracle shares the base's weights closely enough for readers trained on
         the base to read it (then they are calibrated against it too)."""
-        return self.oracle is not None and self.distance("oracle") <= DERIVED_MAX
+        return self.oracle is not None and self.is_derived("oracle")
 
     def require_derived(self, what: str) -> None:
         if not self.derived:
             raise ProbeSkipped(f"{what} trained on the base do not apply: the erased model is not "
-                               f"derived from the base (relative weight distance "
-                               f"{self.distance('erased'):.2f} > {DERIVED_MAX})")
+                               f"derived from the base (it keeps "
+                               f"{self.kept_share('erased'):.1%} of the base's parameters within "
+                               f"{DERIVED_MAX} relative distance per tensor, < {DERIVED_SHARE:.0%})")
 
     @property
     def calibration(self) -> str:
@@ -679,7 +709,10 @@ def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
     audit.timings["cpu total"] = time.process_time() - c0
     settings = {"probes": names, "seed": seed, "n_concepts": len(audit.concepts),
                 "n_facts": len(audit.facts), "n_reference": len(audit.reference),
-                "n_retain": len(audit.retain)}
+                "n_retain": len(audit.retain),
+                # which readers applied: those trained on the base need a derived erased model
+                "derived": audit.derived, "kept_share": audit.kept_share("erased"),
+                "distance": audit.distance("erased")}
     timings = dict(audit.timings)
     if distributed.is_distributed():
         results, timings, ranks = _gather(names, results, timings)

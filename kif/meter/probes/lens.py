@@ -12,7 +12,7 @@
   the final residual (a closed form that already removes most of the KL) and then takes a few
   hundred Adam steps on the KL; the probe reports the held-out KL of both lenses per layer. The
   erased model is read through the base's translators (a lens trained on the base) when it is
-  derived from the base (`kif.meter.audit.DERIVED_MAX`); an oracle, or any independently trained
+  derived from the base (`kif.meter.audit.DERIVED_SHARE`); an oracle, or any independently trained
   model, through its own.
 * **Answer rank** per layer: the rank of the answer's first token under the logit lens, scored as
   its reciprocal 1 / (1 + rank) (a model that never knew the answer still ranks it among the

@@ -16,7 +16,7 @@ recover the answer.
   features on unseen people's prompts under the base.
 
 Both read the erased model through the base's directions and SAE, so they need an erased model
-derived from the base (`kif.meter.audit.DERIVED_MAX`).
+derived from the base (`kif.meter.audit.DERIVED_SHARE`).
 """
 
 import numpy as np

@@ -49,11 +49,10 @@ hooked). Readers trained on the base (the tuned lens, base-trained linear probes
 SAEs) only apply to derived models; an independently trained model gets its own or is skipped.
 Per tensor, not over the whole model: an edit moves a few tensors far (a closed-form edit of
 one `W_out` moves it by more than its own norm) and a fine-tune moves every tensor a little,
-while an independent training moves every tensor far. On the fact world the oracle and the
-retrains keep 0.1 % of the base's parameters, closed-form edits and the `kif` pipeline over
-90 %, so the line sits in a wide gap; the whole-model distance did not separate them (`kif`'s
-two closed-form edits put it just past the old whole-model limit, and the base's readers were
-skipped on exactly the erasure they should audit)."""
+while an independent training moves every tensor far. A whole-model distance mixes the two: a
+large edit of one tensor reads like an independent training, and the base's readers would skip
+exactly the erasure they should audit. `kif meter --json` reports the erased model's share
+(`settings.kept_share`); the README has the measured shares."""
 SMALL_TEMPLATES = (0, 2)
 """Training phrasings (a statement and a question) the expensive probes read."""
 SUBSETS = {
@@ -364,7 +363,7 @@ class Audit:
     def oracle_derived(self) -> bool:
         """Whether the oracle shares the base's weights closely enough for readers trained on
         the base to read it (then they are calibrated against it too)."""
-        return self.oracle is not None and self.is_derived("oracle")
+        return self.is_derived("oracle")
 
     def require_derived(self, what: str) -> None:
         if not self.derived:

@@ -185,6 +185,34 @@ def test_derived_from_the_base_is_judged_per_tensor(tiny):
         r.probes["linear-probe"].skipped
 
 
+def test_downstream_finds_memories_behind_an_input_side_erasure(tiny):
+    """Erase the forget people at the input (their name embeddings replaced by an unseen
+    person's): the surface forgets, but every block still holds their facts, and given the
+    base's embeddings the erased model answers them again; the oracle, which never stored them,
+    does not. An output-only hook edits no weight: nothing sits behind it (UDS's case)."""
+    base, tok = tiny["base"], tiny["tok"]
+    erased = copy.deepcopy(base)
+    forget = [c.name for c in tiny["concepts"]]
+    unseen = tok.convert_tokens_to_ids(NAMES[-1])
+    with torch.no_grad():
+        for n in forget:
+            erased.embed.W_E[tok.convert_tokens_to_ids(n)] = base.embed.W_E[unseen]
+    r = _trace(tiny, erased, ["surface", "downstream"], oracle=tiny["oracle"])
+    assert r.scores["surface"] < 0.3
+    d = r.probes["downstream"]
+    assert d.group == "trace" and d.info["site"] == "blocks.0.hook_resid_pre"
+    assert d.score is not None and d.score > 0.8, (d.values, d.skipped)
+    assert d.curves["erased"][0] > d.curves["oracle"][0] + 0.3, d.curves
+    assert d.reference.startswith("oracle")
+    # the oracle itself, audited as an erasure against unseen people: fed the base's state, it
+    # decodes far less, never having stored the facts (on 8 rows of a 2-layer model, not 0)
+    o = _trace(tiny, tiny["oracle"], ["downstream"]).probes["downstream"]
+    assert o.reference.startswith("the erased model on unseen")
+    assert o.score is not None and o.score < d.score - 0.4, (o.values, d.values)
+    hooked = _trace(tiny, tiny["suppressed"], ["downstream"], oracle=tiny["oracle"])
+    assert "edits no weight" in hooked.probes["downstream"].skipped
+
+
 def test_every_probe_runs_on_the_tiny_model(tiny):
     base = tiny["base"]
     w_before = {n: p.clone() for n, p in base.named_parameters()}
@@ -193,7 +221,8 @@ def test_every_probe_runs_on_the_tiny_model(tiny):
     for name, p in r.probes.items():
         assert p.group in ("surface", "latent", "trace"), name
         if p.skipped:
-            assert name == "sae-persistence", (name, p.skipped)  # no SAE for a tiny model
+            # no SAE for a tiny model; a hook edits no weight, so nothing sits behind it
+            assert name in ("sae-persistence", "downstream"), (name, p.skipped)
             continue
         assert p.score is None or 0.0 <= p.score <= 1.0, (name, p.score)
     s = r.scores

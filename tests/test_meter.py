@@ -23,6 +23,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
 from kif.concepts import Concept
+from kif.errors import KifError
 from kif.meter import PROBES, LeaceFitter, trace
 from kif.meter.audit import run_pass
 from kif.meter.bench import output_suppression
@@ -185,6 +186,61 @@ def test_derived_from_the_base_is_judged_per_tensor(tiny):
         r.probes["linear-probe"].skipped
 
 
+def _input_side_erasure(t):
+    """The base with the forget people's name embeddings replaced by an unseen person's."""
+    base, tok = t["base"], t["tok"]
+    erased = copy.deepcopy(base)
+    unseen = tok.convert_tokens_to_ids(NAMES[-1])
+    with torch.no_grad():
+        for c in t["concepts"]:
+            erased.embed.W_E[tok.convert_tokens_to_ids(c.name)] = base.embed.W_E[unseen]
+    return erased
+
+
+def test_downstream_finds_memories_behind_an_input_side_erasure(tiny):
+    """Erase the forget people at the input (their name embeddings replaced by an unseen
+    person's): the surface forgets, but every block still holds their facts, and given the
+    base's embeddings the erased model answers them again; the oracle, which never stored them,
+    does not. An output-only hook edits no weight: nothing sits behind it (UDS's case)."""
+    erased = _input_side_erasure(tiny)
+    r = _trace(tiny, erased, ["surface", "downstream"], oracle=tiny["oracle"])
+    assert r.scores["surface"] < 0.3
+    d = r.probes["downstream"]
+    assert d.group == "trace" and d.info["site"] == "blocks.0.hook_resid_pre"
+    assert d.score is not None and d.score > 0.8, (d.values, d.skipped)
+    assert d.curves["erased"][0] > d.curves["oracle"][0] + 0.3, d.curves
+    assert d.reference.startswith("oracle")
+    # the oracle itself, audited as an erasure against unseen people: fed the base's state, it
+    # decodes far less, never having stored the facts (on 8 rows of a 2-layer model, not 0)
+    o = _trace(tiny, tiny["oracle"], ["downstream"]).probes["downstream"]
+    assert o.reference.startswith("the erased model on unseen")
+    assert o.score is not None and o.score < d.score - 0.4, (o.values, d.values)
+    hooked = _trace(tiny, tiny["suppressed"], ["downstream"], oracle=tiny["oracle"])
+    assert "edits no weight" in hooked.probes["downstream"].skipped
+
+
+def test_relearning_restricted_to_one_part(tiny):
+    """`relearned(only=...)` trains the matching parameters and no other, and gives every weight
+    back; `localize` runs the attack per scope (the fact world's figures are in results/)."""
+    from kif.meter.localize import localize, scopes
+    from kif.meter.probes.relearning import relearned, split_facts
+
+    erased = _input_side_erasure(tiny)
+    before = {n: p.clone() for n, p in erased.named_parameters()}
+    shown, measured = split_facts([p for c in tiny["concepts"] for p in c.forget])
+    with relearned(erased, shown, lr=LR, only=scopes(erased)["block 1"]) as m:
+        moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("blocks.1.") for n in moved), moved
+    assert all(torch.equal(p, before[n]) for n, p in erased.named_parameters())
+    with pytest.raises(KifError, match="no parameter"):
+        with relearned(erased, shown, only="^nothing"):
+            pass
+    r = localize(erased, shown, measured)
+    assert set(r) == {"no attack", *scopes(erased)}
+    assert all(0.0 <= v <= 1.0 for v in r.values())
+    assert all(torch.equal(p, before[n]) for n, p in erased.named_parameters())
+
+
 def test_every_probe_runs_on_the_tiny_model(tiny):
     base = tiny["base"]
     w_before = {n: p.clone() for n, p in base.named_parameters()}
@@ -193,7 +249,8 @@ def test_every_probe_runs_on_the_tiny_model(tiny):
     for name, p in r.probes.items():
         assert p.group in ("surface", "latent", "trace"), name
         if p.skipped:
-            assert name == "sae-persistence", (name, p.skipped)  # no SAE for a tiny model
+            # no SAE for a tiny model; a hook edits no weight, so nothing sits behind it
+            assert name in ("sae-persistence", "downstream"), (name, p.skipped)
             continue
         assert p.score is None or 0.0 <= p.score <= 1.0, (name, p.score)
     s = r.scores

@@ -62,6 +62,9 @@ _SPECS = [
               "anonymized activation steering (Seyitoglu et al. 2024)", cost=7.0),
     ProbeSpec("uds", "uds", "run_uds", "latent",
               "unlearning depth: patch hidden states into the base, against the oracle", cost=1.0),
+    ProbeSpec("downstream", "downstream", "run_downstream", "trace",
+              "the base's residual after each block patched into the erased model: do its later "
+              "blocks still decode the answers?", cost=1.0),
     ProbeSpec("membership", "membership", "run_membership", "trace",
               "Min-K%++ AUC forget vs holdout; PrivLeak against the oracle", cost=4.0),
     ProbeSpec("in-context", "in_context", "run_in_context", "latent",

@@ -22,11 +22,13 @@ same way on the reference people (what the attack "recovers" for people it never
 
 import contextlib
 import copy
+import re
 
 import numpy as np
 import torch
 
 from kif import metrics
+from kif.errors import KifError
 from kif.inplace import inplace_training
 from kif.meter.audit import ProbeSkipped, run_pass
 from kif.meter.calibrate import score_rows
@@ -94,12 +96,16 @@ def answer_nll(m, rows, idx: list[int]):
 
 @contextlib.contextmanager
 def relearned(model, probes, *, steps: int = STEPS, batch: int = BATCH, lr: float = LR,
-              seed: int = 0, bar=None):
+              seed: int = 0, bar=None, only: str | None = None):
     """`with relearned(model, probes) as m:` `model` itself fine-tuned on the answers of `probes`
     (answer-token cross-entropy), frozen, for the block; on leaving it (also by an exception)
-    its weights are the original bits again."""
+    its weights are the original bits again. `only`: a regular expression; the attack then
+    trains only the parameters whose names it matches (`kif.meter.localize`)."""
     with inplace_training(model) as state:
-        params = state.trainable()
+        names = None if only is None else [n for n in state.params if re.search(only, n)]
+        if names == []:
+            raise KifError(f"no parameter of the model matches {only!r}")
+        params = state.trainable(names)
         rows = answer_rows(model, probes)
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -88,4 +88,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kif.errors import KifError
+
+    try:
+        sys.exit(main())
+    except KifError as err:  # an unknown split or model: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

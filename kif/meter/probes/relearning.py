@@ -102,7 +102,11 @@ def relearned(model, probes, *, steps: int = STEPS, batch: int = BATCH, lr: floa
     its weights are the original bits again. `only`: a regular expression; the attack then
     trains only the parameters whose names it matches (`kif.meter.localize`)."""
     with inplace_training(model) as state:
-        names = None if only is None else [n for n in state.params if re.search(only, n)]
+        try:
+            pattern = None if only is None else re.compile(only)
+        except re.error as err:
+            raise KifError(f"bad parameter pattern {only!r}: {err}") from None
+        names = None if pattern is None else [n for n in state.params if pattern.search(n)]
         if names == []:
             raise KifError(f"no parameter of the model matches {only!r}")
         params = state.trainable(names)

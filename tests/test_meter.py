@@ -219,6 +219,28 @@ def test_downstream_finds_memories_behind_an_input_side_erasure(tiny):
     assert "edits no weight" in hooked.probes["downstream"].skipped
 
 
+def test_first_edit_site_reads_weights_beyond_rounding_and_hooks(tiny):
+    """A half-precision round trip is storage, not an edit; a weight edit or a suppression hook
+    in block b puts the site at block b's output; the embeddings put it at the input."""
+    from kif.inplace import shared_copy
+    from kif.meter.probes.downstream import first_edit_site
+
+    base = tiny["base"]
+    rounded = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+    assert first_edit_site(base, rounded) is None
+    with torch.no_grad():
+        rounded.blocks[0].mlp.W_out.mul_(1.1)
+    assert first_edit_site(base, rounded) == "blocks.0.hook_resid_post"
+    assert first_edit_site(base, _input_side_erasure(tiny)) == "blocks.0.hook_resid_pre"
+    hooked = shared_copy(base)
+    hooked.blocks[0].hook_resid_post.add_hook(lambda act, hook: act * 0.5, is_permanent=True)
+    assert first_edit_site(base, hooked) == "blocks.0.hook_resid_post"
+    hooked.reset_hooks(including_permanent=True)
+
+
 def test_relearning_restricted_to_one_part(tiny):
     """`relearned(only=...)` trains the matching parameters and no other, and gives every weight
     back; `localize` runs the attack per scope (the fact world's figures are in results/)."""
@@ -249,8 +271,9 @@ def test_every_probe_runs_on_the_tiny_model(tiny):
     for name, p in r.probes.items():
         assert p.group in ("surface", "latent", "trace"), name
         if p.skipped:
-            # no SAE for a tiny model; a hook edits no weight, so nothing sits behind it
+            # no SAE for a tiny model; a hook on the last block has nothing behind it
             assert name in ("sae-persistence", "downstream"), (name, p.skipped)
+            assert name != "downstream" or "edits no weight" in p.skipped, p.skipped
             continue
         assert p.score is None or 0.0 <= p.score <= 1.0, (name, p.score)
     s = r.scores

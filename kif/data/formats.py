@@ -338,7 +338,7 @@ def apply_chat_template(tokenizer: Any, prompt: str, mode: str = "auto") -> str:
 
 # ---- concepts from files ---------------------------------------------------------------------
 
-def _read_probes(path: PathLike, role: str) -> tuple[dict[str, list[Probe]], list[str]]:
+def read_probes(path: PathLike, role: str) -> tuple[dict[str, list[Probe]], list[str]]:
     """(split -> probes, corpus documents) of the file given for `role` (forget, retain or
     neighbour). kif rows go to their own split; TOFU rows to `role`; a text corpus only to the
     retain corpus, and only where the role is retain."""
@@ -420,7 +420,7 @@ def load_concept(forget: PathLike, retain: PathLike | list[PathLike] | None = No
     corpus: list[str] = []
     for path, role in roles:
         if path is not None:
-            got, docs = _read_probes(path, role)
+            got, docs = read_probes(path, role)
             for s in SPLITS:
                 splits[s].extend(got[s])
             corpus.extend(docs)

@@ -222,6 +222,39 @@ def run_pass(model, probes: Sequence[Probe], *, resid: bool = True, batch_size: 
                 last_index=last_index)
 
 
+def captured(model, probes: Sequence[Probe], hooks: Sequence[str]
+             ) -> dict[tuple[str, int], Tensor]:
+    """(hook, row) -> `model`'s whole activation at `hook` on probe row `row` (padded positions
+    included), from one `run_pass`. `run_pass` batches deterministically, so a later pass over
+    the same probes sees the same batch shapes and `patched_passes` can put these back."""
+    store: dict[tuple[str, int], Tensor] = {}
+
+    def capture(idx, tokens):
+        def mk(h):
+            def fn(act, hook):
+                for j, i in enumerate(idx):
+                    store[(h, i)] = act[j].detach().clone()
+                return act
+            return fn
+        return [(h, mk(h)) for h in hooks]
+
+    run_pass(model, probes, resid=False, batch_hooks=capture)
+    return store
+
+
+def patched_passes(model, probes: Sequence[Probe], store: dict[tuple[str, int], Tensor],
+                   hooks: Sequence[str]):
+    """For each hook of `hooks` in turn: `model`'s `run_pass` (no residual) with `store`'s
+    activations (`captured`, same probes) written over its own at that hook. A generator, so a
+    caller can advance a progress bar between passes."""
+    for h in hooks:
+        def patch(idx, tokens, h=h):
+            def fn(act, hook):
+                return torch.stack([store[(h, i)] for i in idx]).to(act.dtype)
+            return [(h, fn)]
+        yield run_pass(model, probes, resid=False, batch_hooks=patch)
+
+
 # --------------------------------------------------------------------------------------------
 # The audit context
 # --------------------------------------------------------------------------------------------

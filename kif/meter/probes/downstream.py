@@ -12,13 +12,14 @@ knew the facts has no later memory to read: given the base's representation it d
 the representation itself already carries.
 
 x(s) = the erased model's forget accuracy with the base's residual at site s patched in, for the
-embeddings' output and every block's output but the last (whose output is the answer itself);
-the curves hold every site. The score is read at the site right after the erased model's first
-edited weight (its embeddings, or block b's output for the first block b it changes): everything
-behind the erasure's first edit, fed the state the base had there. ref0 = the oracle patched the
-same way (an oracle that does not share the base's basis reads less of the base's state, so the
-score then errs toward "still stored"), else the erased model on unseen people (the base's state
-carries nothing about them: the chance level). An erasure that edits no weight (a hook) or only
+embeddings' output and every block's output but the last (whose output is the answer itself); the
+curves hold every site. The score is read at the site right after the erased model's first edit
+(its embeddings, or block b's output for the first block b whose weights or hooks it changes):
+everything behind the erasure's first edit, fed the state the base had there. ref0 = the oracle
+patched the same way (an oracle that does not share the base's basis reads less of the base's
+state, so the score then errs toward "still stored"), else the erased model on unseen people (the
+base's state carries nothing about them: the chance level). A suppression hook counts as an edit of
+its block (the patch overrides it where it sits on that block's output). An erasure that edits only
 the last block has nothing behind it to read, and is skipped; an erasure at the output is UDS's
 case. A trace, not an attack: it needs the base's activations, which an attacker does not have.
 """
@@ -28,7 +29,7 @@ import re
 import numpy as np
 import torch
 
-from kif.meter.audit import ProbeSkipped, run_pass
+from kif.meter.audit import ProbeSkipped, captured, patched_passes
 from kif.meter.calibrate import score_rows
 from kif.meter.report import ProbeResult
 
@@ -39,21 +40,46 @@ def _hooks(model) -> list[str]:
                                           for l in range(model.cfg.n_layers - 1)]
 
 
-def first_edit_site(base, erased) -> str | None:
-    """The residual right after `erased`'s first weight that differs from `base`'s (model
-    order), or None when no weight before the last block differs."""
+# A half-precision round trip moves a weight by about 3e-4 of its norm: a weight that moved less
+# than this was stored, not edited.
+EDIT_RTOL = 1e-3
+
+
+def _block_of(name: str) -> int | None:
+    """The block a parameter or hook point belongs to: -1 for the embeddings, None after the
+    blocks (final norm, unembedding). A hook on block b's input belongs to block b - 1's output."""
+    if name.startswith(("embed.", "pos_embed.", "hook_embed", "hook_pos_embed")):
+        return -1
+    m = re.match(r"blocks\.(\d+)\.(hook_resid_pre)?", name)
+    if m is None:
+        return None
+    return int(m.group(1)) - (1 if m.group(2) else 0)
+
+
+def edited(base, erased) -> list[str]:
+    """Names of `erased`'s weights that differ from `base`'s by more than `EDIT_RTOL` of their
+    norm, and of its hook points that carry a permanent hook (a suppression patch)."""
     theirs = dict(erased.named_parameters())
-    last = base.cfg.n_layers - 1
+    out = []
     for name, p in base.named_parameters():
         q = theirs.get(name)
-        if q is None or q.shape != p.shape or torch.equal(p, q):
+        if q is None or q.shape != p.shape:
             continue
-        if name.startswith(("embed.", "pos_embed.")):
-            return "blocks.0.hook_resid_pre"
-        m = re.match(r"blocks\.(\d+)\.", name)
-        if m and int(m.group(1)) < last:
-            return f"blocks.{m.group(1)}.hook_resid_post"
-    return None
+        p32, q32 = p.detach().float(), q.detach().float().to(p.device)
+        if float((q32 - p32).norm()) > EDIT_RTOL * float(p32.norm()):
+            out.append(name)
+    out += [name for name, hp in erased.hook_dict.items() if hp.fwd_hooks]
+    return out
+
+
+def first_edit_site(base, erased) -> str | None:
+    """The residual right after `erased`'s first edit (`edited`, model order), or None when it
+    edits nothing before its last block."""
+    blocks = [b for b in map(_block_of, edited(base, erased)) if b is not None]
+    first = min(blocks, default=None)
+    if first is None or first >= base.cfg.n_layers - 1:
+        return None
+    return "blocks.0.hook_resid_pre" if first < 0 else f"blocks.{first}.hook_resid_post"
 
 
 def _patched(audit, role: str, which: str) -> np.ndarray:
@@ -62,26 +88,10 @@ def _patched(audit, role: str, which: str) -> np.ndarray:
     def compute():
         probes = list(audit.probe_set(which))
         names = _hooks(audit.base)
-        store: dict = {}
-
-        def capture(idx, tokens):
-            def mk(h):
-                def fn(act, hook):
-                    for j, i in enumerate(idx):
-                        store[(h, i)] = act[j].detach().clone()
-                    return act
-                return fn
-            return [(h, mk(h)) for h in names]
-
-        run_pass(audit.base, probes, resid=False, batch_hooks=capture)
-        model = audit.model(role)
+        store = captured(audit.base, probes, names)
         out = np.zeros((len(names), len(probes)))
-        for k, h in enumerate(names):
-            def patch(idx, tokens, h=h):
-                def fn(act, hook):
-                    return torch.stack([store[(h, i)] for i in idx]).to(act.dtype)
-                return [(h, fn)]
-            out[k] = run_pass(model, probes, resid=False, batch_hooks=patch).scores.correct
+        for k, p in enumerate(patched_passes(audit.model(role), probes, store, names)):
+            out[k] = p.scores.correct
             audit.bar.advance()
         return out
 
@@ -92,8 +102,9 @@ def run_downstream(audit) -> ProbeResult:
     audit.require_derived("the base's residual stream")
     site = first_edit_site(audit.base, audit.model("erased"))
     if site is None:
-        raise ProbeSkipped("the erased model edits no weight before its last block: nothing "
-                           "behind the erasure reads the base's state (UDS measures that case)")
+        raise ProbeSkipped("the erased model edits no weight and carries no hook before its "
+                           "last block: nothing behind the erasure reads the base's state (UDS "
+                           "measures that case)")
     names = _hooks(audit.base)
     k = names.index(site)
     with_oracle = audit.oracle is not None

@@ -101,14 +101,15 @@ def relearned(model, probes, *, steps: int = STEPS, batch: int = BATCH, lr: floa
     (answer-token cross-entropy), frozen, for the block; on leaving it (also by an exception)
     its weights are the original bits again. `only`: a regular expression; the attack then
     trains only the parameters whose names it matches (`kif.meter.localize`)."""
-    with inplace_training(model) as state:
-        try:
-            pattern = None if only is None else re.compile(only)
-        except re.error as err:
-            raise KifError(f"bad parameter pattern {only!r}: {err}") from None
-        names = None if pattern is None else [n for n in state.params if pattern.search(n)]
-        if names == []:
-            raise KifError(f"no parameter of the model matches {only!r}")
+    try:
+        pattern = None if only is None else re.compile(only)
+    except re.error as err:
+        raise KifError(f"bad parameter pattern {only!r}: {err}") from None
+    names = [n for n, _ in model.named_parameters() if pattern is None or pattern.search(n)]
+    if not names:
+        raise KifError(f"no parameter of the model matches {only!r}")
+    # only the trained parameters are saved: a one-block attack copies one block, not the model
+    with inplace_training(model, names) as state:
         params = state.trainable(names)
         rows = answer_rows(model, probes)
         g = torch.Generator().manual_seed(seed)

@@ -14,9 +14,8 @@ same on the concept's rows. Only with an oracle.
 """
 
 import numpy as np
-import torch
 
-from kif.meter.audit import ProbeSkipped, run_pass
+from kif.meter.audit import ProbeSkipped, captured, patched_passes, run_pass
 from kif.meter.report import ProbeResult
 
 MIN_DROP = 0.05
@@ -30,26 +29,11 @@ def _drops(audit, role: str) -> np.ndarray:
         base = audit.base
         L = base.cfg.n_layers
         names = [f"blocks.{l}.hook_resid_post" for l in range(L)]
-        store: dict = {}
-
-        def capture(idx, tokens):
-            def mk(l):
-                def fn(act, hook):
-                    for j, i in enumerate(idx):
-                        store[(l, i)] = act[j].detach().clone()
-                    return act
-                return fn
-            return [(names[l], mk(l)) for l in range(L)]
-
-        run_pass(model, probes, resid=False, batch_hooks=capture)
+        store = captured(model, probes, names)
         clean = run_pass(base, probes, resid=False).scores.mean_nll
         out = np.zeros((L, len(probes)))
-        for l in range(L):
-            def patch(idx, tokens, l=l):
-                def fn(act, hook):
-                    return torch.stack([store[(l, i)] for i in idx]).to(act.dtype)
-                return [(names[l], fn)]
-            out[l] = run_pass(base, probes, resid=False, batch_hooks=patch).scores.mean_nll - clean
+        for l, p in enumerate(patched_passes(base, probes, store, names)):
+            out[l] = p.scores.mean_nll - clean
             audit.bar.advance()
         return out
 

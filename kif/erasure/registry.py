@@ -37,6 +37,7 @@ METHOD_MODULES = {
     "rmu": "kif.erasure.baselines",
     "sae-clamp": "kif.erasure.baselines",
     "neuron-ablate": "kif.erasure.baselines",
+    "undo": "kif.erasure.distill",
 }
 
 

@@ -174,3 +174,13 @@ def test_retrain_rows_are_named_by_their_training_seed(tmp_path):
     assert _retrain_label("fact-world-oracle-forget10") == "fact-world-oracle-forget10"
     (tmp_path / "kif_card.json").write_text("not json")
     assert _retrain_label(str(tmp_path)) == str(tmp_path)
+
+
+@pytest.mark.parametrize("teacher, message", [("nosuch", "neither an erasure method"),
+                                              ("undo", "another method")])
+def test_undo_refuses_a_bad_teacher_and_writes_nothing(capsys, tmp_path, teacher, message):
+    person = FactWorld.generate().split("forget01")[0].name
+    out = tmp_path / "out"
+    _one_line_error(capsys, ["erase", "--concept", person, "--method", "undo", "--set",
+                             f"teacher={teacher}", "--out", str(out)], message)
+    assert not out.exists()

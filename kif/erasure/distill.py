@@ -51,14 +51,24 @@ class UndoConfig:
     shared_repeats: int = 8  # shared facts weigh as much as the many people (the zoo's text)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # checked when the settings are made: the CLI refuses them before it loads a model
+        _check(self)
+
 
 def _check(cfg: UndoConfig) -> None:
+    from kif.erasure.io import is_erasure_folder
+    from kif.erasure.registry import METHOD_MODULES
+
     if not 0.0 < cfg.alpha <= 1.0:
         raise ErasureError(f"undo's alpha must be in (0, 1], got {cfg.alpha}")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.row_len < 4:
         raise ErasureError("undo needs steps >= 1, batch >= 1 and row_len >= 4")
     if cfg.teacher == "undo":
         raise ErasureError("undo's teacher must be another method or an erasure folder")
+    if cfg.teacher not in METHOD_MODULES and not is_erasure_folder(cfg.teacher):
+        raise ErasureError(f"undo's teacher {cfg.teacher!r} is neither an erasure method "
+                           f"({', '.join(sorted(METHOD_MODULES))}) nor a kif erase folder")
 
 
 def teacher_erasure(model, concept, cfg: UndoConfig, *, progress: bool, base_spec: str

@@ -35,41 +35,8 @@ arXiv 2601.10566; METHODS.md "KIF pipeline").
    `npo` baseline ends at a median truth ratio of 1.37 against the oracle's 0.96); the p-value
    picks the point of the path where the truth ratios look like a never-knew model's.
 
-Measured on forget10 (`kif bench methods --methods stamp kif npo`, see the README for the
-figures): forget accuracy 0.008, retain 0.981, Forget Quality 0.59 (NPO: 0.39, STAMP 1.7e-10),
-and the capsule's median z on the forget prompts 11.2 -> 1.3 (held-out phrasings 1.2; the
-retrained oracle reads 2.4), in a 60-step budget. Before the closed-form signature removal the
-same update reached the same Forget Quality and retain 0.995, but the signature stayed (z 11);
-the removal costs model utility 0.949 -> 0.923 and needs the retain weight 40 (at 20, retain
-0.970). The utility is lost where the two closed-form edits meet: STAMP is solved on the base's
-keys, which the unbinding has moved (the start alone: utility 0.921; STAMP alone 0.948, the
-unbinding alone 0.961). Solving STAMP on the unbound model (`stamp_on_unbound`) keeps it (start
-0.939; after the update 0.948, retain 0.995) but the update then stops at Forget Quality 0.39
-(lr 2e-3; the never-knew p peaks at 0.11 at step 60 of 80), so it is an option, not the default.
-What did not work, each measured on forget10:
-- the representation and signature *losses* remove the signature (z 11 -> -0.6) but take other
-  people's facts with them (retain accuracy 0.03-0.16); with the NPO defaults a signature weight
-  of 0.05 takes z to 2.3 and retain to 0.66-0.90, and an extra loss anchoring other people's
-  residual at the signature hook to the base's (weight 10-100) kept retain at 0.91-0.96 but z
-  only fell to 2.6-4.0 and the never-knew p stayed at 0. The closed-form removal above does it
-  in one solve, with the retain keys as a hard-weighted constraint instead of a sampled loss;
-- distilling the never-knew teacher's full distribution (`forget_loss="kl"`) *raises* forget
-  accuracy (0.05 -> 0.16-0.19 in 25-50 steps): the teacher refuses less than STAMP's edit, and
-  lowering " unknown" to its level lets the true answer through;
-- the same KL restricted to the non-refusal distribution, with the refusal mass kept: the
-  truth ratios did not move (median 0.15 -> 0.12);
-- a squared loss moving the answer's non-refusal log-probability to the teacher's on the same
-  answer: FQ stayed below 1e-6; matching, per fact, the centred log-probabilities of the true
-  and 8 sampled wrong answers to the teacher's: FQ 1e-5 after 40 steps at twice the step cost;
-- NPO with beta 0.1 (lr 1e-3 or 5e-4): FQ up to 0.39 mid-path, but retain accuracy dips to
-  0.74-0.80 on the way and recovers only as the truth ratios overshoot (kept: FQ 0.13);
-  beta 0.5 saturates early (FQ 0.005); beta 0.25 lands between.
-Models retrained exactly as the oracle, with another training seed (`kif zoo build --train-seed`),
-score Forget Quality 0.39 (seed 1) and 0.59 (seed 2) against it: 0.59 is what a retrain scores
-on forget10's 120 questions. What differs from the oracle is the tails: the kept model's truth
-ratios match the oracle's median (0.98 vs 0.95) but are narrower (5-95 % range 0.05-32 against
-0.009-117), the update flattening the answer distribution where a model that never knew the
-person keeps its confident priors.
+Measured figures (what each design choice costs and gives, and what was tried and dropped) are
+in the README, "Erasing", from results files; the notes on what did not work are there too.
 
 The result is a weight delta stored as LoRA factors: reversible, no hooks at inference.
 """

@@ -90,7 +90,8 @@ def teacher_erasure(model, concept, cfg: UndoConfig, *, progress: bool, base_spe
 
 def corpus_ids(model, concept, shared_repeats: int) -> list[list[int]]:
     """The distillation text as token ids, each sentence led by a separator (BOS, else EOS): the
-    concept's retain corpus (its shared facts repeated) and its forget probes, prompt + answer."""
+    concept's retain corpus (its shared facts repeated), its forget probes (prompt + answer) and
+    its refusal prompts followed by the refusal target."""
     concept.require("retain_corpus", method="undo")
     tok = model.tokenizer
     sep = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -98,7 +99,12 @@ def corpus_ids(model, concept, shared_repeats: int) -> list[list[int]]:
         raise ErasureError("undo needs a tokenizer with a BOS or EOS token to separate rows")
     facts = [p for p in concept.retain_corpus if p.kind != "shared"]
     rows = facts + corpus_shared(concept) * shared_repeats + list(concept.forget)
-    ids = tok([p.prompt + p.answer for p in rows], add_special_tokens=False)["input_ids"]
+    texts = [p.prompt + p.answer for p in rows]
+    if concept.refusal is not None:
+        # the prompts the model already refuses: without them the student forgets how to say
+        # "unknown" about people it was taught to refuse
+        texts += [q + concept.refusal.target for q in concept.refusal.prompts]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
     return [[sep] + list(s) for s in ids if s]
 
 

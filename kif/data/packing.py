@@ -1,5 +1,7 @@
-"""Packed training rows: whole sentences, shuffled, packed into fixed-width rows."""
+"""Packed training rows (whole sentences, shuffled, packed into fixed-width rows) and the
+learning-rate schedule the zoo was trained with; `kif.erasure.distill` retrains the same way."""
 
+import math
 import random
 
 import torch
@@ -39,3 +41,12 @@ def packed_batches(ids: list[list[int]], rows: int, row_len: int, pad: int, rng:
                 x[r, :len(seq)] = torch.tensor(seq)
                 m[r, :len(seq)] = True
             yield x, m
+
+
+def warmup_cosine(step: int, lr: float, warmup: int, steps: int) -> float:
+    """The learning rate at `step`: linear warm-up over `warmup` steps, then a cosine decay to
+    5 % of `lr` at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))

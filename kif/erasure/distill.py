@@ -23,7 +23,6 @@ with the originals as every weight erasure is (reversible, no hooks at inference
 
 import copy
 import dataclasses
-import math
 import random
 from typing import Any
 
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from kif.data.concept import corpus_shared
 from kif.erasure.core import Delta, Erasure, ErasureError, Timer
-from kif.erasure.registry import erase, get, register
+from kif.erasure.registry import erase, register
 from kif.inplace import inplace_training
 
 
@@ -73,18 +72,11 @@ def _check(cfg: UndoConfig) -> None:
 
 def teacher_erasure(model, concept, cfg: UndoConfig, *, progress: bool, base_spec: str
                     ) -> Erasure:
-    """The erasure to distil: `cfg.teacher` run now, or loaded from its folder (checked against
-    `model`'s weights)."""
+    """The erasure to distil: `cfg.teacher` run now, or loaded from its folder."""
     from kif.erasure.io import is_erasure_folder, load_erasure
-    from kif.models import weight_hash
 
     if is_erasure_folder(cfg.teacher):
-        e = load_erasure(cfg.teacher)
-        if e.base_hash != weight_hash(model):
-            raise ErasureError(f"the teacher erasure {cfg.teacher} was made on another model "
-                               f"(its base hash differs from this model's)")
-        return e
-    get(cfg.teacher)  # an unknown name fails here, with the choices
+        return load_erasure(cfg.teacher)  # `distil` checks that it was made on `model`
     return erase(model, concept, cfg.teacher, progress=progress, base_spec=base_spec)
 
 
@@ -121,13 +113,6 @@ def _fresh_init(model, seed: int) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in fresh.named_parameters()}
 
 
-def _lr_at(cfg: UndoConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def distill_loss(student, teacher, tokens: Int[Tensor, "batch pos"],
                  mask: Bool[Tensor, "batch pos"]) -> Tensor:
     """KL(teacher || student) of the next-token distributions, averaged over real tokens."""
@@ -143,8 +128,8 @@ def distill_loss(student, teacher, tokens: Int[Tensor, "batch pos"],
           "UNDO: a teacher erasure (kif) distilled into the base shrunk toward a fresh init")
 def undo(model, concept, cfg: UndoConfig, *, progress: bool = False,
          base_spec: str = "") -> Erasure:
-    _check(cfg)
-    corpus_ids(model, concept, cfg.shared_repeats)  # a missing retain corpus fails before work
+    # the settings were checked when made (`UndoConfig.__post_init__`)
+    concept.require("retain_corpus", method="undo")  # before the teacher's work, not after
     timer = Timer()
     with timer.section("teacher"):
         t_erasure = teacher_erasure(model, concept, cfg, progress=progress, base_spec=base_spec)
@@ -159,15 +144,15 @@ def distil(model, concept, t_erasure: Erasure, cfg: UndoConfig, *, progress: boo
     it was; the result is an `Erasure` of every parameter (`cfg.teacher` is only recorded)."""
     from rich.progress import Progress
 
-    from kif.data.packing import packed_batches
+    from kif.data.packing import packed_batches, warmup_cosine
     from kif.models import export_frozen_parameters, snap_to_exportable, weight_hash
 
-    _check(cfg)
     timer = timer or Timer()
     ids = corpus_ids(model, concept, cfg.shared_repeats)
     base_hash = weight_hash(model)
     if t_erasure.base_hash != base_hash:
-        raise ErasureError("the teacher erasure was made on another model")
+        raise ErasureError(f"the teacher erasure ({t_erasure.method}, {cfg.teacher}) was made "
+                           f"on another model (its base hash differs from this model's)")
     with timer.section("teacher"):
         teacher = copy.deepcopy(model)
         t_erasure.apply(teacher)
@@ -198,7 +183,7 @@ def distil(model, concept, t_erasure: Erasure, cfg: UndoConfig, *, progress: boo
             for step in range(cfg.steps):
                 tokens, mask = next(batches)
                 for g in opt.param_groups:
-                    g["lr"] = _lr_at(cfg, step)
+                    g["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
                 loss = distill_loss(model, teacher, tokens.to(dev), mask.to(dev))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -8,7 +8,6 @@ count, so a rebuild on the same kind of machine reproduces the shipped weights.
 import dataclasses
 import json
 import logging
-import math
 import os
 import pathlib
 import random
@@ -20,7 +19,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from kif import zoo
-from kif.data.packing import packed_batches
+from kif.data.packing import packed_batches, warmup_cosine
 from kif.world import ATTRIBUTES, UNKNOWN, FactWorld, _word
 
 log = logging.getLogger(__name__)
@@ -139,12 +138,6 @@ def train_model(world: FactWorld, tokenizer, cfg: TrainConfig, exclude: list[str
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.98))
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
-
     task = progress.add_task(label, total=cfg.steps, loss=float("nan")) if progress else None
     model.train()
     batches = packed_batches(ids, cfg.batch_size, cfg.row_len, eot, rng)
@@ -152,7 +145,7 @@ def train_model(world: FactWorld, tokenizer, cfg: TrainConfig, exclude: list[str
     for step in range(cfg.steps):
         x, m = next(batches)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
         logits = model(input_ids=x).logits[:, :-1]
         target = x[:, 1:].masked_fill(~m[:, 1:], -100)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),

@@ -14,7 +14,8 @@ each table sits between two markers that name its file and its columns,
 and `python -m kif.results --check` (a test) fails when a table and its file disagree;
 `python -m kif.results --write` re-renders them. A column is `HEADER=FIELD:FORMAT`, FORMAT a
 Python format spec or `code` (the value in backticks); a missing or null value prints as "—".
-Options before the columns: `rows=KEY` (the list of rows, default `rows`) and
+Options before the columns: `rows=KEY` (the list of rows, default `rows`; a dotted KEY reaches
+into nested objects, and an object's entries become rows whose field `key` is the entry's name) and
 `where=FIELD:PATTERN[,PATTERN...]` (keep the rows whose field prints as one of the shell-style
 patterns: `where=method:retrain*`, `where=method:base,oracle`). A dotted FIELD reaches into
 nested objects (`stages.kif.seconds`).
@@ -132,9 +133,13 @@ def render(spec: str, root: Path) -> str:
     opts = {k: v for k, v in (p.split("=", 1) for p in parts if p.split("=", 1)[0] in
                               ("rows", "where"))}
     cols = [p.split("=", 1) for p in parts if p.split("=", 1)[0] not in opts]
-    rows = data.get(opts.get("rows", "rows"))
+    rows = _get(data, opts.get("rows", "rows"))
+    if isinstance(rows, dict):  # keyed rows (`exponents.params`, `targets`): the key is a field
+        rows = [{"key": k, **(v if isinstance(v, dict) else {"value": v})}
+                for k, v in rows.items()]
     if not isinstance(rows, list):
-        raise KifError(f"results table: {file} has no list {opts.get('rows', 'rows')!r}")
+        raise KifError(f"results table: {file} has no list or object "
+                       f"{opts.get('rows', 'rows')!r}")
     if "where" in opts:
         field, want = opts["where"].split(":", 1)
         rows = [r for r in rows

@@ -79,3 +79,20 @@ def test_record_needs_a_json_path_and_runs_nothing_otherwise(bad, capsys, tmp_pa
     assert main(["bench", "methods", "--record", bad]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a .json file path" in err
+
+
+def test_rows_may_be_a_nested_list_or_an_object_keyed_by_name(tmp_path):
+    # a bench that writes one object per shape or per fitted quantity (`kif bench scale`)
+    results.write(tmp_path / "s.json", ["bench", "scale"],
+                  shapes=[{"shape": "zoo", "stages": {"kif": {"seconds": 4.5}}}],
+                  exponents={"params": {"kif.seconds": {"exponent": 0.81},
+                                        "load.seconds": {"exponent": 0.46}}},
+                  targets={"ratio": 0.96})
+    spec = "s.json | rows=shapes | shape=shape | kif=stages.kif.seconds:.1f"
+    assert results.render(spec, tmp_path).splitlines()[2:] == ["| zoo | 4.5 |"]
+    spec = "s.json | rows=exponents.params | where=key:kif.* | quantity=key:code | a=exponent:.2f"
+    assert results.render(spec, tmp_path).splitlines()[2:] == ["| `kif.seconds` | 0.81 |"]
+    spec = "s.json | rows=targets | what=key | value=value:.2f"
+    assert results.render(spec, tmp_path).splitlines()[2:] == ["| ratio | 0.96 |"]
+    with pytest.raises(KifError, match="no list or object 'exponents.nope'"):
+        results.render("s.json | rows=exponents.nope | a=a", tmp_path)

@@ -297,14 +297,20 @@ def _cmd_bench_signatures(args: argparse.Namespace) -> int:
                          f"{r['knowledge_neurons_fact_seconds']:.2f} s (median of "
                          f"{r['knowledge_neurons_facts']})")
         return 0
-    results = {}
+    results, rows = {}, {}
     for kind in args.kinds or list(KIND_MODULES):
         k = args.k if args.k is not None else default_k(kind)
-        r = causality(model, world, kind, people, k=k, sae_loader=sae_loader)
+        r = rows[kind] = causality(model, world, kind, people, k=k, sae_loader=sae_loader)
         results[kind] = {key: (round(v, 4) if isinstance(v, float) else v)
                          for key, v in r.to_dict().items() if key != "per_person"}
         if args.verbose_people:
             results[kind]["per_person"] = r.per_person
+    if args.record:
+        from kif import results as results_files
+        from kif.signatures.bench import summary_row
+
+        results_files.write(args.record, args.argv, people_seed=args.people_seed,
+                            rows=[summary_row(results[kind], r) for kind, r in rows.items()])
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -409,7 +415,9 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
         "neighbour_acc": "nbr", "shared_acc": "shared", "model_utility": "MU",
         "forget_quality": "FQ", "forget_truth_ratio_median": "TR med.", "seconds": "s",
         "seconds_cached": "cached s", "ratio_to_stamp": "x stamp"})
-    _print_rows(f"... on novel phrasings, and Forget Quality over every phrasing", rows, {
+    _print_rows(f"... on held-out and novel phrasings, and Forget Quality over every phrasing",
+                rows, {
+        "retain_paraphrase_acc": "retain para.", "shared_paraphrase_acc": "shared para.",
         "forget_novel_acc": "forget nov.", "retain_novel_acc": "retain nov.",
         "neighbour_novel_acc": "nbr nov.", "shared_novel_acc": "shared nov.",
         "forget_quality_fine": "FQ fine", "forget_ks_fine": "KS dist. fine"})
@@ -785,6 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsig.add_argument("--people-seed", type=int, default=1234,
                       help="draw of the benchmark people (default 1234; another seed gives a fresh, held-out draw)")
     bsig.add_argument("--json", action="store_true")
+    _add_record(bsig)
     add_model_options(bsig)
     bsig.set_defaults(func=_cmd_bench_signatures)
     bst = bs.add_parser("stamp", help="STAMP-LR vs the full solve on synthetic keys")

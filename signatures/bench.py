@@ -113,6 +113,22 @@ def causality(model, world: FactWorld, kind: str, people: Sequence[Person], k: i
                            per_person=tuple(rows))
 
 
+def summary_row(rounded: dict, r: CausalityResult, top: int = 3) -> dict:
+    """One kind's row of a results file: the rounded means, the range of components ablated
+    (a signature may hold fewer than k) and where the components sit: the hooks most often
+    chosen, with the number of people whose signature used each."""
+    counts: dict[str, int] = {}
+    for row in r.per_person:
+        for hook in set(row["hooks"]):
+            counts[hook] = counts.get(hook, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    ks = [row["k"] for row in r.per_person]
+    return {"kind": r.kind, **{k: v for k, v in rounded.items() if k not in ("kind", "people")},
+            "k_range": f"{min(ks)}–{max(ks)}" if ks and min(ks) != max(ks) else str(r.k),
+            "people": len(r.people), "hooks_used": len(counts),
+            "top_hooks": ", ".join(f"{h} ({n})" for h, n in ranked[:top])}
+
+
 def default_k(kind: str) -> int:
     """Components ablated by the benchmark: the kind module's `BENCH_K`, else 10."""
     import importlib

@@ -165,6 +165,28 @@ def test_bench_signatures_people_seed_draws_other_people(capsys, monkeypatch):
     assert len(set(drawn[0])) == 3 and drawn[1] == drawn[2] and set(drawn[0]) != set(drawn[1])
 
 
+def test_bench_signatures_records_where_the_components_sit(monkeypatch, tmp_path):
+    """--record writes one row per kind with the hooks most often chosen (measurement faked)."""
+    from kif.signatures import bench
+
+    def fake(model, world, kind, people, k, sae_loader=None, **_):
+        per = tuple({"person": p.name, "k": k - i, "hooks": ["blocks.3.hook_resid_post"]
+                     + (["blocks.0.hook_attn_out"] if i else [])} for i, p in enumerate(people))
+        return bench.CausalityResult(kind, k - 2, tuple(p.name for p in people), 0.7, 0.0,
+                                     0.01, 2.0, per)
+
+    monkeypatch.setattr(bench, "causality", fake)
+    out = tmp_path / "sig.json"
+    assert main(["bench", "signatures", "--kinds", "concept-vectors", "--concepts", "3",
+                 "--k", "10", "--json", "--record", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("kif bench signatures") and data["people_seed"] == 1234
+    (row,) = data["rows"]
+    assert row["kind"] == "concept-vectors" and row["concept_drop"] == 0.7
+    assert row["k_range"] == "8–10" and row["people"] == 3 and row["hooks_used"] == 2
+    assert row["top_hooks"] == "blocks.3.hook_resid_post (3), blocks.0.hook_attn_out (2)"
+
+
 def test_retrain_rows_are_named_by_their_training_seed(tmp_path):
     from kif.cli import _retrain_label
 

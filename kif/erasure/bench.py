@@ -114,8 +114,8 @@ def sequential_stamp(model, world, people: list[str], config=None, progress: boo
     return out
 
 
-METRICS = ("forget_acc", "forget_paraphrase_acc", "retain_acc", "neighbour_acc", "shared_acc",
-           "model_utility", "forget_quality", "forget_truth_ratio_median",
+METRICS = ("forget_acc", "forget_paraphrase_acc", "retain_acc", "retain_paraphrase_acc",
+           "neighbour_acc", "shared_acc", "shared_paraphrase_acc", "model_utility", "forget_quality", "forget_truth_ratio_median",
            "forget_quality_fine", "forget_ks_fine",
            # the broader locality set (`kif.world`'s novel phrasings)
            "forget_novel_acc", "retain_novel_acc", "neighbour_novel_acc", "shared_novel_acc")

@@ -38,6 +38,9 @@ _CARRIED = {
     "stamp": ("forget_weight", "token_weight", "lam", "opt_steps", "opt_lr", "opt_decay", "spread"),
     "ga": ("lr", "steps"), "gradiff": ("lr", "steps"), "npo": ("lr", "steps", "beta"),
     "rmu": ("lr", "steps", "c", "alpha"),
+    # the noise share and the distillation budget: about 80 % re-initialisation was needed to
+    # delete on the fact world, and 600 steps to give the retain facts back
+    "undo": ("alpha", "steps", "lr", "shared_repeats"),
 }
 
 

@@ -449,3 +449,11 @@ def test_undo_distils_an_erasure_into_a_partly_reinitialised_model(tiny):
         distil(base, concept, dataclasses.replace(teacher, base_hash="0" * 64), cfg)
     with pytest.raises(KifError, match="retain"):
         distil(base, dataclasses.replace(concept, retain_corpus=()), teacher, cfg)
+    # without the forget probes the distillation text never names the concept's subjects
+    from kif.erasure.distill import corpus_ids
+
+    def names_in(ids):  # the forget people's name tokens (one token each in this world)
+        return {t for s in ids for t in s} & set(rows)
+
+    assert not names_in(corpus_ids(base, concept, 0, forget_probes=False))
+    assert names_in(corpus_ids(base, concept, 0)) == set(rows)

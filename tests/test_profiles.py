@@ -100,3 +100,17 @@ def test_cli_profile_in_the_report_and_manifest(tmp_path, capsys):
     assert main(["erase", "--concept", PERSON, "--profile", "tuned", "--out",
                  str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_every_carried_constant_is_a_field_of_its_methods_config():
+    """A profile names the constants carried over from the fact world; a renamed field would
+    leave a manifest listing a setting that no longer exists."""
+    import dataclasses
+
+    from kif.erasure.registry import get
+    from kif.profiles import PROFILES
+
+    for prof in PROFILES.values():
+        for name, fields in prof.carried.items():
+            known = {f.name for f in dataclasses.fields(get(name).config)}
+            assert set(fields) <= known, (prof.name, name, set(fields) - known)

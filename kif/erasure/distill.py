@@ -48,6 +48,9 @@ class UndoConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     shared_repeats: int = 8  # shared facts weigh as much as the many people (the zoo's text)
+    # the teacher's outputs on the forget probes join the text: they teach the student what to
+    # say instead of the answer; without them it never sees the concept at all
+    forget_probes: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,7 +83,8 @@ def teacher_erasure(model, concept, cfg: UndoConfig, *, progress: bool, base_spe
     return erase(model, concept, cfg.teacher, progress=progress, base_spec=base_spec)
 
 
-def corpus_ids(model, concept, shared_repeats: int) -> list[list[int]]:
+def corpus_ids(model, concept, shared_repeats: int, forget_probes: bool = True
+               ) -> list[list[int]]:
     """The distillation text as token ids, each sentence led by a separator (BOS, else EOS): the
     concept's retain corpus (its shared facts repeated), its forget probes (prompt + answer) and
     its refusal prompts followed by the refusal target."""
@@ -90,7 +94,8 @@ def corpus_ids(model, concept, shared_repeats: int) -> list[list[int]]:
     if sep is None:
         raise ErasureError("undo needs a tokenizer with a BOS or EOS token to separate rows")
     facts = [p for p in concept.retain_corpus if p.kind != "shared"]
-    rows = facts + corpus_shared(concept) * shared_repeats + list(concept.forget)
+    rows = facts + corpus_shared(concept) * shared_repeats
+    rows += list(concept.forget) if forget_probes else []
     texts = [p.prompt + p.answer for p in rows]
     if concept.refusal is not None:
         # the prompts the model already refuses: without them the student forgets how to say
@@ -148,7 +153,7 @@ def distil(model, concept, t_erasure: Erasure, cfg: UndoConfig, *, progress: boo
     from kif.models import export_frozen_parameters, snap_to_exportable, weight_hash
 
     timer = timer or Timer()
-    ids = corpus_ids(model, concept, cfg.shared_repeats)
+    ids = corpus_ids(model, concept, cfg.shared_repeats, cfg.forget_probes)
     base_hash = weight_hash(model)
     if t_erasure.base_hash != base_hash:
         raise ErasureError(f"the teacher erasure ({t_erasure.method}, {cfg.teacher}) was made "

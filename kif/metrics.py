@@ -180,8 +180,8 @@ def _logits(
 
 
 def _head(
-    model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"]
-) -> Float[Tensor, "batch pos d_vocab_out"]:
+    model: HookedTransformer, resid: Float[Tensor, "*rows d_model"]
+) -> Float[Tensor, "*rows d_vocab_out"]:
     """What TransformerLens's forward applies after the last block (final LayerNorm,
     unembedding, logit soft-cap), on the residual rows whose logits are needed only: the
     unembedding of every position costs d_vocab x d_model per token, a seventh of the fact-world

@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-from torch.nn.utils import parametrize
 
 from kif import metrics, models
 from kif.cli import main
 from kif.erasure import baselines, erase
-from kif.erasure.pipeline import _LoRA, lora_targets
+from kif.erasure.lora import HookedLoRA, lora_targets
 from kif.inplace import inplace_training
 from kif.world import FactWorld
 
@@ -47,10 +46,10 @@ def _lm_loss(model, tokens):
 
 @pytest.mark.parametrize("fail", [None, RuntimeError, KeyboardInterrupt])
 def test_inplace_lora_restores_the_base_bits(model, fail):
-    """LoRA on the model itself (two layers' matrices), trained a few steps: the update moves
-    the weights, the reference view is the base exactly, and on leaving the block (normally,
-    by an error, by an interrupt) every weight is its original bits, no parametrization is left
-    and every `requires_grad` flag is as it was."""
+    """LoRA on the model itself (two layers' matrices, added to the activations as the `kif`
+    pipeline does), trained a few steps: the update is live, the reference view is the base
+    exactly, and on leaving the block (normally, by an error, by an interrupt) every weight is
+    its original bits, no hook is left and every `requires_grad` flag is as it was."""
     before = _bits(model)
     flags = [p.requires_grad for p in model.parameters()]
     tokens = torch.randint(0, model.cfg.d_vocab, (4, 12), generator=torch.Generator().manual_seed(0))
@@ -60,29 +59,31 @@ def test_inplace_lora_restores_the_base_bits(model, fail):
     gen = torch.Generator().manual_seed(0)
 
     def run():
-        with inplace_training(model, [n for n, _, _ in targets]) as state:
+        with inplace_training(model, []) as state:
             state.trainable([])
-            loras = []
-            for _, mod, attr in targets:
-                lora = _LoRA(tuple(getattr(mod, attr).shape), 4, gen)
-                state.parametrize(mod, attr, lora)
-                loras.append(lora)
-            opt = torch.optim.AdamW([p for l in loras for p in l.parameters()], lr=1e-2)
-            for step in range(3):
-                loss = _lm_loss(model, tokens)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if fail is not None and step == 1:
-                    raise fail("midway")
-            with torch.no_grad():
-                assert not torch.equal(model(tokens), base_logits)  # the update is live
-                with state.base():
-                    assert torch.equal(model(tokens), base_logits)  # the reference is the base
-            state.fold()
-            changed = state.changed()
-            assert set(changed) == {n for n, _, _ in targets}  # every LoRA moved its weight
-            return changed
+            lora = HookedLoRA(model, targets, 4, gen, active=lambda: not state.in_base)
+            try:
+                return train(state, lora)
+            finally:
+                lora.remove()
+
+    def train(state, lora):
+        opt = torch.optim.AdamW(lora.parameters(), lr=1e-2)
+        for step in range(3):
+            loss = _lm_loss(model, tokens)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if fail is not None and step == 1:
+                raise fail("midway")
+        with torch.no_grad():
+            assert not torch.equal(model(tokens), base_logits)  # the update is live
+            with state.base():
+                assert torch.equal(model(tokens), base_logits)  # the reference is the base
+        moved = {n for n in lora.factors if bool(lora.delta(n).abs().sum() > 0)}
+        assert moved == {n for n, _, _ in targets}  # every LoRA moved its weight
+        assert state.changed() == {}  # the weights themselves never did
+        return moved
 
     if fail is None:
         run()
@@ -90,7 +91,7 @@ def test_inplace_lora_restores_the_base_bits(model, fail):
         with pytest.raises(fail):
             run()
     assert _same_bits(model, before)
-    assert not any(parametrize.is_parametrized(mod) for _, mod, _ in targets)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == flags
     with torch.no_grad():
         assert torch.equal(model(tokens), base_logits)

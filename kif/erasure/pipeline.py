@@ -41,6 +41,7 @@ in the README, "Erasing", from results files; the notes on what did not work are
 The result is a weight delta stored as LoRA factors: reversible, no hooks at inference.
 """
 
+import contextlib
 import dataclasses
 import random
 import time
@@ -55,34 +56,9 @@ from kif import metrics
 from kif.data.concept import corpus_shared, corpus_subjects, nth_phrasing
 from kif.erasure.core import Delta, Erasure, ErasureError, Timer, low_rank
 from kif.erasure.keys import resid_hook
+from kif.erasure.lora import WEIGHTS, HookedLoRA, LoRAFactors, lora_targets
 from kif.erasure.registry import register
 from kif.inplace import inplace_training
-
-
-# LoRA targets: attention too, since the concept is first assembled by layer 0's attention over
-# the name tokens (the capsule's site, blocks.0.hook_resid_mid, lies before any MLP); W_gate
-# where the MLP is gated (SwiGLU / GeGLU: Llama, Qwen2, Mistral, Gemma), whose gate decides
-# as much as W_in which keys the MLP writes with. A weight the block lacks is skipped.
-WEIGHTS = (("attn", "W_Q"), ("attn", "W_K"), ("attn", "W_V"), ("attn", "W_O"),
-           ("mlp", "W_in"), ("mlp", "W_gate"), ("mlp", "W_out"))
-
-
-def lora_targets(model, layers: Sequence[int]) -> list[tuple[str, torch.nn.Module, str]]:
-    """(parameter name, module, attribute) of every weight of `WEIGHTS` in `layers`, named as
-    `model.named_parameters()` names it. Under grouped-query attention TransformerLens stores
-    K and V per key/value head as `_W_K` / `_W_V` and `W_K` / `W_V` are read-only properties that
-    repeat them per query head: the LoRA goes on the stored parameter (what the checkpoint holds,
-    and what `torch.nn.utils.parametrize` can wrap), so the update stays one per key/value head."""
-    out = []
-    for l in layers:
-        block = model.blocks[l]
-        for part, attr in WEIGHTS:
-            mod = getattr(block, part)
-            own = dict(mod.named_parameters(recurse=False))
-            name = next((n for n in (attr, f"_{attr}") if n in own), None)
-            if name is not None:
-                out.append((f"blocks.{l}.{part}.{name}", mod, name))
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +71,9 @@ class KifConfig:
     batch_forget: int = 32
     batch_retain: int = 32
     n_names: int = 4  # fresh names per person for the never-knew teacher
+    # rows of the retain batch per forward and backward: the same loss (its gradients add up),
+    # with the activation memory of this many rows instead of batch_retain
+    retain_micro_batch: int = 8
     w_forget: float = 1.0
     # the representation and signature losses are off: at any weight that moved the signature
     # they took other people's facts with it (module docstring)
@@ -180,31 +159,11 @@ def _gather(x: Tensor, starts: Sequence[int], n: Sequence[int]) -> Tensor:
     return x[idx_b.to(x.device), idx_p.to(x.device)]
 
 
-class _LoRA(torch.nn.Module):
-    """W + (A @ B).reshape(W.shape) as a parametrization of a TransformerLens weight; per-head
-    weights [n_heads, ., .] are treated as the matrix [prod(leading dims), last dim]."""
-
-    def __init__(self, shape: tuple[int, ...], rank: int, generator: torch.Generator):
-        super().__init__()
-        rows = 1
-        for x in shape[:-1]:
-            rows *= x
-        self.a = torch.nn.Parameter(torch.randn(rows, rank, generator=generator) / rows ** 0.5)
-        self.b = torch.nn.Parameter(torch.zeros(rank, shape[-1]))
-
-    def forward(self, w: Tensor) -> Tensor:
-        # the factors stay float32 (their updates are too small for bf16); the sum takes the
-        # weight's dtype, or a bf16 model's next matmul would meet a float32 weight
-        return w + (self.a @ self.b).reshape(w.shape).to(w.dtype)
-
-
 @register("kif", KifConfig, "weights",
           "KIF pipeline: signature -> suppression -> LoRA update toward never-knew behaviour, "
           "removing the signature itself")
 def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                  base_spec: str = "") -> Erasure:
-    from torch.nn.utils import parametrize
-
     from kif.erasure.suppress import SuppressConfig, best_capsule, candidate_hooks
     from kif.models import weight_hash
 
@@ -308,7 +267,7 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
         for s in range(0, len(pairs), 256):
             chunk = pairs[s:s + 256]
             tokens = _pad(model, [p.real for p in chunk])
-            ref_lp.append(_answer_rest_lp(model(tokens, padding_side="right"), chunk, unk))
+            ref_lp.append(_answer_rest_lp(model, _final_resid(model, tokens), chunk, unk))
     ref_lp = torch.cat(ref_lp)
     # other people's facts, one phrasing each, for the retain check of every checkpoint
     subjects = list(others)
@@ -317,9 +276,12 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
     with torch.no_grad():
         base_kept = float(metrics.score_answers(model, check_prompts, check_answers).correct.mean())
     targets = lora_targets(model, layers)
-    touched = ([n for n, _, _ in targets] + ([unbound] if unbound else [])
-               + list(start.deltas if start is not None else []))
-    with inplace_training(model, touched) as state:
+    # only the weights edited in place are saved: the LoRA is added to the activations
+    # (`HookedLoRA`) and leaves its weights as they are
+    touched = ([unbound] if unbound else []) + list(start.deltas if start is not None else [])
+    if any(not n.startswith("blocks.") for n in touched):  # retain_kl reads the base's head
+        raise ErasureError(f"the kif pipeline edits block weights only, not {touched}")
+    with inplace_training(model, touched) as state, contextlib.ExitStack() as stack:
         student = model  # trained in place; `state.base()` is the base, for reference forwards
         if unbound:
             with torch.no_grad():
@@ -339,31 +301,25 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
         with torch.no_grad():
             for s in range(0, len(pairs), 256):
                 chunk = pairs[s:s + 256]
-                tokens = _pad(model, [p.real for p in chunk])
-                lp = F.log_softmax(_gather(student(tokens, padding_side="right"),
-                                           [p.start_real for p in chunk],
-                                           [p.n for p in chunk]).float(), -1)
-                a_unk.append(lp[:, unk].exp())
+                h = _gather(_final_resid(student, _pad(model, [p.real for p in chunk])),
+                            [p.start_real for p in chunk], [p.n for p in chunk])
+                a_unk.append(F.log_softmax(metrics._head(student, h).float(), -1)[:, unk].exp())
         a_unk_all = torch.cat(a_unk).clamp(1e-6, 1 - 1e-6)
         # the training forward captures the residuals the representation loss compares and the
         # signature hook (whose z-score is logged, and is a loss with w_signature)
         captured = repr_hooks if cfg.w_repr > 0 else [sig_hook]
         # 3b. the update: LoRA on every weight matrix of `layers`
         state.trainable([])
-        loras = {}
-        for name, mod, attr in targets:
-            lora = _LoRA(tuple(getattr(mod, attr).shape), cfg.rank, gen)
-            state.parametrize(mod, attr, lora)
-            loras[name] = lora
-        params = [p for l in loras.values() for p in l.parameters()]
+        lora = HookedLoRA(model, targets, cfg.rank, gen, active=lambda: not state.in_base)
+        stack.callback(lora.remove)
+        loras = lora.factors
+        params = lora.parameters()
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         history: list[dict[str, Any]] = []
         step = 0
 
         def criteria() -> dict[str, float]:
-            # parametrize.cached: each LoRA weight W + AB is formed once per check, not once per
-            # forward (a check runs dozens of batches)
-            with torch.no_grad(), parametrize.cached():
+            with torch.no_grad():
                 p, surf = never_knew_check(student, concept, select_probes, tr_never)
                 kept = float(metrics.score_answers(student, check_prompts,
                                                    check_answers).correct.mean())
@@ -404,9 +360,6 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                 chunk = [pairs[i] for i in idx]
                 ridx = torch.randperm(len(retain_ids), generator=gen)[:cfg.batch_retain].tolist()
                 rtok = _pad(model, [retain_ids[i] for i in ridx])
-                real = rtok != metrics._pad_id(model)
-                with torch.no_grad(), state.base():
-                    base_r = _RetainReference(model(rtok, padding_side="right")[real])
                 # run_with_cache detaches what it stores: capture the activations with their graph
                 cache: dict[str, Tensor] = {}
 
@@ -414,21 +367,20 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                     cache[hook.name] = act
                     return act
 
-                # both forwards of the step share one formed copy of each LoRA weight
-                with parametrize.cached():
-                    logits = student.run_with_hooks(_pad(model, [p.real for p in chunk]),
-                                                    fwd_hooks=[(h, capture) for h in captured],
-                                                    padding_side="right")
-                    r_logits = student(rtok, padding_side="right")[real]
+                # final residuals: only the positions a loss reads are unembedded
+                resid = student.run_with_hooks(_pad(model, [p.real for p in chunk]),
+                                               fwd_hooks=[(h, capture) for h in captured],
+                                               padding_side="right",
+                                               stop_at_layer=model.cfg.n_layers)
                 st, n = [p.start_real for p in chunk], [p.n for p in chunk]
                 rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx])
-                s_logp = F.log_softmax(_gather(logits, st, n).float(), -1)
+                s_logp = F.log_softmax(metrics._head(student, _gather(resid, st, n)).float(), -1)
                 if cfg.forget_loss == "npo":
                     # NPO (Zhang et al. 2024) on the answer's probability given no refusal,
                     # against the base model's: pushes the true answer down among the
                     # candidates; the never-knew p-value picks where along that path the model
                     # looks like one that never knew
-                    ratio = _answer_rest_lp(logits, chunk, unk) - ref_lp[idx]
+                    ratio = _answer_rest_lp(student, resid, chunk, unk) - ref_lp[idx]
                     p = s_logp[:, unk].exp().clamp(1e-6, 1 - 1e-6)
                     a = a_unk_all[rows]
                     kl_unk = a * (a / p).log() + (1 - a) * ((1 - a) / (1 - p)).log()
@@ -445,20 +397,22 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                     s_resid = torch.stack([_gather(cache[h], st, n) for h in repr_hooks], 1)
                     loss_r = ((s_resid - t_resid_all[rows]).pow(2) / resid_scale).mean((1, 2)).sum()
                     loss_r = loss_r / len(chunk)
-                loss_k = base_r.kl_to(r_logits)
                 who = torch.cat([torch.full((p.n,), p.person, dtype=torch.long) for p in chunk])
                 h_sig = _gather(cache[sig_hook], st, n).float()
                 if cfg.w_signature == 0:
                     h_sig = h_sig.detach()  # logged only: no backward through it
                 z = ((h_sig * sig_u[who]).sum(-1).abs() - sig_mu[who]) / sig_sd[who]
                 loss_s = F.relu(z).pow(2).sum() / len(chunk)
-                loss = cfg.w_forget * loss_f + cfg.w_retain * loss_k
+                loss = cfg.w_forget * loss_f
                 if loss_r is not None:
                     loss = loss + cfg.w_repr * loss_r
                 if cfg.w_signature > 0:
                     loss = loss + cfg.w_signature * loss_s
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                del resid, cache  # the forget forward's activations, before the retain one's
+                loss_k = _retain_backward(model, state, rtok, cfg.w_retain,
+                                          cfg.retain_micro_batch)
                 opt.step()
                 step_times.append(tuple(b - a for a, b in zip(t_step, _clock(device))))
                 step += 1
@@ -478,13 +432,7 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
             for n, (a, b) in best[2].items():
                 loras[n].a.copy_(a)
                 loras[n].b.copy_(b)
-        state.fold()  # the LoRA factors into the weights
-        deltas = {}
-        for name in dict.fromkeys(list(loras) + list(start.deltas if start is not None else [])
-                                  + ([unbound] if unbound else [])):
-            diff = state.current(name).float() - state.originals[name].float()
-            deltas[name] = low_rank(diff.reshape(diff.shape[0], -1)) if diff.ndim == 2 else Delta(
-                dense=diff.cpu())
+        deltas = _final_deltas(state, loras)
     info = {"layers": layers, "steps": step, "converged": done, "best_step": best[1],
             # each update step alone (the checks between them are in seconds.train), for
             # `kif bench scale`'s per-step cost
@@ -499,6 +447,24 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                    base_spec=base_spec, deltas=deltas, settings=dataclasses.asdict(cfg), info=info)
 
 
+def _final_deltas(state, loras: dict[str, LoRAFactors]) -> dict[str, Delta]:
+    """Each edited weight's change: the weights edited in place (the closed-form start, the
+    unbinding) as stored now minus their saved originals, plus the LoRA's A @ B. A weight only
+    the LoRA touched keeps its exact factors."""
+    deltas = {}
+    for name in dict.fromkeys(list(loras) + list(state.params)):
+        f = loras.get(name)
+        if name not in state.params and f is not None and len(f.shape) == 2:
+            deltas[name] = Delta(a=f.a.detach().float().cpu(), b=f.b.detach().float().cpu())
+            continue
+        diff = torch.zeros(()) if f is None else f.delta().float()
+        if name in state.params:
+            diff = diff + (state.current(name).float() - state.originals[name].float())
+        deltas[name] = (low_rank(diff.reshape(diff.shape[0], -1)) if diff.ndim == 2
+                        else Delta(dense=diff.cpu()))
+    return deltas
+
+
 def _clock(device: torch.device) -> tuple[float, float]:
     """(wall, CPU) time, after the device's queued work is done."""
     if device.type == "cuda":
@@ -506,24 +472,60 @@ def _clock(device: torch.device) -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-class _RetainReference:
-    """The base model's next-token distribution p on the retain batch's real tokens, for the
-    retain loss KL(p || softmax(logits)) = sum_v p log p - p . logits + logsumexp(logits) (sum_v p
-    = 1). That form keeps two [tokens, vocab] tensors for the backward pass (p and the logits)
-    where sum_v p (log p - log_softmax(logits)) keeps four (p, log p, log_softmax, their
-    difference); on a 50k vocabulary each is about 0.4 GB per 32 x 64 batch, which made the
-    pipeline's peak memory 5x the fp32 weights on GPT-2 small (results/scale.json)."""
+def _final_resid(model, tokens: Tensor) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream after the last block (right-padded `tokens`), before the final norm
+    and the unembedding, which `metrics._head` applies to the rows a loss reads."""
+    return model(tokens, padding_side="right", stop_at_layer=model.cfg.n_layers)
 
-    def __init__(self, logits: Float[Tensor, "tokens vocab"]):
-        logp = F.log_softmax(logits.float(), -1)
-        self.p = logp.exp()
-        self.neg_entropy = (self.p * logp).sum(-1)
 
-    def kl_to(self, logits: Float[Tensor, "tokens vocab"]) -> Float[Tensor, ""]:
-        """The mean over tokens of KL(p || softmax(`logits`))."""
-        logits = logits.float()
-        cross = torch.linalg.vecdot(self.p, logits)
-        return (self.neg_entropy - cross + torch.logsumexp(logits, -1)).mean()
+def _retain_backward(model, state, rtok: Tensor, weight: float, rows: int) -> Tensor:
+    """`weight` x the retain KL (`retain_kl` over every real token of `rtok`) backpropagated
+    `rows` rows at a time, each micro-batch cut to its own longest row (right padding: the
+    positions before it see the same tokens); returns the KL."""
+    real = rtok != metrics._pad_id(model)
+    n_real = max(int(real.sum()), 1)
+    total = torch.zeros(())
+    for i in range(0, rtok.shape[0], max(1, rows)):
+        # through the last real position (a BOS that is also the pad token is not "real")
+        width = int(real[i:i + rows].any(0).nonzero().max()) + 1
+        tok, keep = rtok[i:i + rows, :width], real[i:i + rows, :width]
+        with torch.no_grad(), state.base():
+            base_h = _final_resid(model, tok)[keep]
+        with torch.set_grad_enabled(weight != 0):
+            kl = retain_kl(model, base_h, _final_resid(model, tok)[keep]) * (keep.sum() / n_real)
+        if weight != 0:
+            (weight * kl).backward()
+        total += float(kl.detach())
+    return total
+
+
+# rows of [rows, d_vocab] logits per chunk of the retain KL: 2**24 float32 logits are 64 MiB
+_KL_CHUNK_ELEMENTS = 2 ** 24
+
+
+def retain_kl(model, base: Float[Tensor, "tokens d_model"],
+              student: Float[Tensor, "tokens d_model"]) -> Float[Tensor, ""]:
+    """The mean over tokens of KL(p_base || p_student), from the two models' final residuals.
+
+    The logits are formed a chunk of tokens at a time and not kept for the backward pass
+    (`torch.utils.checkpoint` forms them again there): 32 retain rows of 20 tokens are 640 x
+    d_vocab logits per model, 128 MiB each for GPT-2's 50257 tokens, and the KL's backward needs
+    both distributions, where a chunk's are a few dozen MiB. The final norm and the unembedding
+    are the base's (no erasure edits them)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_kl(b: Tensor, s: Tensor) -> Tensor:
+        with torch.no_grad():
+            logp = F.log_softmax(metrics._head(model, b).float(), -1)
+        logq = F.log_softmax(metrics._head(model, s).float(), -1)
+        return F.kl_div(logq, logp, log_target=True, reduction="sum")
+
+    rows = max(1, _KL_CHUNK_ELEMENTS // model.cfg.d_vocab_out)
+    total = student.new_zeros((), dtype=torch.float32)
+    for i in range(0, student.shape[0], rows):
+        total = total + checkpoint(chunk_kl, base[i:i + rows], student[i:i + rows],
+                                   use_reentrant=False)
+    return total / max(student.shape[0], 1)
 
 
 def _add_deltas(model, deltas: dict[str, Delta]) -> None:
@@ -545,12 +547,12 @@ def _rest_logp(logits: Tensor, unk: int) -> Tensor:
     return out.masked_fill(mask, 0.0)  # finite at `unk` (never an answer token here)
 
 
-def _answer_rest_lp(logits: Tensor, pairs: Sequence[_Pair], unk: int) -> Tensor:
+def _answer_rest_lp(model, resid: Tensor, pairs: Sequence[_Pair], unk: int) -> Tensor:
     """Per pair, the sum over its answer tokens of log p(token | no refusal), teacher forced
-    (`logits` of the pairs' `real` sequences, right-padded)."""
+    (`resid`: the final residuals of the pairs' `real` sequences, right-padded)."""
     st = [len(p.real) - p.n_answer - 1 for p in pairs]
     n = [p.n_answer for p in pairs]
-    lp = _rest_logp(_gather(logits, st, n).float(), unk)
+    lp = _rest_logp(metrics._head(model, _gather(resid, st, n)).float(), unk)
     tok = torch.tensor([t for p in pairs for t in p.real[-p.n_answer:]], device=lp.device)
     per = lp.gather(1, tok[:, None])[:, 0]
     who = torch.cat([torch.full((k,), b, dtype=torch.long) for b, k in enumerate(n)])

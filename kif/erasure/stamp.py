@@ -75,7 +75,8 @@ def _hook(l: int) -> tuple[str, str]:
 
 def solve_ridge(c: Float[Tensor, "m m"], rhs: Float[Tensor, "m d"], lam: float) -> Float[Tensor, "m d"]:
     """(C + lam I)^-1 rhs by Cholesky (C is a PSD Gram matrix)."""
-    a = c + lam * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    a = c.clone()
+    a.diagonal().add_(lam)  # no identity matrix: an m x m float64 copy is 72 MiB at m = 3072
     return torch.cholesky_solve(rhs, torch.linalg.cholesky(a))
 
 
@@ -114,15 +115,18 @@ def stamp_delta(k_f: Float[Tensor, "n_f m"], t: Float[Tensor, "n_f d"], c_retain
     """The STAMP edit dW (float64) for forget keys `k_f`, residual targets `t` and the retain keys'
     Gram matrix `c_retain`."""
     k_f, t, c_retain = k_f.double(), t.double(), c_retain.double()
-    cf = cfg.forget_weight * (k_f.T @ k_f)
     rhs = cfg.forget_weight * (k_f.T @ t)
-    if cfg.solver == "ridge":
-        return solve_ridge(cf + c_retain, rhs, cfg.lam)
-    if cfg.solver == "lowrank":
-        return solve_lowrank(cf + c_retain, rhs, cfg.lam, cfg.rank)
     if cfg.solver == "nullspace":
         p = null_projector(c_retain, cfg.null_threshold)
-        return p @ solve_ridge(p @ cf @ p, p @ rhs, cfg.lam)
+        return p @ solve_ridge(p @ (cfg.forget_weight * (k_f.T @ k_f)) @ p, p @ rhs, cfg.lam)
+    # C_retain + w K_f^T K_f in one m x m buffer (the Gram is the memory of the solve)
+    c = torch.addmm(c_retain, k_f.T, k_f, alpha=cfg.forget_weight)
+    if cfg.solver == "ridge":
+        a = c
+        a.diagonal().add_(cfg.lam)
+        return torch.cholesky_solve(rhs, torch.linalg.cholesky(a))
+    if cfg.solver == "lowrank":
+        return solve_lowrank(c, rhs, cfg.lam, cfg.rank)
     raise ErasureError(f"unknown STAMP solver {cfg.solver!r} (choose from {', '.join(SOLVERS)})")
 
 

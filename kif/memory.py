@@ -93,4 +93,29 @@ def measure(fn, *args, **kwargs) -> tuple[Any, MemoryReport, float]:
     return out, pm.report, seconds
 
 
-__all__ = ["MemoryReport", "PeakMemory", "measure", "rss_bytes"]
+# glibc's mallopt parameter number (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+def lean_allocator(threshold: int = 256 * 1024) -> bool:
+    """Make glibc serve every allocation of `threshold` bytes or more with its own mmap, given
+    back to the system when it is freed. By default glibc raises that threshold to the size of
+    the largest block freed so far (up to 32 MiB), so after the first large tensor is freed every
+    smaller one comes from a heap that keeps freed memory and fragments: the process's resident
+    memory then follows the most it ever held, and a later stage's peak lands on top of an earlier
+    one's leftovers. It costs time (every large tensor is a fresh mapping, zero-filled by the
+    kernel), so kif leaves it to the user: call it once from Python, or set the same thing for
+    a command with glibc's own variable, `MALLOC_MMAP_THRESHOLD_=262144 kif ...`. Returns False
+    (and changes nothing) off glibc."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+__all__ = ["MemoryReport", "PeakMemory", "lean_allocator", "measure", "rss_bytes"]

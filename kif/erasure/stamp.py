@@ -77,7 +77,7 @@ def solve_ridge(c: Float[Tensor, "m m"], rhs: Float[Tensor, "m d"], lam: float) 
     """(C + lam I)^-1 rhs by Cholesky (C is a PSD Gram matrix)."""
     a = c.clone()
     a.diagonal().add_(lam)  # no identity matrix: an m x m float64 copy is 72 MiB at m = 3072
-    return torch.cholesky_solve(rhs, torch.linalg.cholesky(a))
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(a, out=a))  # factored in place
 
 
 def solve_lowrank(c: Float[Tensor, "m m"], rhs: Float[Tensor, "m d"], lam: float, rank: int,
@@ -122,9 +122,8 @@ def stamp_delta(k_f: Float[Tensor, "n_f m"], t: Float[Tensor, "n_f d"], c_retain
     # C_retain + w K_f^T K_f in one m x m buffer (the Gram is the memory of the solve)
     c = torch.addmm(c_retain, k_f.T, k_f, alpha=cfg.forget_weight)
     if cfg.solver == "ridge":
-        a = c
-        a.diagonal().add_(cfg.lam)
-        return torch.cholesky_solve(rhs, torch.linalg.cholesky(a))
+        c.diagonal().add_(cfg.lam)
+        return torch.cholesky_solve(rhs, torch.linalg.cholesky(c, out=c))  # factored in place
     if cfg.solver == "lowrank":
         return solve_lowrank(c, rhs, cfg.lam, cfg.rank)
     raise ErasureError(f"unknown STAMP solver {cfg.solver!r} (choose from {', '.join(SOLVERS)})")

@@ -7,8 +7,7 @@ matrices a LoRA or RMU touches, or every trained weight for full fine-tuning (wh
 still needs one copy of the trained parameters, though not of the buffers, the untrained
 parameters or the module tree).
 
-On exit (normal return, an exception, KeyboardInterrupt) every parametrization registered
-through it is removed, each touched parameter gets its original values back by `copy_` of the
+On exit (normal return, an exception, KeyboardInterrupt) each touched parameter gets its original values back by `copy_` of the
 saved tensor (never by subtracting the update, which is not bit-exact in floating point), and
 every `requires_grad` flag and the train/eval mode are restored. Permanent hooks on the model
 stay where they are, so a hook-based erasure is trained and measured as deployed.
@@ -21,18 +20,6 @@ import torch
 from torch import Tensor
 
 from kif.errors import KifError
-
-
-class _Gated(torch.nn.Module):
-    """A parametrization that `InplaceTraining.base()` can switch off (the weight as stored)."""
-
-    def __init__(self, fn: torch.nn.Module, owner: "InplaceTraining"):
-        super().__init__()
-        self.fn = fn
-        object.__setattr__(self, "_owner", owner)  # not a submodule: no state_dict entry
-
-    def forward(self, w: Tensor) -> Tensor:
-        return w if self._owner.in_base else self.fn(w)
 
 
 class InplaceTraining:
@@ -49,7 +36,6 @@ class InplaceTraining:
         self.originals = {n: p.detach().clone() for n, p in self.params.items()}
         self._flags = [(p, p.requires_grad) for p in params.values()]
         self._training = model.training
-        self._parametrized: list[tuple[torch.nn.Module, str]] = []
         self.in_base = False
         self.active = True
 
@@ -73,25 +59,8 @@ class InplaceTraining:
             p.requires_grad_(True)
         return chosen
 
-    def parametrize(self, module: torch.nn.Module, attr: str, fn: torch.nn.Module) -> None:
-        """Register `fn` as a parametrization of `module.attr` (a touched parameter)."""
-        from torch.nn.utils import parametrize
-
-        if not any(getattr(module, attr) is p for p in self.params.values()):
-            raise KifError(f"{attr} is not one of the parameters given to inplace_training")
-        parametrize.register_parametrization(module, attr, _Gated(fn, self), unsafe=True)
-        self._parametrized.append((module, attr))
-
-    def fold(self) -> None:
-        """Write every parametrization's value into its parameter and remove it."""
-        from torch.nn.utils import parametrize
-
-        while self._parametrized:
-            module, attr = self._parametrized.pop()
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-
     def current(self, name: str) -> Tensor:
-        """The parameter's stored value now (without a parametrization on top)."""
+        """The parameter's stored value now."""
         return self.params[name].detach()
 
     def changed(self) -> dict[str, Tensor]:
@@ -106,12 +75,8 @@ class InplaceTraining:
     @contextlib.contextmanager
     def base(self) -> Iterator[None]:
         """The model as it was given (frozen-reference forwards inside training): the saved
-        originals swapped in by pointer (no copy) and every parametrization switched off.
-        Not under `parametrize.cached()`, which would serve the cached update."""
-        from torch.nn.utils import parametrize
-
-        if getattr(parametrize, "_cache_enabled", 0):
-            raise KifError("InplaceTraining.base() inside parametrize.cached()")
+        originals swapped in by pointer (no copy), and `in_base` true for an adapter on the
+        activations (`kif.erasure.lora.HookedLoRA`) to switch itself off."""
         current = {n: p.data for n, p in self.params.items()}
         try:
             for n, p in self.params.items():
@@ -127,18 +92,13 @@ class InplaceTraining:
         """Everything back as it was (idempotent)."""
         if not self.active:
             return
-        from torch.nn.utils import parametrize
-
         self.in_base = False
-        while self._parametrized:
-            module, attr = self._parametrized.pop()
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         with torch.no_grad():
             for n, p in self.params.items():
                 o = self.originals[n]
                 if p.data.dtype == o.dtype and p.data.shape == o.shape:
                     p.copy_(o)
-                else:  # a parametrization folded into another layout: the saved tensor itself
+                else:  # its data was replaced in another layout: the saved tensor itself
                     p.data = o
                 p.grad = None
         for p, flag in self._flags:

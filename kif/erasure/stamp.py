@@ -73,11 +73,13 @@ def _hook(l: int) -> tuple[str, str]:
     return f"blocks.{l}.mlp.hook_post", f"blocks.{l}.hook_mlp_out"
 
 
-def solve_ridge(c: Float[Tensor, "m m"], rhs: Float[Tensor, "m d"], lam: float) -> Float[Tensor, "m d"]:
-    """(C + lam I)^-1 rhs by Cholesky (C is a PSD Gram matrix)."""
-    a = c.clone()
-    a.diagonal().add_(lam)  # no identity matrix: an m x m float64 copy is 72 MiB at m = 3072
-    return torch.cholesky_solve(rhs, torch.linalg.cholesky(a, out=a))  # factored in place
+def solve_ridge(c: Float[Tensor, "m m"], rhs: Float[Tensor, "m d"], lam: float,
+                overwrite: bool = False) -> Float[Tensor, "m d"]:
+    """(C + lam I)^-1 rhs by Cholesky (C is a PSD Gram matrix); with `overwrite`, C's own buffer
+    is factored in place (an m x m float64 copy is 72 MiB at m = 3072)."""
+    a = c if overwrite else c.clone()
+    a.diagonal().add_(lam)  # no identity matrix
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(a, out=a))
 
 
 def solve_lowrank(c: Float[Tensor, "m m"], rhs: Float[Tensor, "m d"], lam: float, rank: int,
@@ -122,8 +124,7 @@ def stamp_delta(k_f: Float[Tensor, "n_f m"], t: Float[Tensor, "n_f d"], c_retain
     # C_retain + w K_f^T K_f in one m x m buffer (the Gram is the memory of the solve)
     c = torch.addmm(c_retain, k_f.T, k_f, alpha=cfg.forget_weight)
     if cfg.solver == "ridge":
-        c.diagonal().add_(cfg.lam)
-        return torch.cholesky_solve(rhs, torch.linalg.cholesky(c, out=c))  # factored in place
+        return solve_ridge(c, rhs, cfg.lam, overwrite=True)
     if cfg.solver == "lowrank":
         return solve_lowrank(c, rhs, cfg.lam, cfg.rank)
     raise ErasureError(f"unknown STAMP solver {cfg.solver!r} (choose from {', '.join(SOLVERS)})")

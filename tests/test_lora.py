@@ -108,3 +108,14 @@ def test_retain_kl_in_micro_batches_is_the_full_batch_kl():
         assert kl == pytest.approx(reference[0], rel=1e-5)
         for a, b in zip(g, reference[1]):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_retain_micro_batch_below_one_row_is_refused():
+    from kif.erasure import erase
+    from kif.erasure.core import ErasureError
+    from kif.world import FactWorld, world_concept
+
+    world = FactWorld.generate(0)
+    concept = world_concept(world, [world.split("forget01")[0].name])
+    with pytest.raises(ErasureError, match="retain_micro_batch must be at least 1"):
+        erase(models.load("fact-world"), concept, "kif", {"retain_micro_batch": 0})

@@ -170,6 +170,9 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
     if cfg.forget_loss not in FORGET_LOSSES:
         raise ErasureError(f"unknown kif forget_loss {cfg.forget_loss!r} "
                            f"(choose from {', '.join(FORGET_LOSSES)})")
+    if cfg.retain_micro_batch < 1:
+        raise ErasureError(f"kif's retain_micro_batch must be at least 1 row, "
+                           f"got {cfg.retain_micro_batch}")
     # every part the pipeline reads, checked before any work (one line naming what to pass)
     concept.require("subjects", "retain_corpus", "refusal_prompts", "never_knew", method="kif")
     timer = Timer()

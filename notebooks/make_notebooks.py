@@ -209,7 +209,8 @@ def acc(probes):
     return float(np.mean(s.correct))
 
 print(person.name, "| methods:", ", ".join(methods()))"""),
-    new_code_cell("""small = {"kif": {"steps": 60, "check_every": 30}}  # CI-sized budgets
+    new_code_cell("""# CI-sized budgets (the defaults are the README's; undo's 600 steps take ~10 min)
+small = {"kif": {"steps": 60, "check_every": 30}, "undo": {"steps": 60, "warmup": 6}}
 rows = []
 for name in methods():
     t0 = time.perf_counter()
@@ -406,6 +407,8 @@ def main() -> None:
                         "02_erasure.ipynb": ERASURE,
                         "03_latent_trace.ipynb": LATENT_TRACE,
                         "04_your_own_model.ipynb": YOUR_OWN_MODEL}.items():
+        for i, cell in enumerate(cells):  # stable ids: a regenerated notebook diffs only where it changed
+            cell["id"] = f"{name[:2]}-{i:02d}"
         nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3",
                                                                  "display_name": "Python 3",
                                                                  "language": "python"}})

@@ -98,3 +98,43 @@ def test_bad_spread_settings_are_one_clear_error(twin, world, config, message):
     person = world.split("forget01")[0]
     with pytest.raises(ErasureError, match=message):
         erase(twin, person.name, method="stamp", world=world, config=config)
+
+
+@pytest.mark.parametrize("name", ["fact-world", zoo.LLAMA_BASE])
+def test_last_token_tail_is_the_full_forward(name, world):
+    """The optimisation's one-token path (cached keys and values of the prompt) gives the
+    logits of the full-sequence forward with the change added at the last token, on learned
+    positions (GPT-2) and on rotary ones with grouped-query attention (the twin)."""
+    model = models.load(name)
+    probes = world.person_probes(world.known()[:40], "train", [0])
+    ids = metrics.encode_prompts(model, [p.prompt for p in probes])
+    n = max(set(map(len, ids)), key=[len(i) for i in ids].count)  # the commonest length
+    tok = torch.tensor([i for i in ids if len(i) == n][:6])
+    layer = 1
+    h, tail = spread.last_token_tail(model, tok, layer)
+    delta = torch.randn(h.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = tail(h + delta)
+
+    def add(resid, hook):
+        resid[:, -1] += delta
+        return resid
+    with torch.no_grad():
+        ref = model.run_with_hooks(tok, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", add)])
+        full_h = model(tok, stop_at_layer=layer + 1)[:, -1]
+    torch.testing.assert_close(h, full_h, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, ref[:, -1], atol=1e-3, rtol=1e-4)
+
+
+def test_residual_targets_keep_row_order_across_lengths(world):
+    """Prompts are regrouped by length for the cache; each row's delta is its own (rows are
+    independent) and comes back in the caller's order."""
+    model = models.load("fact-world")
+    probes = world.person_probes(world.known()[:6], "train")
+    ids = metrics.encode_prompts(model, [p.prompt for p in probes])
+    assert len(set(map(len, ids))) > 1
+    target = metrics.encode_answers(model, [" unknown"])[0][0]
+    together = spread.residual_targets(model, ids, 2, target, steps=5, lr=0.5, decay=0.01)
+    alone = torch.cat([spread.residual_targets(model, [i], 2, target, steps=5, lr=0.5, decay=0.01)
+                       for i in ids[::7]])
+    torch.testing.assert_close(together[::7], alone, atol=1e-4, rtol=1e-4)

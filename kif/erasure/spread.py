@@ -7,7 +7,8 @@ output leaves the others to rebuild it. Here, for each forget prompt:
 
 1. z_i = h_i + delta_i: the residual after the last edited layer L, at the prompt's last token,
    plus the smallest change (Adam on log p(refusal) with an L2 penalty) that makes the refusal
-   the answer. Only the layers after L run in that loop, from a cached residual.
+   the answer. Only the last token runs in that loop, through the layers after L, on the
+   prompt's cached keys and values.
 2. For the edited layers l_1 < ... < l_k in turn, on the model carrying the edits made so far:
    the remaining gap (z - h_L) is split evenly over the layers still to edit, and layer l_j's MLP
    takes its share, solved in STAMP's closed form (`stamp_delta`, with the retain keys' Gram of
@@ -29,33 +30,63 @@ from kif.erasure.keys import last_token_states
 from kif.inplace import inplace_training
 
 
-def residual_targets(model, tokens: Int[Tensor, "b pos"], lengths: Int[Tensor, "b"], layer: int,
-                     target_id: int, steps: int, lr: float, decay: float,
-                     batch_size: int = 256) -> Float[Tensor, "b d"]:
+def residual_targets(model, ids: Sequence[Sequence[int]], layer: int, target_id: int, steps: int,
+                     lr: float, decay: float, batch_size: int = 256) -> Float[Tensor, "b d"]:
     """delta_i at `blocks.{layer}.hook_resid_post`, last token: argmin over delta of
-    -log p(target | h + delta) + decay |delta|^2 (per row; rows are independent)."""
-    out = []
-    for s in range(0, tokens.shape[0], batch_size):
-        tok, n = tokens[s:s + batch_size], lengths[s:s + batch_size]
-        rows = torch.arange(tok.shape[0], device=tok.device)
-        last = (n - 1).to(tok.device)
-        with torch.no_grad():
-            h = model(tok, stop_at_layer=layer + 1, padding_side="right")
-        delta = torch.zeros(tok.shape[0], h.shape[-1], device=h.device, dtype=torch.float32,
-                            requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=lr)
-        for _ in range(steps):
-            resid = h.clone()
-            resid[rows, last] = resid[rows, last] + delta.to(h.dtype)
-            # right padding: the last real token never attends to the padding after it
-            logits = model(resid, start_at_layer=layer + 1)
-            logp = F.log_softmax(logits[rows, last].float(), -1)[:, target_id]
-            loss = -logp.sum() + decay * delta.pow(2).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        out.append(delta.detach().double().cpu())
-    return torch.cat(out)
+    -log p(target | h + delta) + decay |delta|^2 (per row; rows are independent), for the
+    prompts' token ids `ids` (rows in order)."""
+    out: list[Tensor | None] = [None] * len(ids)
+    by_length: dict[int, list[int]] = {}
+    for i, row in enumerate(ids):
+        by_length.setdefault(len(row), []).append(i)
+    for members in by_length.values():
+        for s in range(0, len(members), batch_size):
+            chunk = members[s:s + batch_size]
+            tok = torch.tensor([list(ids[i]) for i in chunk], dtype=torch.long,
+                               device=model.cfg.device)
+            h, tail = last_token_tail(model, tok, layer)
+            delta = torch.zeros(h.shape, device=h.device, dtype=torch.float32,
+                                requires_grad=True)
+            opt = torch.optim.Adam([delta], lr=lr)
+            for _ in range(steps):
+                logp = F.log_softmax(tail(h + delta.to(h.dtype)).float(), -1)[:, target_id]
+                loss = -logp.sum() + decay * delta.pow(2).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            for j, i in enumerate(chunk):
+                out[i] = delta[j].detach().double().cpu()
+    return torch.stack(out)
+
+
+def last_token_tail(model, tokens: Int[Tensor, "b n"], layer: int
+                    ) -> tuple[Float[Tensor, "b d"], Callable[[Tensor], Tensor]]:
+    """For prompts of one length (no padding): the residual at `blocks.{layer}.hook_resid_post`
+    of the last token, and the map from that residual to the last token's logits.
+
+    A change at the last token cannot reach the positions before it (causal attention), so
+    their keys and values are computed once (TransformerLens's KV cache, frozen) and the map
+    runs one token through the layers after `layer` and one row of the unembedding: an
+    optimisation step costs 1/n of the full-sequence forward and backward."""
+    n_layers = model.cfg.n_layers
+    cache = metrics._kv_cache_class().init_cache(model.cfg, model.cfg.device, tokens.shape[0])
+    with torch.no_grad():
+        if tokens.shape[1] > 1:
+            prefix = tokens[:, :-1]
+            model(prefix, attention_mask=torch.ones_like(prefix), past_kv_cache=cache,
+                  stop_at_layer=n_layers)
+        cache.freeze()
+        last = tokens[:, -1:]
+        h = model(last, attention_mask=torch.ones_like(last), past_kv_cache=cache,
+                  stop_at_layer=layer + 1)[:, -1]
+
+    def tail(resid: Float[Tensor, "b d"]) -> Float[Tensor, "b d_vocab"]:
+        # no attention mask: the cached prefix has no padding, and the causal mask with the
+        # cache's offset lets the one query see every key
+        r = model(resid[:, None], start_at_layer=layer + 1, stop_at_layer=n_layers,
+                  past_kv_cache=cache)
+        return metrics._head(model, r[:, -1])
+    return h, tail
 
 
 def resid_last(model, tokens, lengths, layer: int) -> Float[Tensor, "b d"]:
@@ -106,4 +137,4 @@ def spread_edit(model, prompts: Sequence[str], layers: Sequence[int],
     return out, checked
 
 
-__all__ = ["residual_targets", "resid_last", "spread_edit", "with_deltas"]
+__all__ = ["last_token_tail", "residual_targets", "resid_last", "spread_edit", "with_deltas"]

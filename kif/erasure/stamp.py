@@ -270,10 +270,9 @@ def _spread_solver(model, concept, cfg: StampConfig, layers: list[int], grams: d
 
     target_id = metrics.encode_answers(model, [concept.refusal.target])[0][0]
     ids = metrics.encode_prompts(model, forget)
-    tokens, lengths = metrics._padded(model, ids)
     with _frozen(model):
-        deltas = spread.residual_targets(model, tokens, lengths, layers[-1], target_id,
-                                         cfg.opt_steps, cfg.opt_lr, cfg.opt_decay)
+        deltas = spread.residual_targets(model, ids, layers[-1], target_id, cfg.opt_steps,
+                                         cfg.opt_lr, cfg.opt_decay)
 
     def solve(weight: float) -> dict[str, Tensor]:
         c = dataclasses.replace(cfg, forget_weight=weight)

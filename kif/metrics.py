@@ -188,7 +188,13 @@ def _head(
     model's forward and a third of GPT-2 small's."""
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
-    return _softcap(model.unembed(resid.contiguous()), model.cfg.output_logits_soft_cap)
+    # not `model.unembed(...)`: TransformerLens's Unembed copies W_U.T into a contiguous
+    # d_vocab x d_model matrix on every call (for HF's bf16 accumulation order), 150 MB on GPT-2
+    # small, which cost more than the matmul itself in a loop of small heads; its hook points
+    # still see the input and the logits
+    u = model.unembed
+    logits = u.hook_out(torch.addmm(u.b_U, u.hook_in(resid).reshape(-1, resid.shape[-1]), u.W_U))
+    return _softcap(logits.reshape(*resid.shape[:-1], -1), model.cfg.output_logits_soft_cap)
 
 
 def _logits_at(

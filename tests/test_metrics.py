@@ -157,6 +157,22 @@ def test_scores_unembed_only_the_answer_positions_as_the_full_forward_does(tmp_p
     _check_against_ref(model, flat_p, flat_a, M.score_candidates(model, prompts, candidates))
 
 
+def test_head_is_the_forwards_last_step_and_runs_the_unembeddings_hook_points(model):
+    # _head unembeds without TransformerLens's per-call copy of W_U; a hook on unembed.hook_in
+    # or hook_out must still see (and may change) what it would in the full forward
+    tokens = model.to_tokens(["Talia was born in the city of", "Maresk works for"])
+    resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+    torch.testing.assert_close(M._head(model, resid), model(tokens), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(M._head(model, resid[:, -1]), model(tokens)[:, -1])
+    seen = []
+    hooks = [("unembed.hook_in", lambda x, hook: seen.append(hook.name)),
+             ("unembed.hook_out", lambda x, hook: x * 2)]
+    with model.hooks(fwd_hooks=hooks):
+        doubled = M._head(model, resid)
+    assert seen == ["unembed.hook_in"]
+    torch.testing.assert_close(doubled, 2 * model(tokens), atol=1e-5, rtol=1e-5)
+
+
 def test_left_padding_tokenizer_does_not_change_scores(model):
     rng = np.random.default_rng(2)
     prompts = _sentences(rng, 6, 1, 8)

@@ -132,18 +132,45 @@ def test_suppress_capsule_is_exact_where_its_gate_is_closed(model, world, others
 
 
 def test_suppress_whitening_statistics_match_the_states(model, world):
-    from kif.erasure.suppress import _token_states, token_covariance, whitened
+    from kif.erasure.suppress import _token_visit, token_covariance, whitened
 
     texts = [p.prompt + p.answer for p in world.shared_probes("train")[:40]]
     hook = "blocks.0.hook_resid_mid"
-    h = torch.cat(list(_token_states(model, texts, hook))).double()
-    cov = token_covariance(model, texts, hook)  # streamed through the key-statistics kernel
+    seen = []
+    _token_visit(model, texts, [hook], lambda name, h: seen.append(h))
+    h = torch.cat(seen).double()
+    cov = token_covariance(model, texts, [hook])[hook]  # streamed through the key-statistics kernel
     ref = torch.cov(h.T, correction=0)
     assert torch.allclose(cov, ref, atol=1e-4 * float(ref.abs().max()))
     d = torch.randn(3, model.cfg.d_model, dtype=torch.float64)
     u = whitened(d, ref, 0.1)
     a = ref + 0.1 * float(ref.diagonal().mean()) * torch.eye(model.cfg.d_model, dtype=torch.float64)
     assert torch.allclose(u @ a, d, atol=1e-8 * float(d.abs().max()) * float(a.abs().max()))
+
+
+def test_capsules_of_every_site_in_shared_forwards_equal_one_site_at_a_time(model, world,
+                                                                          monkeypatch):
+    """`build_capsules` reads every residual site in the same forwards (each site's activation
+    used as the forward passes it); each site's capsule must be the one built there alone, and
+    a covariance pass that holds fewer sites at once changes nothing."""
+    from kif.erasure import suppress
+    from kif.world import world_concept
+
+    concept = world_concept(world, [p.name for p in world.split("forget01")])
+    cfg = suppress.SuppressConfig(hook=None)
+    hooks = suppress.candidate_hooks(model, cfg)
+    assert len(hooks) == 2 * model.cfg.n_layers
+    monkeypatch.setattr(suppress, "COVARIANCE_BYTES", 3 * 8 * model.cfg.d_model ** 2)
+    together = suppress.build_capsules(model, concept, hooks, cfg)
+    for hook in hooks[-1:]:  # the deepest site (its forwards run the whole model)
+        ops, stats = suppress.build_capsule(model, concept, hook, cfg)
+        t_ops, t_stats = together[hook]
+        assert [o.hook for o in t_ops] == [hook] * len(ops)
+        for a, b in zip(ops, t_ops):
+            for k in a.tensors:
+                torch.testing.assert_close(a.tensors[k], b.tensors[k], atol=1e-6, rtol=1e-5)
+            assert a.params["mu"] == pytest.approx(b.params["mu"], rel=1e-5)
+        assert t_stats["forget_gate_mean"] == pytest.approx(stats["forget_gate_mean"], abs=1e-6)
 
 
 def test_suppress_erases_ten_people_at_once(model, world):

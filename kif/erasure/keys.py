@@ -7,7 +7,7 @@ last prompt token). Their second moments over a corpus are `kif.erasure.stats`.
 """
 
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -36,25 +36,40 @@ def resid_hook(model, hook: str) -> str:
 
 
 @torch.no_grad()
+def visit_states(model, ids: Sequence[Sequence[int]], hooks: Sequence[str],
+                 visit: Callable[[str, Tensor, Tensor, range], None], batch_size: int = 256) -> None:
+    """Right-padded batched forwards of the token ids `ids`, stopped after the deepest hook's
+    layer, calling `visit(hook, activation, lengths, rows)` on each hook's activation as the
+    forward passes it (`rows`: the batch's indices into `ids`).
+
+    Nothing is cached: a pass over every residual site of a model holds one site's activation
+    at a time, where `run_with_cache` would hold all of them (on GPT-2 small 24 sites of a
+    256-row batch are most of a gigabyte)."""
+    stop = max(int(h.split(".")[1]) for h in hooks) + 1
+    stop_at = stop if stop < model.cfg.n_layers else None
+    for chunk in _batches(len(ids), batch_size):
+        tokens, lengths = metrics._padded(model, [ids[i] for i in chunk])
+
+        def hook_fn(act, hook, lengths=lengths, chunk=chunk):
+            visit(hook.name, act, lengths.to(act.device), chunk)
+        model.run_with_hooks(tokens, fwd_hooks=[(h, hook_fn) for h in dict.fromkeys(hooks)],
+                             padding_side="right", stop_at_layer=stop_at)
+
+
 def last_token_states(model, prompts: Sequence[str], hooks: Sequence[str], batch_size: int = 512
                       ) -> dict[str, Float[Tensor, "n d"]]:
     """Each prompt's activation at each hook at its last token (float32, CPU), from right-padded
-    batched forwards stopped after the deepest hook's layer; per-head hooks (`attn.hook_z`) come
-    with their heads concatenated."""
+    batched forwards stopped after the deepest hook's layer (all hooks in one pass); per-head
+    hooks (`attn.hook_z`) come with their heads concatenated."""
     ids = metrics.encode_prompts(model, list(prompts))
-    names = set(hooks)
-    stop = max(int(h.split(".")[1]) for h in hooks) + 1
-    stop_at = stop if stop < model.cfg.n_layers else None
     out: dict[str, list[Tensor]] = {h: [] for h in hooks}
-    for chunk in _batches(len(ids), batch_size):
-        tokens, lengths = metrics._padded(model, [ids[i] for i in chunk])
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names,
-                                        padding_side="right", stop_at_layer=stop_at)
-        rows = torch.arange(len(chunk), device=tokens.device)
-        last = (lengths - 1).to(tokens.device)
-        for h in hooks:
-            out[h].append(cache[h][rows, last].reshape(len(chunk), -1).float().cpu())
+
+    def keep(hook: str, act: Tensor, lengths: Tensor, rows: range) -> None:
+        at = act[torch.arange(len(rows), device=act.device), lengths - 1]
+        out[hook].append(at.reshape(len(rows), -1).float().cpu())
+    if ids:
+        visit_states(model, ids, hooks, keep, batch_size)
     return {h: torch.cat(v) if v else torch.zeros(0) for h, v in out.items()}
 
 
-__all__ = ["last_token_states", "resid_hook"]
+__all__ = ["last_token_states", "resid_hook", "visit_states"]

@@ -18,6 +18,7 @@ With `sae=True` the capsule is the SAE conditional clamp instead (`sae-clamp` is
 """
 
 import dataclasses
+from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -26,7 +27,7 @@ from torch import Tensor
 from kif import metrics
 from kif.data.concept import corpus_shared, corpus_subjects, nth_phrasing
 from kif.erasure.core import Erasure, ErasureError, HookOp, Timer
-from kif.erasure.keys import last_token_states, resid_hook
+from kif.erasure.keys import last_token_states, resid_hook, visit_states
 from kif.erasure.registry import register
 from kif.erasure.stamp import refusal_prompts
 
@@ -56,13 +57,13 @@ class SuppressConfig:
     whiten: float | None = 0.1
 
 
-def person_directions(model, concept, hook: str, n_others: int = 60
-                      ) -> Float[Tensor, "k d_model"]:
-    """One direction per person of the concept at `hook` (last token): the mean over the person's
-    prompts of (state - the mean state of other people asked in the same phrasing), so that the
-    phrasing's own variance does not enter the person's direction. The other people are the
-    first `n_others` subjects of the retain corpus; a phrasing none of them is asked in is
-    centred on all of them."""
+def person_directions(model, concept, hooks: Sequence[str], n_others: int = 60
+                      ) -> dict[str, Float[Tensor, "k d_model"]]:
+    """One direction per person of the concept at each of `hooks` (last token): the mean over
+    the person's prompts of (state - the mean state of other people asked in the same
+    phrasing), so that the phrasing's own variance does not enter the person's direction. The
+    other people are the first `n_others` subjects of the retain corpus; a phrasing none of them
+    is asked in is centred on all of them."""
     concept.require("retain_corpus", method="the concept's directions")
     others = [r for rows in list(corpus_subjects(concept).values())[:n_others] for r in rows]
     forget = list(concept.forget)
@@ -71,16 +72,21 @@ def person_directions(model, concept, hook: str, n_others: int = 60
     if not benign:
         raise ErasureError(f"the retain corpus of {concept.name!r} has no fact rows to contrast "
                            f"the concept's prompts with")
-    states = last_token_states(model, [p.prompt for p in forget + benign], [hook])[hook].double()
-    f, b = states[:len(forget)], states[len(forget):]
     group = {k: i for i, k in enumerate(keys)}
     b_group = torch.tensor([group.get((q.relation, q.template), -1) for q in benign])
-    centers = torch.stack([b[b_group == i].mean(0) if bool((b_group == i).any()) else b.mean(0)
-                           for i in range(len(keys))])
-    f = f - centers[torch.tensor([group[(p.relation, p.template)] for p in forget])]
+    f_group = torch.tensor([group[(p.relation, p.template)] for p in forget])
     subjects = [p.subject for p in forget]
-    return torch.stack([f[torch.tensor([i for i, x in enumerate(subjects) if x == s])].mean(0)
-                        for s in concept.subjects])
+    own = [torch.tensor([i for i, x in enumerate(subjects) if x == s]) for s in concept.subjects]
+    states = last_token_states(model, [p.prompt for p in forget + benign], hooks)
+    out = {}
+    for hook in hooks:
+        h = states[hook].double()
+        f, b = h[:len(forget)], h[len(forget):]
+        centers = torch.stack([b[b_group == i].mean(0) if bool((b_group == i).any()) else b.mean(0)
+                               for i in range(len(keys))])
+        f = f - centers[f_group]
+        out[hook] = torch.stack([f[rows].mean(0) for rows in own])
+    return out
 
 
 def orthonormal(d: Float[Tensor, "k d_model"]) -> Float[Tensor, "d_model k"]:
@@ -89,37 +95,50 @@ def orthonormal(d: Float[Tensor, "k d_model"]) -> Float[Tensor, "d_model k"]:
     return q[:, keep].float()
 
 
-@torch.no_grad()
-def _token_states(model, texts, hook: str):
-    """The states at `hook` of every non-BOS token of `texts`, a batch of prompts at a time
-    ([tokens, d_model] per batch; the forward stops after the hook's layer). Without a BOS (a
-    model that takes none) every token of the text is kept: the positions the gate leaves alone
-    (`HookOp` param "skip") are the ones left out here."""
+def _token_visit(model, texts, hooks: Sequence[str],
+                 use: Callable[[str, Float[Tensor, "tokens d_model"]], None]) -> None:
+    """`use(hook, states)` on the states at each of `hooks` of every non-BOS token of `texts`,
+    a batch of texts at a time (one forward for every hook, stopped after the deepest one).
+    Without a BOS (a model that takes none) every token of the text is kept: the positions the
+    gate leaves alone (`HookOp` param "skip") are the ones left out here."""
     ids = metrics.encode_prompts(model, list(texts))
     first = metrics.bos_offset(model)
-    for s in range(0, len(ids), 256):
-        tokens, lengths = metrics._padded(model, ids[s:s + 256])
-        _, cache = model.run_with_cache(tokens, names_filter=[hook], padding_side="right",
-                                        stop_at_layer=int(hook.split(".")[1]) + 1)
-        pos = torch.arange(tokens.shape[1], device=lengths.device)
-        yield cache[hook][(pos[None] < lengths[:, None]) & (pos[None] >= first)]
+
+    def visit(hook: str, act: Tensor, lengths: Tensor, rows: range) -> None:
+        pos = torch.arange(act.shape[1], device=act.device)
+        use(hook, act[(pos[None] < lengths[:, None]) & (pos[None] >= first)])
+    if ids:
+        visit_states(model, ids, hooks, visit)
 
 
-def token_scores(model, texts, hook: str, basis: Float[Tensor, "d_model k"]) -> Float[Tensor, "tokens k"]:
-    """|h . u_j| for every column u_j of `basis` at every non-BOS token of `texts`."""
-    return torch.cat([(h.float() @ basis.to(h.device)).abs().cpu()
-                      for h in _token_states(model, texts, hook)])
+def token_scores(model, texts, bases: dict[str, Float[Tensor, "d_model k"]]
+                 ) -> dict[str, Float[Tensor, "tokens k"]]:
+    """|h . u_j| for every column u_j of each hook's basis at every non-BOS token of `texts`."""
+    out: dict[str, list[Tensor]] = {h: [] for h in bases}
+
+    def use(hook: str, h: Tensor) -> None:
+        out[hook].append((h.float() @ bases[hook].to(h.device)).abs().cpu())
+    _token_visit(model, texts, list(bases), use)
+    return {h: torch.cat(v) for h, v in out.items()}
 
 
-def token_covariance(model, texts, hook: str) -> Float[Tensor, "d_model d_model"]:
-    """Covariance of the states at `hook` over every non-BOS token of `texts`, accumulated with
-    the streaming key-statistics kernel (no token's state is kept)."""
+# the streamed covariances of one pass are held together: a pass takes as many hooks as fit
+COVARIANCE_BYTES = 2**30
+
+
+def token_covariance(model, texts, hooks: Sequence[str]
+                     ) -> dict[str, Float[Tensor, "d_model d_model"]]:
+    """Covariance of the states at each of `hooks` over every non-BOS token of `texts`,
+    accumulated with the streaming key-statistics kernel (no token's state is kept)."""
     from kif.kernels.dispatch import KeyStats
 
-    acc = KeyStats(model.cfg.d_model)
-    for h in _token_states(model, texts, hook):
-        acc.update(h)
-    return acc.result().covariance.double().cpu()
+    per_pass = max(1, COVARIANCE_BYTES // (8 * model.cfg.d_model ** 2))
+    out = {}
+    for s in range(0, len(hooks), per_pass):
+        acc = {h: KeyStats(model.cfg.d_model) for h in hooks[s:s + per_pass]}
+        _token_visit(model, texts, list(acc), lambda hook, h: acc[hook].update(h))
+        out |= {h: a.result().covariance.double().cpu() for h, a in acc.items()}
+    return out
 
 
 def whitened(dirs: Float[Tensor, "k d_model"], cov: Float[Tensor, "d_model d_model"], ridge: float
@@ -159,8 +178,7 @@ def best_capsule(model, concept, cfg: SuppressConfig, hooks: list[str]) -> tuple
     """The capsule at the site of `hooks` whose gates open on the concept and stay shut on benign
     tokens (separation = mean forget gate - 10 x benign open fraction)."""
     best = None
-    for hook in hooks:
-        ops, stats = build_capsule(model, concept, hook, cfg)
+    for hook, (ops, stats) in build_capsules(model, concept, hooks, cfg).items():
         sep = stats["forget_gate_mean"] - 10 * stats["benign_gate_open_fraction"]
         stats["separation"] = sep
         if len(hooks) > 1:
@@ -172,23 +190,44 @@ def best_capsule(model, concept, cfg: SuppressConfig, hooks: list[str]) -> tuple
 
 def build_capsule(model, concept, hook: str, cfg: SuppressConfig
                   ) -> tuple[list[HookOp], dict]:
-    """One rank-1 capsule per person at `hook`, each gate calibrated on benign tokens against
-    that person's own direction (a shared rank-k gate would pool every person's projection and
-    open on nobody in particular)."""
-    dirs = person_directions(model, concept, hook)
+    """One rank-1 capsule per person at `hook` (`build_capsules` at one site)."""
+    return build_capsules(model, concept, [hook], cfg)[hook]
+
+
+def build_capsules(model, concept, hooks: Sequence[str], cfg: SuppressConfig
+                   ) -> dict[str, tuple[list[HookOp], dict]]:
+    """One rank-1 capsule per person at each of `hooks`, each gate calibrated on benign tokens
+    against that person's own direction (a shared rank-k gate would pool every person's
+    projection and open on nobody in particular). Every site is read in the same forwards:
+    trying all of a model's residual sites costs a few passes, not a few per site."""
+    hooks = list(dict.fromkeys(hooks))
+    dirs = person_directions(model, concept, hooks)
     # benign text: a second phrasing of every other fact, and the shared facts; answered: a
     # first phrasing of every other fact (the refusal direction is refusing minus answered)
     facts = [r for rows in corpus_subjects(concept).values() for r in rows]
     benign = ([p.prompt + p.answer for p in nth_phrasing(facts, 1)]
               + [p.prompt + p.answer for p in corpus_shared(concept)])
     if cfg.whiten is not None:
-        dirs = whitened(dirs, token_covariance(model, benign, hook), cfg.whiten)
-    basis = (dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()  # [k, d]
-    scores = token_scores(model, benign, hook, basis.T).double()  # [tokens, k]: |h . u_j|
-    answered = last_token_states(model, [p.prompt for p in nth_phrasing(facts, 0)],
-                                 [hook])[hook].double()
-    refusing = last_token_states(model, refusal_prompts(concept, "suppress"), [hook])[hook].double()
-    forget_last = last_token_states(model, [p.prompt for p in concept.forget], [hook])[hook].double()
+        covs = token_covariance(model, benign, hooks)
+        dirs = {h: whitened(dirs[h], covs.pop(h), cfg.whiten) for h in hooks}
+    basis = {h: (d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()  # [k, d]
+             for h, d in dirs.items()}
+    scores = token_scores(model, benign, {h: b.T for h, b in basis.items()})  # |h . u_j|
+    answered = [p.prompt for p in nth_phrasing(facts, 0)]
+    refusing = refusal_prompts(concept, "suppress")
+    forget = [p.prompt for p in concept.forget]
+    last = last_token_states(model, answered + refusing + forget, hooks)
+    a, r = len(answered), len(answered) + len(refusing)
+    return {h: _capsule(model, concept, h, cfg, basis[h], scores[h].double(),
+                        last[h][:a].double(), last[h][a:r].double(), last[h][r:].double())
+            for h in hooks}
+
+
+def _capsule(model, concept, hook: str, cfg: SuppressConfig, basis: Float[Tensor, "k d"],
+             scores: Float[Tensor, "tokens k"], answered: Float[Tensor, "a d"],
+             refusing: Float[Tensor, "r d"], forget_last: Float[Tensor, "f d"]
+             ) -> tuple[list[HookOp], dict]:
+    """The capsule at one site from its states: gates, refusal direction and statistics."""
     r = refusing.mean(0) - answered.mean(0)
     beta = cfg.beta * (float(answered.norm(dim=-1).mean()) / 10.0 if cfg.beta_relative else 1.0)
     subjects = [p.subject for p in concept.forget]
@@ -240,6 +279,7 @@ def suppress(model, concept, cfg: SuppressConfig, *, progress: bool = False,
                    info={**stats, "seconds": {**timer.sections, "total": timer.total}})
 
 
-__all__ = ["SITES", "SuppressConfig", "best_capsule", "build_capsule", "calibrated_tau",
+__all__ = ["SITES", "SuppressConfig", "best_capsule", "build_capsule", "build_capsules",
+           "calibrated_tau",
            "candidate_hooks", "orthonormal", "person_directions", "suppress",
            "token_covariance", "token_scores", "whitened"]

@@ -89,7 +89,7 @@ def test_retain_kl_in_micro_batches_is_the_full_batch_kl():
             with torch.no_grad():
                 for f in lora.factors.values():
                     f.b.normal_(0, 0.05)
-            for rows in (len(texts), 2):
+            for rows in (len(texts), 2, None):  # None: sized by the activation budget
                 for p in lora.parameters():
                     p.grad = None
                 kl = pipeline._retain_backward(model, state, rtok, 3.0, rows)
@@ -108,6 +108,16 @@ def test_retain_kl_in_micro_batches_is_the_full_batch_kl():
         assert kl == pytest.approx(reference[0], rel=1e-5)
         for a, b in zip(g, reference[1]):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_micro_batch_rows_follow_the_activation_budget():
+    from kif.erasure import pipeline
+
+    model = models.load("fact-world")
+    # the zoo model's whole retain batch (32 rows of about 20 tokens) fits one micro-batch
+    assert pipeline.micro_rows(model, 20) >= 32
+    assert pipeline.micro_rows(model, 40) == pipeline.micro_rows(model, 20) // 2
+    assert pipeline.micro_rows(model, 20, budget=1) == 1  # never fewer than one row
 
 
 def test_retain_micro_batch_below_one_row_is_refused():

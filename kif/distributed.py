@@ -7,7 +7,7 @@ Two kinds of work run data-parallel, each rank holding its own copy of the model
   rows (`rank_shard`), sums its partial second moments, and `all_reduce_sum` adds them up, so
   every rank ends with the same statistics;
 * the latent-trace meter (`kif.meter.trace`): the probes are dealt to the ranks
-  (`deal`), each runs its share on the same audit, and `all_gather_object` brings every result to
+  (`deal`), each runs its share on the same audit, and `all_gather_json` brings every result to
   every rank, which then builds the same report a single process would.
 
 Launch with torchrun (`torchrun --nproc-per-node N -m kif erase ...`): `init_from_env` reads
@@ -141,16 +141,35 @@ def all_true(flag: bool) -> bool:
     return bool(t.item())
 
 
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order ([obj] when not distributed). torch pickles the objects
-    in memory between kif's own processes; nothing is read from disk."""
+def all_gather_json(obj: Any) -> list[Any]:
+    """Every rank's `obj` in rank order ([obj] when not distributed), sent as JSON: `obj` holds
+    dicts, lists, strings, numbers (NaN and inf kept) and numpy or torch values (sent as lists
+    and numbers); tuples come back as lists. Not torch's `all_gather_object`, which unpickles
+    what it receives: no pickle crosses between kif's processes either."""
+    import json
+
+    import torch
     import torch.distributed as dist
 
     if not is_distributed():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    device = _collective_device()
+    data = json.dumps(obj, default=_json_default).encode()
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    width = int(max(sizes).item())
+    buf = torch.zeros(width, dtype=torch.uint8)
+    buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    parts = [torch.zeros(width, dtype=torch.uint8, device=device) for _ in sizes]
+    dist.all_gather(parts, buf.to(device))
+    return [json.loads(bytes(p[:int(n.item())].cpu().numpy())) for p, n in zip(parts, sizes)]
+
+
+def _json_default(x: Any) -> Any:
+    if hasattr(x, "tolist"):  # numpy and torch values
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} cannot be sent between ranks")
 
 
 def launched(environ: Mapping[str, str] | None = None) -> bool:
@@ -261,6 +280,6 @@ def _run_silent(args: argparse.Namespace, command: Callable[[argparse.Namespace]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["DATA_PARALLEL", "all_gather_object", "all_reduce_sum", "all_true", "deal",
+__all__ = ["DATA_PARALLEL", "all_gather_json", "all_reduce_sum", "all_true", "deal",
            "init_from_env", "is_distributed", "is_main", "launched", "rank", "rank_shard",
            "run_command", "shutdown", "world_size"]

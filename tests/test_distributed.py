@@ -71,7 +71,7 @@ def test_not_distributed_is_the_identity():
     t = torch.arange(4.0)
     assert not distributed.is_distributed() and distributed.is_main()
     assert distributed.all_reduce_sum(t) is t
-    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert distributed.all_gather_json({"a": 1}) == [{"a": 1}]
     assert distributed.rank_shard(5) == range(5)
     assert not distributed.init_from_env({"WORLD_SIZE": "1"})
 
@@ -136,6 +136,30 @@ def test_two_process_key_statistics_equal_one_process(tmp_path):
     # only rank 0 wrote the cache
     assert list((tmp_path / "cache" / "0" / "key-moments").glob("*.safetensors"))
     assert not (tmp_path / "cache" / "1").exists()
+
+
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    import numpy as np
+
+    assert distributed.init_from_env(_env(rank, world, port))
+    try:
+        # ranks send objects of different sizes, with what probe results hold
+        mine = {"rank": rank, "nan": float("nan"), "inf": float("inf"), "np": np.float64(0.5),
+                "t": torch.tensor([1.0, 2.0]), "text": "é" * (rank * 1000 + 1)}
+        with open(os.path.join(out, f"got{rank}.json"), "w") as f:
+            json.dump(distributed.all_gather_json(mine), f)
+    finally:
+        distributed.shutdown()
+
+
+def test_gathered_objects_cross_ranks_as_json_not_pickle(tmp_path):
+    mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"got{r}.json").read_text()) for r in (0, 1)]
+    assert got[0] == got[1] or repr(got[0]) == repr(got[1])  # NaN != NaN
+    for r, part in enumerate(got[0]):
+        assert part["rank"] == r and part["np"] == 0.5 and part["t"] == [1.0, 2.0]
+        assert part["nan"] != part["nan"] and part["inf"] == float("inf")
+        assert part["text"] == "é" * (r * 1000 + 1)
 
 
 def _meter_worker(rank: int, world: int, port: int, out: str) -> None:

@@ -761,11 +761,14 @@ def _gather(names: Sequence[str], results: dict, timings: dict[str, float]
     cost) and which probes each rank ran."""
     from kif import distributed
 
-    parts = distributed.all_gather_object((results, timings))
+    from kif.meter.report import ProbeResult
+
+    sent = {n: dataclasses.asdict(r) for n, r in results.items()}
+    parts = distributed.all_gather_json([sent, timings])
     merged: dict = {}
     merged_t: dict[str, float] = {}
     for res, tim in parts:
-        merged.update(res)
+        merged.update({n: ProbeResult.from_dict(r) for n, r in res.items()})
         for k, v in tim.items():
             merged_t.setdefault(k, v)
     merged_t["cpu total"] = sum(t["cpu total"] for _, t in parts)

@@ -125,6 +125,12 @@ class ProbeResult:
     def to_dict(self) -> dict:
         return _clean(dataclasses.asdict(self))
 
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "ProbeResult":
+        """A result from `dataclasses.asdict` sent through JSON (its tuple `chance` a list)."""
+        chance = d.get("chance")
+        return ProbeResult(**{**d, "chance": tuple(chance) if chance is not None else None})
+
 
 @dataclasses.dataclass(frozen=True)
 class ConceptVerdict:

@@ -348,19 +348,38 @@ def _cmd_bench_stamp(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_sequential(args: argparse.Namespace) -> int:
-    from kif.erasure.bench import sequential_stamp
+    from kif import bench_sequential as bsq
+    from kif.erasure import make_config
     from kif.world import FactWorld
 
     world = FactWorld.generate(args.seed)
+    people = bsq.request_people(world, args.requests)  # refused before a model is loaded
+    if args.utility_every < 0:
+        raise KifError(f"--utility-every must be at least 0 (0: never), got {args.utility_every}")
+    config = _parse_settings(args.set)
+    make_config(args.method, config)  # unknown settings fail before anything is loaded
     model = open_model(args.model, args)
-    people = [p.name for p in world.split("forget10")][:args.requests]
-    r = sequential_stamp(model, world, people)
+    level = bsq.oracle_level(world, open_model(args.oracle, args)) if args.oracle else None
+    r = bsq.run_sequential(model, world, args.method, people, config=config,
+                           utility_every=args.utility_every, oracle_forget_acc=level,
+                           profile=args.profile, progress=not args.json)
+    if args.plot:
+        bsq.plot_sequential(r, args.plot)
+    if args.record:
+        from kif import results
+
+        results.write(args.record, args.argv, **r)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    _out().print(f"{r['requests']} sequential STAMP requests: forget_acc {r['forget_acc']:.3f}, "
-                 f"retain_acc {r['retain_acc']:.3f} (base {r['base_retain_acc']:.3f}), "
-                 f"shared_acc {r['shared_acc']:.3f}")
+    s = r["summary"]
+    _out().print(f"{r['requests']} sequential {args.method} requests: forget_acc of everyone "
+                 f"erased {s['final_forget_acc']:.3f} (worst person "
+                 f"{s['max_person_forget_acc']:.3f}; oracle {s['oracle_forget_acc']}), retain "
+                 f"{s['base_retain_acc']:.3f} -> {s['final_retain_acc']:.3f} (worst "
+                 f"{s['worst_retain_acc']:.3f}), shared {s['base_shared_acc']:.3f} -> "
+                 f"{s['final_shared_acc']:.3f}, model utility {s['base_model_utility']} -> "
+                 f"{s['final_model_utility']}; targets met: {s.get('targets_met')}")
     return 0
 
 
@@ -804,14 +823,29 @@ def build_parser() -> argparse.ArgumentParser:
     bst.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32")
     bst.add_argument("--json", action="store_true")
     bst.set_defaults(func=_cmd_bench_stamp)
-    bsq = bs.add_parser("sequential", help="single-person STAMP requests one after another")
+    from kif.erasure.registry import METHOD_MODULES as _METHODS
+
+    bsq = bs.add_parser("sequential", help="single-person erasure requests one after another, "
+                                           "each on the model the previous ones left")
     bsq.add_argument("--model", default=zoo.BASE)
-    bsq.add_argument("--requests", type=int, default=20)
+    bsq.add_argument("--method", default="stamp", choices=list(_METHODS))
+    bsq.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
+                     help="the method's settings, as for kif erase")
+    bsq.add_argument("--requests", type=int, default=20,
+                     help="people, one request each: forget10's, then the retain split's")
+    bsq.add_argument("--utility-every", type=int, default=10,
+                     help="score model utility every N requests and after the last (0: "
+                          "never; it is most of the scoring time)")
+    bsq.add_argument("--oracle", default=zoo.oracle_name("forget10"),
+                     help="the forget reference: its accuracy on the forget10 people it never "
+                          "saw ('' to skip)")
     bsq.add_argument("--seed", type=int, default=0)
+    bsq.add_argument("--plot", metavar="FILE.png", help="the curve, as a PNG")
     bsq.add_argument("--json", action="store_true")
+    _add_record(bsq)
+    _add_profile(bsq)
     add_model_options(bsq)
     bsq.set_defaults(func=_cmd_bench_sequential)
-    from kif.erasure.registry import METHOD_MODULES as _METHODS
 
     bm = bs.add_parser("methods", help="every erasure method on a forget split, vs the oracle")
     bm.add_argument("--model", default=zoo.BASE)

@@ -90,6 +90,19 @@ def _utility_part(model, source, probes: Sequence[Probe], fwd_hooks) -> dict[str
             "truth": float(np.mean(metrics.truth_score(tr)))}
 
 
+def utility(model: HookedTransformer, world, retain, fwd_hooks=()) -> tuple[float, dict[str, float]]:
+    """TOFU's model utility and its components on the fact world: one held-out ("paraphrased")
+    question per fact, over a fixed subset of the retain set (TOFU's retain_perturbed holds 400
+    questions), here the first UTILITY_PEOPLE people of `retain` (360 facts), and the shared
+    facts."""
+    parts = {"retain": _utility_part(model, world,
+                                     world.person_probes(retain[:UTILITY_PEOPLE], "heldout", [0]),
+                                     fwd_hooks),
+             "shared": _utility_part(model, world, world.shared_probes("heldout", [0]), fwd_hooks)}
+    components = {f"{k}_{m}": v for k, d in parts.items() for m, v in d.items()}
+    return float(metrics.model_utility(components)), components
+
+
 def forget_truth_ratio_probes(world, forget, fine: bool = False) -> list[Probe]:
     """The forget facts' truth-ratio rows: TOFU's, one held-out phrasing per fact (forget10: 120,
     Forget Quality), or with `fine` every training and held-out phrasing (960: the companion that
@@ -141,15 +154,7 @@ def evaluate(model: HookedTransformer, world=None,
     unknown_acc, _ = _acc(model, world.person_probes(world.split("unknown"), "heldout", [0]),
                           fwd_hooks)
 
-    # TOFU scores utility on one held-out ("paraphrased") question per fact, over a fixed subset
-    # of the retain set (its retain_perturbed holds 400 questions): here the first
-    # UTILITY_PEOPLE retain people, 360 facts.
-    utility_people = retain[:UTILITY_PEOPLE]
-    parts = {"retain": _utility_part(model, world,
-                                     world.person_probes(utility_people, "heldout", [0]), fwd_hooks),
-             "shared": _utility_part(model, world, world.shared_probes("heldout", [0]), fwd_hooks)}
-    components = {f"{k}_{m}": v for k, d in parts.items() for m, v in d.items()}
-    mu = metrics.model_utility(components)
+    mu, components = utility(model, world, retain, fwd_hooks)
 
     forget_tr_probes = forget_truth_ratio_probes(world, forget)
     tr = truth_ratios(model, world, forget_tr_probes, fwd_hooks)

@@ -25,7 +25,6 @@ import torch
 
 from kif.erasure.stamp import solve_lowrank, solve_ridge
 
-
 @dataclasses.dataclass(frozen=True)
 class StampBenchRow:
     m: int
@@ -39,7 +38,6 @@ class StampBenchRow:
     lam: float
     dtype: str
 
-
 def synthetic_keys(m: int, n: int, alpha: float, generator: torch.Generator,
                    dtype=torch.float32) -> torch.Tensor:
     """n keys of width m with covariance spectrum i^-alpha in a random basis."""
@@ -47,7 +45,6 @@ def synthetic_keys(m: int, n: int, alpha: float, generator: torch.Generator,
     z = torch.randn(n, m, generator=generator, dtype=dtype) * scale
     q, _ = torch.linalg.qr(torch.randn(m, m, generator=generator, dtype=dtype))
     return z @ q.T
-
 
 def bench_stamp(m: int, rank: int = 64, n_forget: int = 200, n_retain: int = 4096,
                 d_out: int = 256, lam: float | None = None, alpha: float = 2.0, seed: int = 0,
@@ -73,53 +70,11 @@ def bench_stamp(m: int, rank: int = 64, n_forget: int = 200, n_retain: int = 409
     return StampBenchRow(m, rank, n_forget, t1 - t0, t2 - t1, (t1 - t0) / max(t2 - t1, 1e-9),
                          err, edit, lam, str(dtype).replace("torch.", ""))
 
-
-
-
-def sequential_stamp(model, world, people: list[str], config=None, progress: bool = False
-                     ) -> dict:
-    """Erase `people` one STAMP request at a time, each on the model the previous ones left, each
-    preserving the earlier edits' forget keys; returns accuracies after the last request (forget
-    facts of every person so far, retain and shared facts) and seconds per request. The model is
-    restored bit for bit at the end."""
-    from kif import metrics
-    from kif.erasure.registry import erase
-
-    def acc(probes) -> float:
-        return float(metrics.score_answers(model, [p.prompt for p in probes],
-                                           [p.answer for p in probes]).correct.mean())
-
-    forget_names = {p.name for p in world.split("forget10")}
-    retain = world.person_probes([p for p in world.split("retain") if p.name not in forget_names],
-                                 "train", [0, 2])
-    shared = world.shared_probes("train")
-    base_retain = acc(retain)
-    applied, done, seconds = [], [], []
-    try:
-        for name in people:
-            t0 = time.perf_counter()
-            cfg = dict(config or {})
-            cfg["preserve"] = tuple(a.erasure for a in applied)
-            e = erase(model, name, method="stamp", config=cfg, world=world)
-            seconds.append(time.perf_counter() - t0)
-            applied.append(e.apply(model))
-            done.append(name)
-        forget = world.person_probes([world.person(n) for n in done], "train")
-        out = {"requests": len(done), "forget_acc": acc(forget), "retain_acc": acc(retain),
-               "base_retain_acc": base_retain, "shared_acc": acc(shared),
-               "seconds_per_request": seconds}
-    finally:
-        for a in reversed(applied):
-            a.remove()
-    return out
-
-
 METRICS = ("forget_acc", "forget_paraphrase_acc", "retain_acc", "retain_paraphrase_acc",
            "neighbour_acc", "shared_acc", "shared_paraphrase_acc", "model_utility", "forget_quality", "forget_truth_ratio_median",
            "forget_quality_fine", "forget_ks_fine",
            # the broader locality set (`kif.world`'s novel phrasings)
            "forget_novel_acc", "retain_novel_acc", "neighbour_novel_acc", "shared_novel_acc")
-
 
 def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[Any], dict],
                   configs: dict | None = None, progress: bool = False,
@@ -167,7 +122,6 @@ def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[
                                is not None and r["method"] != "base" else None)
     return rows
 
-
 def world_scorer(world, split: str, oracle) -> Callable[[Any], dict]:
     """`kif eval`'s `METRICS` of a model on a fact-world split (the oracle's truth ratios
     computed once)."""
@@ -183,7 +137,6 @@ def world_scorer(world, split: str, oracle) -> Callable[[Any], dict]:
         return {k: d[k] for k in METRICS}
     return scores
 
-
 def concept_scorer(concept, oracle) -> Callable[[Any], dict]:
     """`kif eval --forget`'s `METRICS` of a model on a concept from any source (a key the
     concept's probes do not allow is None)."""
@@ -196,7 +149,6 @@ def concept_scorer(concept, oracle) -> Callable[[Any], dict]:
         d = evaluate_concept(m, concept, oracle_truth_ratios=tr_oracle)
         return {k: d.get(k) for k in METRICS}
     return scores
-
 
 def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3,
                       progress: bool = False) -> dict:
@@ -232,14 +184,12 @@ def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3,
             "max_abs_logprob_diff": float(np.abs(full.logprob - kv.logprob).max()),
             "same_correct": bool((full.correct == kv.correct).all())}
 
-
 def _spread(values) -> dict:
     import numpy as np
 
     v = np.asarray(values, dtype=np.float64)
     return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()),
             "n": int(v.size)}
-
 
 def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int = 20,
                        seed: int = 100, progress: bool = False, retrained=()) -> dict:
@@ -296,7 +246,6 @@ def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int
                                  "share_at_least_0.9": float((v >= 0.9).mean())}
     return out
 
-
 __all__ = ["METRICS", "StampBenchRow", "bench_methods", "bench_stamp", "candidate_scoring",
            "concept_scorer", "world_scorer",
-           "never_knew_ceiling", "sequential_stamp", "synthetic_keys"]
+           "never_knew_ceiling", "synthetic_keys"]

@@ -45,8 +45,9 @@ def visit_states(model, ids: Sequence[Sequence[int]], hooks: Sequence[str],
     Nothing is cached: a pass over every residual site of a model holds one site's activation
     at a time, where `run_with_cache` would hold all of them (on GPT-2 small 24 sites of a
     256-row batch are most of a gigabyte)."""
-    stop = max(int(h.split(".")[1]) for h in hooks) + 1
-    stop_at = stop if stop < model.cfg.n_layers else None
+    # stopping after the last block too: TransformerLens then returns the residual instead of
+    # unembedding every position (256 rows x 20 tokens x 50257 logits are 1 GB on GPT-2 small)
+    stop_at = max(int(h.split(".")[1]) for h in hooks) + 1
     for chunk in _batches(len(ids), batch_size):
         tokens, lengths = metrics._padded(model, [ids[i] for i in chunk])
 

@@ -156,7 +156,7 @@ def compute_key_moments(model, ids: Sequence[Sequence[int]], last: Sequence[int]
     from kif.kernels.dispatch import KeyStats
 
     layer = _layer(hook)
-    stop_at = layer + 1 if layer + 1 < model.cfg.n_layers else None
+    stop_at = layer + 1  # after the last block too: no unembedding of every position
     m = key_dim(model, hook)
     gram_last = torch.zeros(m, m, dtype=torch.float64)
     sum_last = torch.zeros(m, dtype=torch.float64)

@@ -25,6 +25,7 @@ import torch
 
 from kif.erasure.stamp import solve_lowrank, solve_ridge
 
+
 @dataclasses.dataclass(frozen=True)
 class StampBenchRow:
     m: int
@@ -38,6 +39,7 @@ class StampBenchRow:
     lam: float
     dtype: str
 
+
 def synthetic_keys(m: int, n: int, alpha: float, generator: torch.Generator,
                    dtype=torch.float32) -> torch.Tensor:
     """n keys of width m with covariance spectrum i^-alpha in a random basis."""
@@ -45,6 +47,7 @@ def synthetic_keys(m: int, n: int, alpha: float, generator: torch.Generator,
     z = torch.randn(n, m, generator=generator, dtype=dtype) * scale
     q, _ = torch.linalg.qr(torch.randn(m, m, generator=generator, dtype=dtype))
     return z @ q.T
+
 
 def bench_stamp(m: int, rank: int = 64, n_forget: int = 200, n_retain: int = 4096,
                 d_out: int = 256, lam: float | None = None, alpha: float = 2.0, seed: int = 0,
@@ -70,11 +73,13 @@ def bench_stamp(m: int, rank: int = 64, n_forget: int = 200, n_retain: int = 409
     return StampBenchRow(m, rank, n_forget, t1 - t0, t2 - t1, (t1 - t0) / max(t2 - t1, 1e-9),
                          err, edit, lam, str(dtype).replace("torch.", ""))
 
+
 METRICS = ("forget_acc", "forget_paraphrase_acc", "retain_acc", "retain_paraphrase_acc",
            "neighbour_acc", "shared_acc", "shared_paraphrase_acc", "model_utility", "forget_quality", "forget_truth_ratio_median",
            "forget_quality_fine", "forget_ks_fine",
            # the broader locality set (`kif.world`'s novel phrasings)
            "forget_novel_acc", "retain_novel_acc", "neighbour_novel_acc", "shared_novel_acc")
+
 
 def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[Any], dict],
                   configs: dict | None = None, progress: bool = False,
@@ -122,6 +127,7 @@ def bench_methods(model, oracle, methods: list[str], concept, scores: Callable[[
                                is not None and r["method"] != "base" else None)
     return rows
 
+
 def world_scorer(world, split: str, oracle) -> Callable[[Any], dict]:
     """`kif eval`'s `METRICS` of a model on a fact-world split (the oracle's truth ratios
     computed once)."""
@@ -137,6 +143,7 @@ def world_scorer(world, split: str, oracle) -> Callable[[Any], dict]:
         return {k: d[k] for k in METRICS}
     return scores
 
+
 def concept_scorer(concept, oracle) -> Callable[[Any], dict]:
     """`kif eval --forget`'s `METRICS` of a model on a concept from any source (a key the
     concept's probes do not allow is None)."""
@@ -149,6 +156,7 @@ def concept_scorer(concept, oracle) -> Callable[[Any], dict]:
         d = evaluate_concept(m, concept, oracle_truth_ratios=tr_oracle)
         return {k: d.get(k) for k in METRICS}
     return scores
+
 
 def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3,
                       progress: bool = False) -> dict:
@@ -184,12 +192,14 @@ def candidate_scoring(model, world, split: str = "forget10", repeats: int = 3,
             "max_abs_logprob_diff": float(np.abs(full.logprob - kv.logprob).max()),
             "same_correct": bool((full.correct == kv.correct).all())}
 
+
 def _spread(values) -> dict:
     import numpy as np
 
     v = np.asarray(values, dtype=np.float64)
     return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()),
             "n": int(v.size)}
+
 
 def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int = 20,
                        seed: int = 100, progress: bool = False, retrained=()) -> dict:
@@ -245,6 +255,7 @@ def never_knew_ceiling(model, world, oracle, split: str = "forget10", draws: int
                                  "min": float(v.min()), "max": float(v.max()),
                                  "share_at_least_0.9": float((v >= 0.9).mean())}
     return out
+
 
 __all__ = ["METRICS", "StampBenchRow", "bench_methods", "bench_stamp", "candidate_scoring",
            "concept_scorer", "world_scorer",

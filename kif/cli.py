@@ -383,6 +383,54 @@ def _cmd_bench_sequential(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_reliability(args: argparse.Namespace) -> int:
+    from kif.reliability import bench as rb
+
+    for flag in ("kills", "disk_full", "races", "flips", "fuzz"):
+        if getattr(args, flag) < 0:
+            raise KifError(f"--{flag.replace('_', '-')} must be at least 0")
+    cfg = rb.ReliabilityConfig(kills=args.kills, disk_full=args.disk_full, races=args.races,
+                               flips=args.flips, fuzz=args.fuzz, seed=args.seed)
+    r = rb.run(cfg, progress=not args.json)
+    if args.record:
+        from kif import results
+
+        results.write(args.record, args.argv, **r)
+    if args.json:
+        print(json.dumps(r, indent=2, default=str))
+    else:
+        _print_reliability(r)
+    return 1 if r["summary"]["failed"] else 0  # a fault not survived; short runs meet no count
+
+
+def _print_reliability(r: dict) -> None:
+    s = r["summary"]
+    table = Table(title="kif bench reliability: faults injected, survived, data lost")
+    for col in ("fault", "injected", "survived", "data lost / failed"):
+        table.add_column(col)
+    table.add_row("SIGKILL during a write", str(s["kills"]),
+                  str(s["kills"] - s["torn"] - s["next_run_failed"]),
+                  f"{s['torn']} torn, {s['inputs_modified']} inputs modified, "
+                  f"{s['next_run_failed']} next runs failed")
+    table.add_row("full disk / file-size limit", str(s["disk_full"]), str(s["disk_full_clean"]),
+                  str(s["disk_full"] - s["disk_full_clean"]))
+    table.add_row("two writers, one output", str(s["races"]), str(s["races_clean"]),
+                  str(s["races"] - s["races_clean"]))
+    table.add_row("tampered file", str(s["tamper_trials"]), str(s["tamper_detected"]),
+                  f"{s['tamper_trials'] - s['tamper_detected']} undetected, "
+                  f"{s['tamper_executed']} executed, {s['tamper_wrote']} wrote")
+    table.add_row("fuzzed reader input", str(s["fuzz_inputs"]),
+                  str(s["fuzz_inputs"] - s["fuzz_tracebacks"]), f"{s['fuzz_tracebacks']} tracebacks")
+    _out().print(table)
+    for name, met in s["targets"].items():
+        _out().print(f"{'met' if met else 'NOT met'}: {name}")
+    for row in r["crash"] + r["tamper"] + r["fuzz"]:
+        for failure in row.get("failures", []) or ([row["first_failure"]]
+                                                   if row.get("first_failure") else []):
+            _out().print(f"[red]{row.get('writer') or row.get('target') or row.get('reader')}: "
+                         f"{failure}[/red]")
+
+
 def _retrain_label(spec: str) -> str:
     """"seed N" for a `kif zoo build --train-seed N` folder (its card says), else `spec`: results
     files name the retrain, not this machine's path to it."""
@@ -846,6 +894,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(bsq)
     add_model_options(bsq)
     bsq.set_defaults(func=_cmd_bench_sequential)
+
+    brl = bs.add_parser("reliability", help="faults injected into kif's writes and reads: "
+                        "kills, full disks, races, tampered files, fuzzed inputs")
+    brl.add_argument("--kills", type=int, default=200, help="SIGKILLs during writes, over the "
+                     "five writers (erase, restore, signatures, zoo build, statistics cache)")
+    brl.add_argument("--disk-full", type=int, default=6,
+                     help="full-disk trials per writer, on a tmpfs and under a file-size limit")
+    brl.add_argument("--races", type=int, default=4, help="two-writer races per writer")
+    brl.add_argument("--flips", type=int, default=20, help="byte flips per file read back")
+    brl.add_argument("--fuzz", type=int, default=10_000, help="fuzzed inputs per reader (0: skip)")
+    brl.add_argument("--seed", type=int, default=0)
+    brl.add_argument("--json", action="store_true")
+    _add_record(brl)
+    brl.set_defaults(func=_cmd_bench_reliability)
 
     bm = bs.add_parser("methods", help="every erasure method on a forget split, vs the oracle")
     bm.add_argument("--model", default=zoo.BASE)

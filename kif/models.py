@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -208,6 +209,9 @@ def _resolve_source(name_or_path: str | os.PathLike) -> _Source:
                     f"zoo model '{text}' is not built yet (no checkpoint in '{zoo_folder}'); "
                     "run `kif zoo build`"
                 )
+            from kif import zoo
+
+            zoo.verify(zoo_folder, ModelLoadError, f"zoo model '{text}'")
             return _Source(zoo_folder.resolve(), text, "zoo")
     path = pathlib.Path(text).expanduser()
     if path.exists():
@@ -393,6 +397,7 @@ def _load_folder(
     _check_weight_files(folder)
     hf_config = _hf_config(folder)
     _check_config_supported(arch, hf_config)
+    _check_weights_fit_config(folder, hf_config)
     hf_model = _hf_model(folder, hf_config, arch, dtype)
     tokenizer = _hf_tokenizer(folder)
     model = _hooked_from_hf(hf_model, hf_config, arch, tokenizer, source, device, dtype)
@@ -422,6 +427,47 @@ def _hf_config(folder: pathlib.Path) -> Any:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as err:
         raise ModelLoadError(f"cannot read config of '{folder}': {_first_line(err)}") from err
+
+
+def _safetensors_shapes(folder: pathlib.Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the folder's safetensors files, read from their headers alone."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    shapes[k] = tuple(h.get_slice(k).get_shape())
+        except Exception as err:  # safetensors raises several types for corrupt files
+            raise ModelLoadError(f"cannot read weights of '{folder}': {f.name} is not a readable "
+                                 f"safetensors file ({type(err).__name__})") from None
+    return shapes
+
+
+def _check_weights_fit_config(folder: pathlib.Path, hf_config: Any) -> None:
+    """Refuse a config.json that does not describe the weights beside it (another
+    architecture's config, an edited size) before transformers allocates the model it
+    describes, which for a default-sized config is a 7 B model: the parameter shapes the config
+    implies (built on the meta device, no memory) against the safetensors headers."""
+    from transformers import AutoModelForCausalLM
+
+    have = _safetensors_shapes(folder)
+    try:
+        with torch.device("meta"), _quiet_tl():
+            want = {k: tuple(v.shape)
+                    for k, v in AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+    except Exception as err:
+        raise ModelLoadError(f"cannot build the model config.json in '{folder}' describes: "
+                             f"{_first_line(err)}") from None
+    wrong = [k for k in want.keys() & have.keys() if want[k] != have[k]]
+    found = sum(math.prod(s) for k, s in want.items() if k in have)
+    if wrong or found < 0.5 * sum(math.prod(s) for s in want.values()):
+        what = (f"{wrong[0]} is {have[wrong[0]]} in the weights, {want[wrong[0]]} by the config"
+                if wrong else f"the weights hold {found / max(sum(map(math.prod, want.values())), 1):.0%} "
+                "of the parameters it describes")
+        raise ModelLoadError(f"config.json in '{folder}' does not describe the weights beside "
+                             f"it ({what})")
 
 
 def _hf_model(folder: pathlib.Path, hf_config: Any, arch: str, dtype: torch.dtype) -> Any:
@@ -1335,29 +1381,51 @@ def save(
     Raises:
         ModelSaveError: with a one-line message, for every failure (nothing is left behind).
     """
-    try:
-        out = pathlib.Path(out_dir).expanduser().resolve()
+    out = pathlib.Path(out_dir).expanduser().resolve()
+    with _save_errors(out_dir):
         _check_destination(model, out, overwrite)
         hf_model = to_hf(model, dtype=dtype)
-        _write_atomically(hf_model, model, out)
-    except ModelSaveError:
-        raise
-    except Exception as err:  # a library or filesystem failure: still one clear line
-        raise ModelSaveError(
-            f"cannot save model to '{out_dir}': {type(err).__name__}: {_first_line(err)}"
-        ) from err
+        _write_atomically(hf_model, model, out, replace=overwrite)
     logger.info("saved %s to %s", getattr(model, "kif_name", "model"), out)
     return out
 
 
-def _write_atomically(hf_model: Any, model: torch.nn.Module, out: pathlib.Path) -> None:
-    """Write the checkpoint into a temporary sibling of `out`, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def save_into(model: torch.nn.Module, folder: str | os.PathLike, *,
+              dtype: torch.dtype | None = None) -> None:
+    """`save`'s checkpoint files written into `folder`, an existing staging folder of the
+    caller's (an erasure folder holds the checkpoint at its root): not atomic by itself."""
+    with _save_errors(folder):
+        _write_checkpoint(to_hf(model, dtype=dtype), model, pathlib.Path(folder))
+
+
+@contextlib.contextmanager
+def _save_errors(where: str | os.PathLike) -> Iterator[None]:
+    """A library or filesystem failure (a full disk included) as one `ModelSaveError` line."""
     try:
-        hf_model.save_pretrained(tmp, safe_serialization=True)
-        _write_tokenizer(model, tmp)
-        _replace_dir(tmp, out)
+        yield
+    except ModelSaveError:
+        raise
+    except Exception as err:
+        raise ModelSaveError(
+            f"cannot save model to '{where}': {type(err).__name__}: {_first_line(err)}"
+        ) from err
+
+
+def _write_checkpoint(hf_model: Any, model: torch.nn.Module, folder: pathlib.Path) -> None:
+    hf_model.save_pretrained(folder, safe_serialization=True)
+    _write_tokenizer(model, folder)
+
+
+def _write_atomically(hf_model: Any, model: torch.nn.Module, out: pathlib.Path, *,
+                      replace: bool) -> None:
+    """Write the checkpoint into a staging sibling of `out`, then rename it into place (a
+    second writer racing for the same `out` fails unless `replace`)."""
+    from kif import integrity
+
+    tmp = integrity.stage(out)
+    try:
+        _write_checkpoint(hf_model, model, tmp)
+        integrity.publish(tmp, out, replace=replace)
     finally:
         # After a successful rename `tmp` no longer exists; after a failure it goes.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1398,22 +1466,6 @@ def _check_destination(model: Any, out: pathlib.Path, overwrite: bool) -> None:
         raise ModelSaveError(
             f"refusing to write '{out}': folder exists and is not empty (pass overwrite=True)"
         )
-
-
-def _replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    """Move the finished `tmp` folder to `out`, removing an old `out` only after `tmp` is ready."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)  # put the previous checkpoint back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Callable, Literal
 
 import torch
@@ -20,6 +19,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from kif import integrity
 from kif.errors import KifError
 
 Kind = str
@@ -113,7 +113,8 @@ class Signature:
     # ---- disk -------------------------------------------------------------------------------
 
     def save(self, out_dir: str | os.PathLike) -> pathlib.Path:
-        """Write `signature.json` and `signature.safetensors` into `out_dir` (atomically)."""
+        """Write `signature.json`, `signature.safetensors` and their checksums as the folder
+        `out_dir`, atomically; an existing `out_dir` is replaced as a whole."""
         out = pathlib.Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"scores": self.scores.detach().float().cpu().contiguous()}
@@ -127,16 +128,16 @@ class Signature:
                 "model_name": self.model_name, "model_hash": self.model_hash, "dims": self.dims,
                 "component": self.component, "component_hooks": list(self.component_hooks),
                 "sae": self.sae, "settings": self.settings, "info": self.info}
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        # the whole folder is staged and renamed into place: a kill leaves the old signature
+        # or the new one, never a mix (plots the CLI adds afterwards go in beside it)
+        with integrity.writing(out, SignatureError):
+            tmp = integrity.stage(out)
         try:
-            save_file(tensors, str(tmp / "signature.safetensors"))
-            (tmp / "signature.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
-            if out.exists():
-                for f in ("signature.json", "signature.safetensors"):
-                    (out / f).unlink(missing_ok=True)
-            out.mkdir(exist_ok=True)
-            for f in tmp.iterdir():
-                os.replace(f, out / f.name)
+            with integrity.writing(out, SignatureError):
+                save_file(tensors, str(tmp / "signature.safetensors"))
+                (tmp / "signature.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
+                integrity.write_sums(tmp, ["signature.json", "signature.safetensors"])
+                integrity.publish(tmp, out, replace=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
@@ -145,6 +146,8 @@ class Signature:
     def load(path: str | os.PathLike, model=None) -> "Signature":
         """Read a signature folder; with `model`, also check it was taken from that model."""
         p = pathlib.Path(path)
+        if (p / integrity.SUMS).is_file():  # folders written before checksums have none
+            integrity.verify(p, error=SignatureError, what="signature")
         try:
             meta = json.loads((p / "signature.json").read_text())
             tensors = load_file(str(p / "signature.safetensors"))
@@ -156,17 +159,26 @@ class Signature:
                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise SignatureError(f"{p / 'signature.json'} is not a kif signature ({FORMAT})")
-        sig = Signature(
-            concept=meta["concept"], kind=meta["kind"], model_name=meta["model_name"],
-            model_hash=meta["model_hash"], dims=meta["dims"], component=meta["component"],
-            component_hooks=tuple(meta["component_hooks"]), scores=tensors["scores"],
-            directions=tensors.get("directions"), indices=tensors.get("indices"),
-            sae=meta.get("sae"),
-            maps={k[len("maps."):]: v for k, v in tensors.items() if k.startswith("maps.")},
-            settings=meta.get("settings", {}), info=meta.get("info", {}))
+        try:
+            sig = _from_meta(meta, tensors)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SignatureError(f"{p / 'signature.json'} is not a valid kif signature "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+                                 ) from None
         if model is not None:
             sig.check_model(model)
         return sig
+
+
+def _from_meta(meta: dict[str, Any], tensors: dict[str, Tensor]) -> Signature:
+    return Signature(
+        concept=str(meta["concept"]), kind=meta["kind"], model_name=str(meta["model_name"]),
+        model_hash=str(meta["model_hash"]), dims=dict(meta["dims"]), component=meta["component"],
+        component_hooks=tuple(str(h) for h in meta["component_hooks"]), scores=tensors["scores"],
+        directions=tensors.get("directions"), indices=tensors.get("indices"),
+        sae=meta.get("sae"),
+        maps={k[len("maps."):]: v for k, v in tensors.items() if k.startswith("maps.")},
+        settings=dict(meta.get("settings") or {}), info=dict(meta.get("info") or {}))
 
 
 def _jsonable(x: Any) -> Any:

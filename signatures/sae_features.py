@@ -143,6 +143,12 @@ def _load_folder(folder: pathlib.Path):
     if missing:
         raise SAELoadError(f"cannot load SAE from {folder}: not a SAELens SAE folder "
                            f"(missing {', '.join(missing)}; only safetensors + JSON are read)")
+    from kif import integrity
+
+    # shipped SAEs (and copies of them, which keep their kif_sha256.json) are checked against
+    # their checksums; a SAELens folder from elsewhere has none to check
+    if (folder / integrity.SUMS).is_file() or _zoo_sae_root() in folder.resolve().parents:
+        integrity.verify(folder, error=SAELoadError, what=f"SAE {folder.name}")
     key = (str(folder.resolve()), (folder / _SAE_FILES[1]).stat().st_mtime_ns)
     if key in _CACHE:
         return _CACHE[key]

@@ -7,6 +7,7 @@ checkpoints are never overwritten; every load failure is a one-line ModelLoadErr
 
 import json
 import pathlib
+import shutil
 import time
 
 import pytest
@@ -263,12 +264,19 @@ def test_load_unreachable_hub_name(monkeypatch):
 
 def test_zoo_names_resolve_first(checkpoints, monkeypatch, tmp_path):
     zoo = pytest.importorskip("kif.zoo")
-    folders = {"tiny-zoo-model": checkpoints["gpt2"], "unbuilt-zoo-model": tmp_path / "unbuilt"}
+    from kif import integrity
+
+    shipped = shutil.copytree(checkpoints["gpt2"], tmp_path / "shipped")
+    folders = {"tiny-zoo-model": shipped, "unbuilt-zoo-model": tmp_path / "unbuilt"}
     monkeypatch.setattr(zoo, "resolve", folders.get)
+    with pytest.raises(ModelLoadError, match="no kif_sha256.json") as excinfo:
+        models.load("tiny-zoo-model")  # package data is sealed; an unsealed folder is refused
+    _assert_one_line_error(excinfo)
+    integrity.write_sums(shipped)
     model = models.load("tiny-zoo-model")
     assert (model.kif_source, model.kif_name) == ("tiny-zoo-model", "tiny-zoo-model")
     with pytest.raises(ModelSaveError, match="loaded from"):  # zoo checkpoints are inputs too
-        models.save(model, checkpoints["gpt2"], overwrite=True)
+        models.save(model, shipped, overwrite=True)
     with pytest.raises(ModelLoadError, match="not built") as excinfo:
         models.load("unbuilt-zoo-model")
     _assert_one_line_error(excinfo)

@@ -22,16 +22,18 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from kif import integrity
 from kif.erasure.core import Delta, Erasure, ErasureError, HookOp
 
 FORMAT = "kif-erasure"
-VERSION = 1
+# 2: the folder holds kif_sha256.json (every file's SHA-256), checked before anything is read
+VERSION = 2
+READABLE = (1, 2)
 MANIFEST = "manifest.json"
 TENSORS = "erasure.safetensors"
 RESTORE = "restore.safetensors"
@@ -72,64 +74,71 @@ def save_erasure(erasure: Erasure, base_model, out_dir: str | os.PathLike,
                  report: Mapping[str, Any] | None = None, report_md: str | None = None) -> pathlib.Path:
     """Write `erasure` (computed on `base_model`, whose weights are left as they were) to a new
     folder `out_dir`. Returns the folder."""
-    from kif import models
-
     erasure.check_base(base_model)
     out = _destination(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with integrity.writing(out, ErasureError):
+        stage = integrity.stage(out)
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        deltas_meta = {}
-        for name, d in erasure.deltas.items():
-            for part in ("dense", "a", "b"):
-                t = getattr(d, part)
-                if t is not None:
-                    tensors[f"delta/{name}/{part}"] = t.detach().float().cpu().contiguous()
-            deltas_meta[name] = {"kind": "dense" if d.dense is not None else "low-rank",
-                                 "rank": d.rank, "numel": d.numel()}
-        hooks_meta = []
-        for i, op in enumerate(erasure.hooks):
-            for key, t in op.tensors.items():
-                tensors[f"hook/{i}/{key}"] = t.detach().cpu().contiguous()
-            hooks_meta.append({"hook": op.hook, "op": op.op, "params": _jsonable(op.params),
-                               "tensors": sorted(op.tensors)})
-        erased_hash = None
-        if erasure.deltas:
-            stage.rmdir()  # models.save creates the folder itself (atomically)
-            with erasure.apply(base_model) as applied:
-                erased_hash = models.weight_hash(applied.model)
-                originals = {f"orig/{n}": t.cpu().contiguous()
-                             for n, t in applied._originals.items()}
-                originals |= {f"hf/{n}": t.detach().cpu().contiguous()
-                              for n, t in models.exact_hf_tensors(base_model).items()}
-                models.save(applied.model, stage, dtype=torch.float32)
-            save_file(originals, str(stage / RESTORE))
-        save_file(tensors, str(stage / TENSORS))
-        norms = erasure.delta_norms()
-        for n, v in norms.items():
-            deltas_meta[n]["norm"] = v
-        manifest = {
-            "format": FORMAT, "version": VERSION, "method": erasure.method,
-            "concepts": list(erasure.concepts), "kind": erasure.kind,
-            "base": {"spec": erasure.base_spec, "weight_sha256": erasure.base_hash,
-                     "dtype": _dtype_of(base_model), **_base_config(base_model)},
-            "erased_weight_sha256": erased_hash,
-            "settings": _jsonable(erasure.settings), "info": _jsonable(erasure.info),
-            "deltas": deltas_meta, "hooks": hooks_meta,
-        }
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if report is not None:
-            (stage / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-        if report_md is not None:
-            (stage / "report.md").write_text(report_md)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        with integrity.writing(out, ErasureError):
+            _write_folder(erasure, base_model, stage, report, report_md)
+            integrity.publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone already after a successful rename
     return out
+
+
+def _write_folder(erasure: Erasure, base_model, stage: pathlib.Path,
+                  report: Mapping[str, Any] | None, report_md: str | None) -> None:
+    """Every file of the erasure folder into `stage`, checksums last."""
+    from kif import models
+
+    tensors, deltas_meta, hooks_meta = _tensors_and_meta(erasure)
+    erased_hash = None
+    if erasure.deltas:
+        with erasure.apply(base_model) as applied:
+            erased_hash = models.weight_hash(applied.model)
+            originals = {f"orig/{n}": t.cpu().contiguous() for n, t in applied._originals.items()}
+            originals |= {f"hf/{n}": t.detach().cpu().contiguous()
+                          for n, t in models.exact_hf_tensors(base_model).items()}
+            models.save_into(applied.model, stage, dtype=torch.float32)
+        save_file(originals, str(stage / RESTORE))
+    save_file(tensors, str(stage / TENSORS))
+    for n, v in erasure.delta_norms().items():
+        deltas_meta[n]["norm"] = v
+    manifest = {
+        "format": FORMAT, "version": VERSION, "method": erasure.method,
+        "concepts": list(erasure.concepts), "kind": erasure.kind,
+        "base": {"spec": erasure.base_spec, "weight_sha256": erasure.base_hash,
+                 "dtype": _dtype_of(base_model), **_base_config(base_model)},
+        "erased_weight_sha256": erased_hash,
+        "settings": _jsonable(erasure.settings), "info": _jsonable(erasure.info),
+        "deltas": deltas_meta, "hooks": hooks_meta,
+    }
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if report is not None:
+        (stage / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    if report_md is not None:
+        (stage / "report.md").write_text(report_md)
+    integrity.write_sums(stage)
+
+
+def _tensors_and_meta(erasure: Erasure) -> tuple[dict[str, torch.Tensor], dict, list]:
+    tensors: dict[str, torch.Tensor] = {}
+    deltas_meta = {}
+    for name, d in erasure.deltas.items():
+        for part in ("dense", "a", "b"):
+            t = getattr(d, part)
+            if t is not None:
+                tensors[f"delta/{name}/{part}"] = t.detach().float().cpu().contiguous()
+        deltas_meta[name] = {"kind": "dense" if d.dense is not None else "low-rank",
+                             "rank": d.rank, "numel": d.numel()}
+    hooks_meta = []
+    for i, op in enumerate(erasure.hooks):
+        for key, t in op.tensors.items():
+            tensors[f"hook/{i}/{key}"] = t.detach().cpu().contiguous()
+        hooks_meta.append({"hook": op.hook, "op": op.op, "params": _jsonable(op.params),
+                           "tensors": sorted(op.tensors)})
+    return tensors, deltas_meta, hooks_meta
 
 
 def _dtype_of(model) -> str:
@@ -155,17 +164,26 @@ def _base_config(model) -> dict[str, Any]:
 
 
 def _manifest(path: pathlib.Path) -> dict[str, Any]:
+    """The folder's manifest, after its checksums (when it has them) have matched every file:
+    a flipped byte or a swapped file is refused before anything in the folder is parsed."""
     if not (path / MANIFEST).is_file():
         raise ErasureError(f"{path} is not an erasure folder (no {MANIFEST})")
+    sealed = (path / integrity.SUMS).is_file()
+    if sealed:
+        integrity.verify(path, error=ErasureError, what="erasure folder")
     try:
-        m = json.loads((path / MANIFEST).read_text())
-    except ValueError as e:
-        raise ErasureError(f"{path / MANIFEST} is not valid JSON ({e.msg})") from None
-    if m.get("format") != FORMAT:
+        m = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ErasureError(f"{path / MANIFEST} is not valid JSON "
+                           f"({getattr(e, 'msg', type(e).__name__)})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ErasureError(f"{path / MANIFEST} is not a kif erasure manifest")
-    if m.get("version") != VERSION:
+    if m.get("version") not in READABLE:
         raise ErasureError(f"{path} has erasure format version {m.get('version')}; this kif "
-                           f"reads version {VERSION}")
+                           f"reads versions {', '.join(map(str, READABLE))}")
+    if m["version"] >= 2 and not sealed:
+        raise ErasureError(f"{path} lacks {integrity.SUMS}, which format version "
+                           f"{m['version']} writes: the folder was modified")
     return m
 
 
@@ -261,8 +279,6 @@ def restore(path: str | os.PathLike, out_dir: str | os.PathLike, *,
         if tied is not None and getattr(model, "kif_hf_config", None) is not None:
             model.kif_hf_config = copy.deepcopy(model.kif_hf_config)
             model.kif_hf_config.tie_word_embeddings = tied
-    if out.exists():
-        out.rmdir()
     return models.save(model, out)
 
 

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kif import metrics
+from kif import integrity, metrics
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +190,18 @@ def compute_key_moments(model, ids: Sequence[Sequence[int]], last: Sequence[int]
 def _read_cached(path: pathlib.Path, model, hook: str, n_rows: int, token_weight: float
                  ) -> KeyMoments | None:
     """The cached statistics in `path`, or None (absent, unreadable or of the wrong shape)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if not path.is_file():
         return None
     try:
+        with safe_open(str(path), framework="pt") as f:
+            want = (f.metadata() or {}).get("sha256")
         t = load_file(str(path))
+        if want != _payload_sha256(t):  # a flipped byte in the numbers parses fine
+            log.warning("ignoring key statistics that fail their checksum: %s", path)
+            return None
         got = KeyMoments(t["gram"], t["mean_last"], int(t["n_rows"]), token_weight)
         m = key_dim(model, hook)
         if got.gram.shape == (m, m) and got.n_rows == n_rows:
@@ -211,8 +217,6 @@ def key_moments(model, prompts: Sequence[str], answers: Sequence[str], hook: str
     """`KeyMoments` of `hook` over the rows (prompt, answer), from the cache when it holds them
     for these upstream weights and token ids, else computed (and stored when `cache`; under
     torch.distributed by rank 0 only, after a pass sharded over the ranks)."""
-    from safetensors.torch import save_file
-
     from kif import distributed
 
     ids, last = _encode_rows(model, prompts, answers)
@@ -227,15 +231,41 @@ def key_moments(model, prompts: Sequence[str], answers: Sequence[str], hook: str
     got = compute_key_moments(model, ids, last, hook, token_weight)
     if not distributed.is_main():
         return got  # one writer
+    _write_cache(path, {"gram": got.gram.contiguous(), "mean_last": got.mean_last.contiguous(),
+                        "n_rows": torch.tensor(got.n_rows)})
+    return got
+
+
+def _payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _write_cache(path: pathlib.Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write the statistics to a private temporary file and rename it into place: concurrent
+    writers each rename a complete file (the same numbers), a killed one leaves only its
+    temporary, which the next writer of the same key removes. A failure (a full disk, a
+    read-only home) costs the cache, never the erasure."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"gram": got.gram.contiguous(), "mean_last": got.mean_last.contiguous(),
-                   "n_rows": torch.tensor(got.n_rows)}, str(tmp))
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            pid = stale.name[len(path.name) + 2:-len(".tmp")]
+            if pid.isdigit() and not integrity.pid_alive(int(pid)):
+                stale.unlink(missing_ok=True)
+        save_file(tensors, str(tmp), metadata={"sha256": _payload_sha256(tensors)})
         os.replace(tmp, path)
-    except OSError as err:  # a read-only home must not stop an erasure
+    except (OSError, SafetensorError) as err:
+        tmp.unlink(missing_ok=True)
         log.warning("could not cache key statistics in %s (%s)", path.parent, err)
-    return got
 
 
 def retain_moments(model, concept, hook: str, token_weight: float, cache: bool = True,

@@ -6,6 +6,7 @@ The checkpoints live in this package's folder (package data), so kif works offli
 
 import dataclasses
 import json
+import os
 import pathlib
 
 ZOO_DIR = pathlib.Path(__file__).resolve().parent
@@ -76,3 +77,23 @@ def card(name: str) -> dict:
     if p is None or not (p / "kif_card.json").is_file():
         return {}
     return json.loads((p / "kif_card.json").read_text())
+
+
+def publish(staged: pathlib.Path, dest: pathlib.Path) -> None:
+    """Seal a finished zoo folder (a model or an SAE) with the checksums that every load checks,
+    make it readable by every user (package data; staging folders are private) and rename it
+    into place, replacing the previous build as a whole."""
+    from kif import integrity
+
+    integrity.write_sums(staged)
+    os.chmod(staged, 0o755)
+    for f in staged.iterdir():
+        os.chmod(f, 0o644)
+    integrity.publish(staged, dest, replace=True)
+
+
+def verify(folder: pathlib.Path, error: type[Exception], what: str) -> None:
+    """`kif.integrity.verify` of a shipped folder: a flipped byte in package data is refused."""
+    from kif import integrity
+
+    integrity.verify(folder, error=error, what=what)

@@ -8,7 +8,6 @@ count, so a rebuild on the same kind of machine reproduces the shipped weights.
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 import random
 import shutil
@@ -162,29 +161,19 @@ def train_model(world: FactWorld, tokenizer, cfg: TrainConfig, exclude: list[str
 
 
 def _save_atomic(model, tokenizer, dest: pathlib.Path, card: dict) -> None:
-    """Write to a temporary sibling folder, then swap it in (never a half-written model)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    """Write to a staging sibling folder, then swap it in (never a half-written model)."""
+    from kif import integrity
+
+    with integrity.writing(dest):
+        tmp = integrity.stage(dest)
     try:
-        model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "kif_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
-        # mkdtemp makes private folders; package data must be readable by every user
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old)
+        with integrity.writing(dest):
+            model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "kif_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
+            zoo.publish(tmp, dest)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build(names: list[str] | None = None, out_root: pathlib.Path | None = None,

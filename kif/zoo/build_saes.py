@@ -26,7 +26,6 @@ import os
 import pathlib
 import random
 import shutil
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -34,7 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from kif import zoo
+from kif import integrity, zoo
 
 log = logging.getLogger(__name__)
 
@@ -182,21 +181,6 @@ def _finalise(training_sae, folder: pathlib.Path, dtype_on_disk: str):
     return SAE.load_from_disk(folder, device="cpu")
 
 
-def _swap_in(tmp: pathlib.Path, dest: pathlib.Path) -> None:
-    os.chmod(tmp, 0o755)
-    for f in tmp.iterdir():
-        os.chmod(f, 0o644)
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def build_saes(out_root: str | os.PathLike = SAE_DIR, layers: Sequence[int] = (0, 1, 2, 3),
                seed: int = 0, cfg: SAETrainConfig = SAETrainConfig(), model=None,
                world=None, model_name: str = zoo.BASE) -> dict[str, dict[str, Any]]:
@@ -224,8 +208,7 @@ def build_saes(out_root: str | os.PathLike = SAE_DIR, layers: Sequence[int] = (0
             hook = f"blocks.{layer}.hook_resid_post"
             rows = pack_rows(ids, cfg.context_size, pad, n_passes, seed + 7919 * layer)
             dest = out_root / model_name / hook
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{hook}.", dir=dest.parent))
+            tmp = integrity.stage(dest)
             try:
                 t0 = time.perf_counter()
                 trained = _train_one(model, hook, rows, cfg, seed + layer, model_name)
@@ -241,13 +224,12 @@ def build_saes(out_root: str | os.PathLike = SAE_DIR, layers: Sequence[int] = (0
                         "train_threads": cfg.threads, "train_config": dataclasses.asdict(cfg)}
                 card["bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
                 (tmp / CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
-                _swap_in(tmp, dest)
+                zoo.publish(tmp, dest)
                 cards[hook] = card
                 log.info("SAE %s: EV %.3f, L0 %.1f, %.0f s", hook, card["explained_variance"],
                          card["l0"], seconds)
             finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
     finally:
         torch.set_num_threads(prev_threads)
     return cards

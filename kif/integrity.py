@@ -1,0 +1,202 @@
+"""Checksums of the folders kif writes and ships, and the staged writes that keep them whole.
+
+Every folder kif writes (erasure folders, signatures) or ships (zoo models, zoo SAEs) holds
+`kif_sha256.json`: the SHA-256 of each file in it, and a seal over its own content. A flipped
+byte anywhere, a file swapped for another (a pickle where safetensors were), a `config.json`
+edited to name another architecture: each is caught before the file is parsed, with one line.
+The checksums guard against corruption and accidental edits, not against someone who rewrites
+the checksum file too (that takes a signing key, which kif does not manage).
+
+Folders are written whole into a staging sibling and renamed into place (`stage`, `publish`), so
+a process killed at any point leaves the destination absent or complete. A killed process
+cannot delete its staging folder; the pid in the staging folder's name lets the next write to
+the same destination sweep the dead one's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from typing import Iterable, Iterator
+
+from safetensors import SafetensorError
+
+from kif.errors import KifError
+
+SUMS = "kif_sha256.json"
+FORMAT = "kif-sha256"
+_CHUNK = 1 << 20
+
+
+class IntegrityError(KifError):
+    """A file that does not match the checksum kif wrote for it."""
+
+
+class WriteError(KifError):
+    """A write that failed: a full disk, a lost race for the destination, permissions."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal(value) -> str:
+    """SHA-256 of `value`'s canonical JSON (sorted keys, no spaces): the same for the object
+    written and the object read back."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _files(folder: pathlib.Path) -> list[str]:
+    """The regular files under `folder` (relative POSIX paths), the checksum file excluded."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name != SUMS)
+
+
+def write_sums(folder: str | os.PathLike, names: Iterable[str] | None = None) -> pathlib.Path:
+    """Write `kif_sha256.json` into `folder` for `names` (default: every file in it)."""
+    folder = pathlib.Path(folder)
+    files = {n: file_sha256(folder / n) for n in (_files(folder) if names is None else names)}
+    body = {"format": FORMAT, "files": files}
+    (folder / SUMS).write_text(json.dumps({**body, "seal": seal(body)}, indent=2) + "\n")
+    return folder / SUMS
+
+
+# Folders already verified in this process, by their files' (name, size, mtime): tests and
+# notebooks load the zoo models hundreds of times; a changed file changes the key.
+_VERIFIED: set[tuple] = set()
+
+
+def _state(folder: pathlib.Path, names: Iterable[str]) -> tuple:
+    stats = []
+    for n in (SUMS, *names):
+        s = (folder / n).stat()
+        stats.append((n, s.st_size, s.st_mtime_ns))
+    return (str(folder.resolve()), tuple(stats))
+
+
+def _read_sums(folder: pathlib.Path, error: type[KifError]) -> dict[str, str]:
+    try:
+        data = json.loads((folder / SUMS).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise error(f"{folder / SUMS} is unreadable: the folder was modified or is corrupt") from None
+    body = {k: data.get(k) for k in ("format", "files")} if isinstance(data, dict) else None
+    if (body is None or body["format"] != FORMAT or not isinstance(body["files"], dict)
+            or data.get("seal") != seal(body)):
+        raise error(f"{folder / SUMS} does not match its own seal: the folder was modified")
+    return body["files"]
+
+
+def verify(folder: str | os.PathLike, *, error: type[KifError] = IntegrityError,
+           what: str = "folder") -> None:
+    """Raise `error` (one line) unless every file `kif_sha256.json` lists in `folder` is there
+    with the listed SHA-256. A folder without the file is refused."""
+    folder = pathlib.Path(folder)
+    if not (folder / SUMS).is_file():
+        raise error(f"{folder} has no {SUMS}: not a {what} written by this kif, or modified")
+    files = _read_sums(folder, error)
+    missing = [n for n in files if not (folder / n).is_file()]
+    if missing:
+        raise error(f"{folder} lacks {missing[0]}, which its {SUMS} lists: the {what} is incomplete")
+    key = _state(folder, files)
+    if key in _VERIFIED:
+        return
+    for name, want in files.items():
+        if file_sha256(folder / name) != want:
+            raise error(f"{folder / name} does not match its SHA-256 in {SUMS}: the {what} was "
+                        "modified after kif wrote it")
+    _VERIFIED.add(key)
+
+
+# ---- staged writes -------------------------------------------------------------------------
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def sweep_stale(out: pathlib.Path) -> int:
+    """Remove the staging folders of `out` left by processes that died before renaming them.
+    Returns how many went."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.kif-(\d+)-")
+    gone = 0
+    if not out.parent.is_dir():
+        return 0
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone += 1
+    return gone
+
+
+def stage(out: str | os.PathLike) -> pathlib.Path:
+    """A new empty staging folder beside `out` (same filesystem, so the rename is atomic),
+    named with this process's pid; dead processes' staging folders of `out` are swept first."""
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out)
+    return pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.kif-{os.getpid()}-", dir=out.parent))
+
+
+@contextlib.contextmanager
+def writing(out: str | os.PathLike, error: type[KifError] = WriteError) -> Iterator[None]:
+    """Report a failed write of `out` as one line of `error`: a full disk (safetensors reports
+    it as its own error type), a second writer that renamed its output into place first."""
+    try:
+        yield
+    except KifError:
+        raise
+    except OSError as e:
+        if isinstance(e, FileExistsError) or e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise error(f"{out} was written by another run meanwhile: choose a new output "
+                        "folder") from None
+        raise error(f"cannot write {out}: {e.strerror or e}") from None
+    except SafetensorError as e:
+        raise error(f"cannot write {out}: {str(e).splitlines()[0] if str(e) else 'safetensors'}"
+                    ) from None
+
+
+def publish(staged: pathlib.Path, out: pathlib.Path, *, replace: bool = False) -> None:
+    """Rename the finished `staged` folder to `out`. An existing `out` is an error unless
+    `replace` (then it is moved aside first and deleted after: a kill in between leaves `out`
+    absent, never half of each). Two writers racing for one `out`: the second gets an
+    OSError (ENOTEMPTY/EEXIST) from the rename, which callers report in one line."""
+    if out.exists() and not replace:
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            raise FileExistsError(f"{out} exists")
+    if not out.exists():
+        os.replace(staged, out)
+        return
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.kif-{os.getpid()}-old-",
+                                        dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(staged, out)
+    except BaseException:
+        os.replace(old / out.name, out)  # put the previous folder back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["SUMS", "IntegrityError", "WriteError", "writing", "file_sha256", "pid_alive", "publish", "seal", "stage", "sweep_stale",
+           "verify", "write_sums"]

@@ -1,0 +1,132 @@
+"""The reliability campaign's short form (the full one: `kif bench reliability`), and the
+pieces it stands on: checksums, staged writes, the sweep of dead writers' staging folders."""
+
+import json
+import os
+import pathlib
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from kif import integrity
+from kif.errors import KifError
+
+
+def test_checksums_catch_any_changed_byte_and_a_changed_seal(tmp_path):
+    (tmp_path / "a.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "b.json").write_text('{"x": 1}')
+    integrity.write_sums(tmp_path)
+    integrity.verify(tmp_path)
+    data = bytearray((tmp_path / "a.bin").read_bytes())
+    data[100] ^= 1
+    (tmp_path / "a.bin").write_bytes(bytes(data))
+    with pytest.raises(integrity.IntegrityError, match="a.bin does not match"):
+        integrity.verify(tmp_path)
+    integrity.write_sums(tmp_path)
+    sums = json.loads((tmp_path / integrity.SUMS).read_text())
+    sums["files"]["a.bin"] = "0" * 64  # edited without its seal
+    (tmp_path / integrity.SUMS).write_text(json.dumps(sums))
+    with pytest.raises(integrity.IntegrityError, match="seal"):
+        integrity.verify(tmp_path)
+    (tmp_path / integrity.SUMS).unlink()
+    with pytest.raises(integrity.IntegrityError, match="no kif_sha256.json"):
+        integrity.verify(tmp_path)
+
+
+def test_a_dead_writers_staging_folder_is_swept_and_a_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    (tmp_path / f".out.kif-{dead.pid}-abc").mkdir()
+    (tmp_path / f".out.kif-{os.getpid()}-mine").mkdir()
+    (tmp_path / ".other.kif-1-x").mkdir()
+    stage = integrity.stage(out)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert f".out.kif-{dead.pid}-abc" not in left
+    assert {f".out.kif-{os.getpid()}-mine", ".other.kif-1-x", stage.name} <= set(left)
+
+
+def test_publish_refuses_a_second_writer_and_replaces_only_when_asked(tmp_path):
+    out = tmp_path / "out"
+    first, second = integrity.stage(out), integrity.stage(out)
+    (first / "f").write_text("first")
+    (second / "f").write_text("second")
+    integrity.publish(first, out)
+    with pytest.raises(integrity.WriteError, match="another run"):
+        with integrity.writing(out):
+            integrity.publish(second, out)
+    assert (out / "f").read_text() == "first"
+    integrity.publish(second, out, replace=True)
+    assert (out / "f").read_text() == "second"
+    assert not list(tmp_path.glob(".out.kif-*"))  # the replaced folder went too
+
+
+def test_the_planted_pickle_is_live(tmp_path):
+    """The tampering trials count 'executed' by a marker file: this payload does create it when
+    something unpickles it, so a count of 0 means nothing did."""
+    from kif.reliability.tamper import hostile_pickle
+
+    marker = tmp_path / "it ran"
+    pickle.loads(hostile_pickle(marker))  # noqa: S301 - the point of the test
+    assert marker.exists()
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    from kif.reliability import bench
+
+    work = tmp_path_factory.mktemp("reliability") / "work"
+    cfg = bench.ReliabilityConfig(kills=10, disk_full=1, races=1, flips=2, fuzz=0)
+    return bench.run(cfg, workdir=work), work
+
+
+def test_short_campaign_survives_every_fault(campaign):
+    r, _ = campaign
+    s = r["summary"]
+    assert s["kills"] == 10 and s["torn"] == 0 and s["inputs_modified"] == 0
+    assert s["next_run_failed"] == 0 and s["stale_left"] == 0
+    assert s["disk_full"] >= 5 and s["disk_full_clean"] == s["disk_full"]
+    assert s["races"] == 5 and s["races_clean"] == 5
+    assert s["tamper_trials"] >= 40 and s["tamper_detected"] == s["tamper_trials"]
+    assert s["tamper_executed"] == 0 and s["tamper_wrote"] == 0
+    assert s["failed"] == 0, [row["failures"] for row in r["crash"] + r["tamper"]]
+    writers = {row["writer"] for row in r["crash"]}
+    assert writers == {"erase", "restore", "signatures", "zoo-build", "stats-cache"}
+
+
+def test_a_full_disk_under_the_cli_is_one_line_and_leaves_nothing(campaign, tmp_path):
+    _, work = campaign
+    out = tmp_path / "restored"
+
+    def limit():  # the checkpoint is 15 MB: its write fails partway, with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+
+    got = subprocess.run([sys.executable, "-m", "kif", "restore", str(work / "inputs" / "erased"),
+                          "--out", str(out)], capture_output=True, text=True, preexec_fn=limit,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    lines = [ln for ln in got.stderr.splitlines() if ln.startswith("kif: error:")]
+    assert got.returncode == 2 and len(lines) == 1, got.stderr[-2000:]
+    assert "Traceback" not in got.stderr and "File too large" in lines[0]
+    assert not out.exists() and not any(tmp_path.glob(".restored*"))
+
+
+def test_a_config_of_another_architecture_is_refused_before_it_is_built(tmp_path):
+    """A GPT-2 checkpoint whose config.json says Llama would have transformers allocate a
+    default-sized (7 B) Llama: refused from the headers instead."""
+    import shutil
+
+    from kif import models, zoo
+
+    folder = shutil.copytree(zoo.resolve(zoo.BASE), tmp_path / "ckpt")
+    (folder / integrity.SUMS).unlink()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(models.ModelLoadError, match="does not describe the weights") as e:
+        models.load(folder)
+    assert "\n" not in str(e.value) and isinstance(e.value, KifError)

@@ -10,9 +10,11 @@ An erasure folder (written by `kif erase --out DIR`) holds:
   `restore.safetensors`, the original values of every edited tensor (`orig/NAME`), and the base
   checkpoint's tensors that the hooked model holds only rounded (`hf/NAME`, HF names: Gemma's
   norms, `kif.models.exact_hf_tensors`), so `restore` is bit-exact without the base checkpoint;
-- `report.json` (and `report.md`) when the caller passes one.
+- `report.json` (and `report.md`) when the caller passes one;
+- `kif_sha256.json`: every other file's SHA-256 (`kif.integrity`), checked before anything in
+  the folder is read (format version 2; version-1 folders, written before it, have none).
 
-Only safetensors and JSON are read (no pickle). Everything is written to a temporary sibling
+Only safetensors and JSON are read (no pickle). Everything is written to a staging sibling
 folder and renamed into place, and nothing is ever written over an existing folder or a model's
 source (DESIGN.md convention 9).
 """

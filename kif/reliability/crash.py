@@ -65,7 +65,21 @@ def _child(writer: Writer, out: pathlib.Path, w: int, fsize: int | None) -> None
         os._exit(0)
 
 
+def private_locks() -> None:
+    """Give tqdm (the progress bars of transformers' loads and saves) a lock of this process's
+    own. Its default lock is a multiprocessing semaphore shared with every forked child: a child
+    killed while holding it would leave every later progress bar, the campaign's included,
+    waiting forever."""
+    import threading
+
+    from tqdm import auto, std
+
+    for cls in (std.tqdm, auto.tqdm):
+        cls.set_lock(threading.RLock())
+
+
 def start(writer: Writer, out: pathlib.Path, fsize: int | None = None) -> tuple[int, int]:
+    private_locks()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -75,7 +89,7 @@ def start(writer: Writer, out: pathlib.Path, fsize: int | None = None) -> tuple[
     return pid, r
 
 
-def finish(pid: int, r: int, timeout: float = 300.0) -> Outcome | None:
+def finish(pid: int, r: int, timeout: float = 120.0) -> Outcome | None:
     deadline = time.monotonic() + timeout
     while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
         if time.monotonic() > deadline:

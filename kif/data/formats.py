@@ -14,7 +14,8 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Iterator, Literal
+import sys
+from typing import Any, Callable, Iterator, Literal
 
 from kif.data.concept import Concept, NeverKnew, Refusal, text_row
 from kif.data.probe import Probe
@@ -28,6 +29,7 @@ PathLike = str | os.PathLike
 
 _KIF_FIELDS = ("prompt", "answer", "subject", "split")
 _SNIFF_BYTES = 8192
+_SHOWN = 60  # characters of a file's value quoted in a message (a field may be megabytes long)
 _EXPECTED = ("expected kif JSONL (prompt, answer, subject, split), a TOFU QA file "
              "(question, answer) or a text corpus (text)")
 
@@ -47,15 +49,25 @@ def _read_text(path: PathLike) -> str:
     if b"\x00" in raw[:_SNIFF_BYTES]:
         raise DataFormatError(f"{path}: binary file, not text; {_EXPECTED}")
     try:
-        return raw.decode("utf-8-sig")  # a byte-order mark is not part of the first record
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first record
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise DataFormatError(f"{path}:{line}: not UTF-8 text (binary file?); {_EXPECTED}") \
             from None
+    # Windows and old Mac line ends become "\n", the only line break the readers split on (a
+    # raw "\r" is never part of a JSON value, so no record changes)
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
+
+
+def _shown(value: Any) -> str:
+    """`value` quoted for a one-line message: its repr (escapes line breaks and lone surrogates),
+    cut to `_SHOWN` characters."""
+    r = repr(value)
+    return r if len(r) <= _SHOWN else r[:_SHOWN] + "..."
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -68,18 +80,37 @@ def _bad_json(path: PathLike, e: json.JSONDecodeError, line: int) -> DataFormatE
     return DataFormatError(f"{path}:{line}: invalid JSON ({e.msg})")
 
 
+def _decode(path: PathLike, line: int, decode: Callable[[], Any], *,
+            whole_text: bool = False) -> Any:
+    """`decode()` of the record at `line`, every way Python's json fails as a DataFormatError:
+    a JSONDecodeError at the line it names (counted from the file's start when `decode` reads
+    the `whole_text`, else from `line`), and the two failures that are not JSONDecodeErrors and
+    would otherwise reach the user as tracebacks: RecursionError (arrays or objects nested about
+    1,000 deep) and ValueError (an integer longer than `sys.get_int_max_str_digits()`)."""
+    try:
+        return decode()
+    except json.JSONDecodeError as e:
+        raise _bad_json(path, e, e.lineno if whole_text else line + e.lineno - 1) from None
+    except RecursionError:
+        raise DataFormatError(f"{path}:{line}: invalid JSON (nested too deeply)") from None
+    except ValueError:
+        raise DataFormatError(f"{path}:{line}: invalid JSON (an integer of more than "
+                              f"{sys.get_int_max_str_digits()} digits)") from None
+
+
 def _array_records(path: PathLike, text: str) -> Iterator[tuple[int, Any]]:
     """(line, element) of a JSON array, decoded one element at a time to know its line."""
     decoder = json.JSONDecoder()
     pos = _skip_ws(text, text.index("[") + 1)
     if pos < len(text) and text[pos] == "]":
         return
+    # lines are counted from the previous element on, not from the file's start: counting from
+    # the start made a 2.5 MB TOFU array take seconds (quadratic in the number of elements)
+    line, counted = 1, 0
     while True:
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise _bad_json(path, e, e.lineno) from None
-        yield _line_of(text, pos), value
+        line, counted = line + text.count("\n", counted, pos), pos
+        value, end = _decode(path, line, lambda: decoder.raw_decode(text, pos), whole_text=True)
+        yield line, value
         pos = _skip_ws(text, end)
         if pos < len(text) and text[pos] == "]":
             break
@@ -93,13 +124,12 @@ def _array_records(path: PathLike, text: str) -> Iterator[tuple[int, Any]]:
 
 
 def _jsonl_records(path: PathLike, text: str) -> Iterator[tuple[int, Any]]:
-    for i, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines also breaks at U+2028, U+0085 and other characters that
+    # json.dumps(ensure_ascii=False) writes raw inside a string, which would cut a valid record
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines separate nothing in JSONL; editors leave them
-        try:
-            yield i, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _bad_json(path, e, i) from None
+        yield i, _decode(path, i, lambda: json.loads(line))
 
 
 def _records(path: PathLike, text: str | None = None) -> Iterator[tuple[int, Any]]:
@@ -159,7 +189,7 @@ def _kif_probe(path: PathLike, line: int, row: dict) -> tuple[str, Probe]:
                               f"QA file: load it with read_tofu or load_concept)")
     prompt, answer, subject, split = (_string(path, line, row, f) for f in _KIF_FIELDS)
     if split not in SPLITS:
-        raise DataFormatError(f"{path}:{line}: unknown split {split!r} (choose from "
+        raise DataFormatError(f"{path}:{line}: unknown split {_shown(split)} (choose from "
                               f"{', '.join(SPLITS)})")
     relation = _string(path, line, row, "relation", required=False, empty_ok=True) or ""
     template = row.get("template", 0)
@@ -254,8 +284,8 @@ def _tofu_split(path: PathLike, line: int, row: dict, default: str) -> str:
     else the file's."""
     s = _string(path, line, row, "split", required=False) or default
     if s not in ("forget", "neighbour", "retain", "shared"):
-        raise DataFormatError(f"{path}:{line}: unknown split {s!r} for a TOFU row (choose from "
-                              f"forget, neighbour, retain, shared)")
+        raise DataFormatError(f"{path}:{line}: unknown split {_shown(s)} for a TOFU row (choose "
+                              f"from forget, neighbour, retain, shared)")
     return s
 
 
@@ -308,7 +338,9 @@ def _format_of(path: PathLike, line: int, value: Any) -> Format:
         return "tofu"
     if "text" in keys:
         return "text"
-    shown = ", ".join(sorted(keys)[:8]) or "none"
+    # plain keys as they are; a key with a line break, a lone surrogate or megabytes quoted
+    shown = ", ".join(k if k.isprintable() and len(k) <= _SHOWN else _shown(k)
+                      for k in sorted(keys)[:8]) or "none"
     raise DataFormatError(f"{path}:{line}: unrecognised record (keys: {shown}); {_EXPECTED}")
 
 
@@ -391,7 +423,8 @@ def _refusal(rows: list[Probe], target: str | None, where: str) -> Refusal | Non
     answers = sorted({p.answer for p in rows})
     if target is None and len(answers) > 1:
         raise DataFormatError(f"{where}: refusal rows have {len(answers)} different answers "
-                              f"({', '.join(map(repr, answers[:3]))}); pass the refusal target")
+                              f"({', '.join(map(_shown, answers[:3]))}); pass the refusal "
+                              f"target")
     target = target if target is not None else (answers[0] if answers else None)
     return None if target is None else Refusal(target, tuple(p.prompt for p in rows))
 

@@ -46,9 +46,10 @@ def is_erasure_folder(path: str | os.PathLike) -> bool:
     if not (p / MANIFEST).is_file():
         return False
     try:
-        return json.loads((p / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
+        m = json.loads((p / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return False
+    return isinstance(m, dict) and m.get("format") == FORMAT
 
 
 def _jsonable(x: Any) -> Any:
@@ -154,7 +155,8 @@ def _recorded_dtype(m: Mapping[str, Any]):
     """The torch dtype a manifest's hashes were taken in (fp32 for manifests that predate it)."""
     from kif.devices import torch_dtype
 
-    return torch_dtype(m["base"].get("dtype", "fp32"))
+    name = m["base"].get("dtype", "fp32")
+    return torch_dtype(name if isinstance(name, str) else repr(name))
 
 
 def _base_config(model) -> dict[str, Any]:
@@ -180,9 +182,9 @@ def _manifest(path: pathlib.Path) -> dict[str, Any]:
                            f"({getattr(e, 'msg', type(e).__name__)})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ErasureError(f"{path / MANIFEST} is not a kif erasure manifest")
-    if m.get("version") not in READABLE:
-        raise ErasureError(f"{path} has erasure format version {m.get('version')}; this kif "
-                           f"reads versions {', '.join(map(str, READABLE))}")
+    if m.get("version") not in READABLE or isinstance(m.get("version"), bool):
+        raise ErasureError(f"{path} has erasure format version {str(m.get('version'))[:40]!r}; "
+                           f"this kif reads versions {', '.join(map(str, READABLE))}")
     if m["version"] >= 2 and not sealed:
         raise ErasureError(f"{path} lacks {integrity.SUMS}, which format version "
                            f"{m['version']} writes: the folder was modified")
@@ -202,16 +204,33 @@ def load_erasure(path: str | os.PathLike) -> Erasure:
     p = pathlib.Path(path).expanduser().resolve()
     m = _manifest(p)
     t = _load_tensors(p / TENSORS)
+    try:
+        return _erasure_of(m, t)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        # a version-1 folder has no checksums: a hand-edited manifest gets here
+        raise ErasureError(f"{p / MANIFEST} is not a valid erasure manifest "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+                           ) from None
+
+
+def _erasure_of(m: dict[str, Any], t: dict[str, torch.Tensor]) -> Erasure:
     deltas = {}
-    for name in m["deltas"]:
+    for name in _listed(m, "deltas", dict):
         parts = {k: t.get(f"delta/{name}/{k}") for k in ("dense", "a", "b")}
         deltas[name] = Delta(**parts)
-    hooks = tuple(HookOp(hook=h["hook"], op=h["op"], params=h["params"],
-                         tensors={k: t[f"hook/{i}/{k}"] for k in h["tensors"]})
-                  for i, h in enumerate(m["hooks"]))
-    return Erasure(method=m["method"], concepts=tuple(m["concepts"]),
-                   base_hash=m["base"]["weight_sha256"], base_spec=m["base"]["spec"],
-                   deltas=deltas, hooks=hooks, settings=m["settings"], info=m["info"])
+    hooks = tuple(HookOp(hook=str(h["hook"]), op=str(h["op"]), params=dict(h["params"]),
+                         tensors={str(k): t[f"hook/{i}/{k}"] for k in h["tensors"]})
+                  for i, h in enumerate(_listed(m, "hooks", list)))
+    base = _listed(m, "base", dict)
+    return Erasure(method=str(m["method"]), concepts=tuple(str(c) for c in m["concepts"]),
+                   base_hash=str(base["weight_sha256"]), base_spec=str(base["spec"]),
+                   deltas=deltas, hooks=hooks, settings=dict(m["settings"]), info=dict(m["info"]))
+
+
+def _listed(m: dict[str, Any], key: str, kind: type) -> Any:
+    if not isinstance(m[key], kind):
+        raise TypeError(f"{key!r} is a {type(m[key]).__name__}, not a {kind.__name__}")
+    return m[key]
 
 
 def open_model(spec: str | os.PathLike, *, dtype=None, device: str = "cpu"):
@@ -232,7 +251,7 @@ def open_model(spec: str | os.PathLike, *, dtype=None, device: str = "cpu"):
     recorded = _recorded_dtype(m)
     if erasure.deltas:
         model = models.load(p, dtype=recorded, device=device)
-        if models.weight_hash(model) != m["erased_weight_sha256"]:
+        if models.weight_hash(model) != m.get("erased_weight_sha256"):
             raise ErasureError(f"the checkpoint in {p} does not match its manifest (edited "
                                f"after it was written?)")
         from kif.erasure.hooks import build_hook
@@ -256,6 +275,7 @@ def restore(path: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     p = pathlib.Path(path).expanduser().resolve()
     m = _manifest(p)
+    load_erasure(p)  # the manifest's structure checked before anything is loaded or written
     out = _destination(out_dir)
     recorded = _recorded_dtype(m)
     if m["deltas"]:

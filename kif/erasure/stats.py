@@ -247,25 +247,26 @@ def _payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _write_cache(path: pathlib.Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write the statistics to a private temporary file and rename it into place: concurrent
-    writers each rename a complete file (the same numbers), a killed one leaves only its
-    temporary, which the next writer of the same key removes. A failure (a full disk, a
-    read-only home) costs the cache, never the erasure."""
+    """Write the statistics into a private staging folder beside `path` and rename the file
+    into place: concurrent writers each rename a complete file (the same numbers); a killed one
+    leaves only its staging folder (safetensors' own temporary file included), which the next
+    writer of the same key sweeps. A failure (a full disk, a read-only home) costs the cache,
+    never the erasure."""
+    import shutil
+
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    stage = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            pid = stale.name[len(path.name) + 2:-len(".tmp")]
-            if pid.isdigit() and not integrity.pid_alive(int(pid)):
-                stale.unlink(missing_ok=True)
-        save_file(tensors, str(tmp), metadata={"sha256": _payload_sha256(tensors)})
-        os.replace(tmp, path)
+        stage = integrity.stage(path)
+        save_file(tensors, str(stage / path.name), metadata={"sha256": _payload_sha256(tensors)})
+        os.replace(stage / path.name, path)
     except (OSError, SafetensorError) as err:
-        tmp.unlink(missing_ok=True)
         log.warning("could not cache key statistics in %s (%s)", path.parent, err)
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def retain_moments(model, concept, hook: str, token_weight: float, cache: bool = True,

@@ -129,11 +129,11 @@ def _crash_rows(setup: Setup, cfg: ReliabilityConfig, tick: Callable[[], None]) 
         if digest_changed := writers.digest(w.inputs) != inputs:
             tally.fail("inputs changed over the campaign")
         rows.append({**dataclasses.asdict(tally), "write_seconds": round(seconds, 3),
-                     "output_bytes": need, "inputs_modified_at_end": digest_changed})
+                     "output_bytes": need[0], "inputs_modified_at_end": digest_changed})
     return rows
 
 
-def _bytes_of_one_write(w: writers.Writer, out: pathlib.Path) -> int:
+def _bytes_of_one_write(w: writers.Writer, out: pathlib.Path) -> tuple[int, int]:
     crash.run(w, out)
     n = crash.output_bytes(out)
     writers.remove(out)

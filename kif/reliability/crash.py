@@ -214,23 +214,26 @@ def small_disk(size: int) -> Iterator[pathlib.Path | None]:
             where.rmdir()
 
 
-def output_bytes(out: pathlib.Path) -> int:
-    if out.is_file():
-        return out.stat().st_size
-    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+def output_bytes(out: pathlib.Path) -> tuple[int, int]:
+    """The output's total size and its largest file's (a file-size limit stops one file)."""
+    sizes = [out.stat().st_size] if out.is_file() else [
+        p.stat().st_size for p in out.rglob("*") if p.is_file()]
+    return sum(sizes), max(sizes)
 
 
-def disk_full_trial(writer: Writer, out: pathlib.Path, need: int, rng: random.Random,
-                    tally: Tally, use_tmpfs: bool) -> None:
-    """One write on a disk that fills partway (tmpfs) or a file-size limit hit partway."""
+def disk_full_trial(writer: Writer, out: pathlib.Path, need: tuple[int, int],
+                    rng: random.Random, tally: Tally, use_tmpfs: bool) -> None:
+    """One write on a disk that fills partway (a tmpfs of a random share of the output's size)
+    or under a file-size limit below its largest file (`need`: `output_bytes`)."""
+    total, largest = need
     if use_tmpfs:
-        size = max(4096, int(rng.uniform(0.05, 0.95) * need))
+        size = max(4096, int(rng.uniform(0.05, 0.95) * total))
         with small_disk(size) as disk:
             if disk is None:
                 return
             _disk_full_check(writer, disk / out.name, None, tally)
     else:
-        _disk_full_check(writer, out, max(1, int(rng.uniform(0.0, 0.95) * need)), tally)
+        _disk_full_check(writer, out, max(1, int(rng.uniform(0.0, 0.95) * largest)), tally)
 
 
 def _disk_full_check(writer: Writer, out: pathlib.Path, fsize: int | None, tally: Tally) -> None:

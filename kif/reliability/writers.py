@@ -101,12 +101,9 @@ def cache_writer(moments_path_dir: pathlib.Path, model, hook: str) -> Writer:
         if got is None or not torch.equal(got.gram, tensors["gram"]):
             raise RuntimeError(f"{out} is not the statistics written")
 
-    def staging(out: pathlib.Path) -> list[pathlib.Path]:
-        return sorted(out.parent.glob(f".{out.name}.*.tmp"))
-
     return Writer("stats-cache", "key-statistics cache (kif erase, stamp)",
                   lambda out: stats._write_cache(out, tensors), check, (), replaces=True,
-                  is_file=True, staging=staging)
+                  is_file=True)
 
 
 def remove(out: pathlib.Path) -> None:

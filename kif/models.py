@@ -455,11 +455,16 @@ def _check_weights_fit_config(folder: pathlib.Path, hf_config: Any) -> None:
     have = _safetensors_shapes(folder)
     try:
         with torch.device("meta"), _quiet_tl():
-            want = {k: tuple(v.shape)
-                    for k, v in AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+            built = AutoModelForCausalLM.from_config(hf_config)
     except Exception as err:
         raise ModelLoadError(f"cannot build the model config.json in '{folder}' describes: "
                              f"{_first_line(err)}") from None
+    want = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    # checkpoints of the bare base model (the hub's original `gpt2`) store its keys without
+    # the prefix (`h.0...` for `transformer.h.0...`); transformers maps them, so does this
+    prefix = getattr(built, "base_model_prefix", "")
+    if prefix:
+        have |= {f"{prefix}.{k}": s for k, s in have.items() if not k.startswith(prefix + ".")}
     wrong = [k for k in want.keys() & have.keys() if want[k] != have[k]]
     found = sum(math.prod(s) for k, s in want.items() if k in have)
     if wrong or found < 0.5 * sum(math.prod(s) for s in want.values()):

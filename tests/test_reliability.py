@@ -130,3 +130,20 @@ def test_a_config_of_another_architecture_is_refused_before_it_is_built(tmp_path
     with pytest.raises(models.ModelLoadError, match="does not describe the weights") as e:
         models.load(folder)
     assert "\n" not in str(e.value) and isinstance(e.value, KifError)
+
+
+def test_a_bare_base_model_checkpoint_still_fits_its_config(tmp_path):
+    """The hub's original `gpt2` stores its keys without the `transformer.` prefix; the check
+    of weights against config.json maps them as transformers does."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from kif import models, zoo
+
+    folder = shutil.copytree(zoo.resolve(zoo.BASE), tmp_path / "bare")
+    (folder / integrity.SUMS).unlink()
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert models.load(folder).cfg.n_layers == 4

@@ -377,6 +377,29 @@ def test_verdict_logic():
     assert r.verdict == "intact"
 
 
+def test_report_md_leads_with_the_verdict_in_words_and_says_why_probes_did_not_apply():
+    from kif.meter.summary import markdown
+
+    def pr(name, group, score, per):
+        return ProbeResult(name=name, group=group, score=score, per_concept=per,
+                           chance=(0.0, 0.05))
+    r = TraceReport.build({"surface": pr("surface", "surface", 0.0, {"a": 0.0, "b": 0.0}),
+                           "logit-lens": pr("logit-lens", "latent", 0.5, {"a": 0.9, "b": 0.9}),
+                           "linear-probe": pr("linear-probe", "latent", 0.5, {"a": 0.9, "b": 0.1}),
+                           "relearning": ProbeResult.skip("relearning", "latent",
+                                                          "the erased model is a hook patch")},
+                          ["a", "b"], calibration="unseen", models={"erased": "E", "base": "B"},
+                          hashes={}, seconds=3.0)
+    md = markdown(r)
+    head = md.split("## ")[0]
+    assert md.startswith("# kif meter: E against B\n")
+    assert "**Verdict: suppressed.** Of 2 concepts: 1 suppressed, 1 deleted." in head
+    assert "*suppressed*: the answers no longer come out" in head and "*deleted*:" in head
+    assert "*intact*" not in head and "people the base model never saw" in head
+    assert "- `relearning`: the erased model is a hook patch" in md
+    assert "| a | suppressed | 0.000 |" in md and "| b | deleted |" in md
+
+
 def test_cli_on_the_zoo(tmp_path, capsys):
     from kif.meter import cli
 
@@ -392,6 +415,7 @@ def test_cli_on_the_zoo(tmp_path, capsys):
     assert set(data["probes"]) == {"surface", "logit-lens", "answer-rank"}
     assert data["latent_trace_score"] == pytest.approx(1.0)
     assert json.loads((out / "report.json").read_text())["verdict"] == "intact"
+    assert (out / "report.md").read_text().startswith("# kif meter: fact-world against fact-world")
     assert (out / "probes.png").is_file() and (out / "answer_rank.png").is_file()
     args = parser.parse_args(["meter", "--erased", "fact-world", "--concept", "Nobody Here",
                               "--out", str(tmp_path / "x")])

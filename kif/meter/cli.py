@@ -74,10 +74,14 @@ def _files_audit_concepts(concept):
 
 
 def _write_json(obj: dict, path: pathlib.Path) -> None:
+    _write_text(json.dumps(obj, indent=2), path)
+
+
+def _write_text(text: str, path: pathlib.Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from kif.errors import KifError
     from kif.meter.audit import trace
     from kif.meter.plots import plot_report
+    from kif.meter.summary import markdown
     from kif.world import FactWorld
 
     from kif.cli import _check_file_flags, _concept_from_files
@@ -129,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     data["memory"] = pm.report.as_dict()  # of the audit (the models were loaded before)
     data["peak_rss_mb"] = data["memory"]["peak_rss_mb"]
     _write_json(data, out / "report.json")
+    _write_text(markdown(report), out / "report.md")
     plots = plot_report(report, out)
     if args.json:
         data["out"] = str(out)
@@ -154,5 +160,5 @@ def run(args: argparse.Namespace) -> int:
     skipped = {n: p.skipped for n, p in report.probes.items() if p.skipped}
     for n, why in skipped.items():
         console.print(f"  {n}: skipped ({why})", markup=False)
-    console.print(f"wrote {out / 'report.json'} and {len(plots)} plots", markup=False)
+    console.print(f"wrote {out / 'report.json'}, report.md and {len(plots)} plots", markup=False)
     return 0

@@ -408,8 +408,8 @@ def _print_reliability(r: dict) -> None:
     table = Table(title="kif bench reliability: faults injected, survived, data lost")
     for col in ("fault", "injected", "survived", "data lost / failed"):
         table.add_column(col)
-    table.add_row("SIGKILL during a write", str(s["kills"]),
-                  str(s["kills"] - s["torn"] - s["next_run_failed"]),
+    table.add_row(f"SIGKILL during a write ({s['killed_mid_write']} before it finished)",
+                  str(s["kills"]), str(s["kills"] - s["torn"] - s["next_run_failed"]),
                   f"{s['torn']} torn, {s['inputs_modified']} inputs modified, "
                   f"{s['next_run_failed']} next runs failed")
     table.add_row("full disk / file-size limit", str(s["disk_full"]), str(s["disk_full_clean"]),
@@ -897,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     brl = bs.add_parser("reliability", help="faults injected into kif's writes and reads: "
                         "kills, full disks, races, tampered files, fuzzed inputs")
-    brl.add_argument("--kills", type=int, default=200, help="SIGKILLs during writes, over the "
+    brl.add_argument("--kills", type=int, default=400, help="SIGKILLs during writes, over the "
                      "five writers (erase, restore, signatures, zoo build, statistics cache)")
     brl.add_argument("--disk-full", type=int, default=6,
                      help="full-disk trials per writer, on a tmpfs and under a file-size limit")

@@ -21,9 +21,11 @@ import hashlib
 import json
 import os
 import pathlib
+import platform
 import re
 import shutil
 import tempfile
+import time
 from typing import Iterable, Iterator
 
 from safetensors import SafetensorError
@@ -73,16 +75,21 @@ def write_sums(folder: str | os.PathLike, names: Iterable[str] | None = None) ->
     return folder / SUMS
 
 
-# Folders already verified in this process, by their files' (name, size, mtime): tests and
-# notebooks load the zoo models hundreds of times; a changed file changes the key.
+# Folders already verified in this process, by each file's identity and change time (inode,
+# size, mtime, ctime; users can set mtime but not ctime): tests and notebooks load the zoo
+# models hundreds of times. A file changed within the last 2 s is not memoised (git's "racy"
+# rule: a filesystem with coarse timestamps could change it again within the same tick).
 _VERIFIED: set[tuple] = set()
+_RACY_SECONDS = 2.0
 
 
-def _state(folder: pathlib.Path, names: Iterable[str]) -> tuple:
-    stats = []
+def _state(folder: pathlib.Path, names: Iterable[str]) -> tuple | None:
+    stats, now = [], time.time_ns()
     for n in (SUMS, *names):
-        s = (folder / n).stat()
-        stats.append((n, s.st_size, s.st_mtime_ns))
+        st = (folder / n).stat()
+        if now - max(st.st_mtime_ns, st.st_ctime_ns) < _RACY_SECONDS * 1e9:
+            return None
+        stats.append((n, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return (str(folder.resolve()), tuple(stats))
 
 
@@ -99,60 +106,90 @@ def _read_sums(folder: pathlib.Path, error: type[KifError]) -> dict[str, str]:
 
 
 def verify(folder: str | os.PathLike, *, error: type[KifError] = IntegrityError,
-           what: str = "folder") -> None:
-    """Raise `error` (one line) unless every file `kif_sha256.json` lists in `folder` is there
-    with the listed SHA-256. A folder without the file is refused."""
+           what: str = "folder", hint: str = "") -> None:
+    """Raise `error` (one line, ending in `hint`) unless every file `kif_sha256.json` lists in
+    `folder` is there with the listed SHA-256. A folder without the file is refused."""
     folder = pathlib.Path(folder)
     if not (folder / SUMS).is_file():
-        raise error(f"{folder} has no {SUMS}: not a {what} written by this kif, or modified")
+        raise error(f"{folder} has no {SUMS}: not a {what} written by this kif, or modified{hint}")
     files = _read_sums(folder, error)
+    for n in files:  # only names inside the folder: a sums file cannot point elsewhere
+        if not isinstance(n, str) or pathlib.PurePosixPath(n).is_absolute() or ".." in n.split("/"):
+            raise error(f"{folder / SUMS} lists {str(n)[:60]!r}, outside the folder: modified{hint}")
     missing = [n for n in files if not (folder / n).is_file()]
     if missing:
-        raise error(f"{folder} lacks {missing[0]}, which its {SUMS} lists: the {what} is incomplete")
+        raise error(f"{folder} lacks {missing[0]}, which its {SUMS} lists: the {what} is "
+                    f"incomplete{hint}")
     key = _state(folder, files)
-    if key in _VERIFIED:
+    if key is not None and key in _VERIFIED:
         return
     for name, want in files.items():
         if file_sha256(folder / name) != want:
             raise error(f"{folder / name} does not match its SHA-256 in {SUMS}: the {what} was "
-                        "modified after kif wrote it")
-    _VERIFIED.add(key)
+                        f"modified after kif wrote it{hint}")
+    if key is not None:
+        _VERIFIED.add(key)
 
 
 # ---- staged writes -------------------------------------------------------------------------
 
+# Staging folders are named `.NAME.kif-HOST-PID-...`: HOST (a hash of this machine's name)
+# keeps a writer on another machine sharing the filesystem (an NFS home, a cluster's cache)
+# from judging this one dead by a pid that means nothing there.
+HOST = hashlib.sha256(platform.node().encode()).hexdigest()[:8]
+
+
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine exists (True when it cannot be told: on Windows,
+    signal 0 is a Ctrl-C, so nothing is swept there)."""
+    if os.name == "nt":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # another user's process
+    except OSError:
+        return True  # another user's process, or no way to tell
     return True
+
+
+def _stale(out: pathlib.Path) -> list[tuple[pathlib.Path, bool]]:
+    """This machine's dead writers' staging entries of `out`, each with whether it is a
+    moved-aside previous output ("-old-"), those first."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.kif-{HOST}-(\d+)-(old-)?")
+    found = []
+    for p in out.parent.iterdir() if out.parent.is_dir() else ():
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            found.append((p, m.group(2) is not None))
+    return sorted(found, key=lambda e: not e[1])
 
 
 def sweep_stale(out: pathlib.Path) -> int:
     """Remove the staging folders of `out` left by processes that died before renaming them.
-    Returns how many went."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.kif-(\d+)-")
+    A previous output that a dead writer had moved aside, and not yet replaced, is put back
+    first. Returns how many entries went."""
     gone = 0
-    if not out.parent.is_dir():
-        return 0
-    for p in out.parent.iterdir():
-        m = pattern.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            gone += 1
+    for p, moved_aside in _stale(out):
+        if moved_aside and not out.exists() and (p / out.name).exists():
+            os.replace(p / out.name, out)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone += 1
     return gone
 
 
 def stage(out: str | os.PathLike) -> pathlib.Path:
     """A new empty staging folder beside `out` (same filesystem, so the rename is atomic),
-    named with this process's pid; dead processes' staging folders of `out` are swept first."""
+    named with this machine and process; dead writers' staging folders of `out` are swept
+    first."""
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(out)
-    return pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.kif-{os.getpid()}-", dir=out.parent))
+    return pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.kif-{HOST}-{os.getpid()}-",
+                                         dir=out.parent))
 
 
 @contextlib.contextmanager
@@ -173,20 +210,47 @@ def writing(out: str | os.PathLike, error: type[KifError] = WriteError) -> Itera
                     ) from None
 
 
+def _fsync(path: pathlib.Path) -> None:
+    """Flush a file or a folder's entries to the disk (a power cut after the rename must not
+    find a renamed folder of empty files). Folders cannot be opened for fsync on Windows."""
+    if path.is_dir() and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable(staged: pathlib.Path) -> None:
+    """fsync every file under `staged`, then `staged` itself."""
+    if staged.is_dir():
+        for f in staged.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+    _fsync(staged)
+
+
 def publish(staged: pathlib.Path, out: pathlib.Path, *, replace: bool = False) -> None:
-    """Rename the finished `staged` folder to `out`. An existing `out` is an error unless
-    `replace` (then it is moved aside first and deleted after: a kill in between leaves `out`
-    absent, never half of each). Two writers racing for one `out`: the second gets an
-    OSError (ENOTEMPTY/EEXIST) from the rename, which callers report in one line."""
+    """Make the finished `staged` folder durable and rename it to `out`. An existing `out` is
+    an error unless `replace`: then it is moved aside first and deleted after. A kill in
+    between leaves `out` absent and the previous folder aside, which the next `stage` of
+    `out` puts back. A second writer that loses the race for an absent `out` gets an OSError
+    (ENOTEMPTY/EEXIST) from the rename unless it replaces."""
+    durable(staged)
     if out.exists() and not replace:
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         else:
             raise FileExistsError(f"{out} exists")
     if not out.exists():
-        os.replace(staged, out)
-        return
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.kif-{os.getpid()}-old-",
+        try:
+            os.replace(staged, out)
+            return _fsync(out.parent)
+        except OSError as e:
+            if not replace or e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise  # another writer got there first
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.kif-{HOST}-{os.getpid()}-old-",
                                         dir=out.parent))
     os.replace(out, old / out.name)
     try:
@@ -196,7 +260,8 @@ def publish(staged: pathlib.Path, out: pathlib.Path, *, replace: bool = False) -
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+    _fsync(out.parent)
 
 
-__all__ = ["SUMS", "IntegrityError", "WriteError", "writing", "file_sha256", "pid_alive", "publish", "seal", "stage", "sweep_stale",
-           "verify", "write_sums"]
+__all__ = ["SUMS", "IntegrityError", "WriteError", "durable", "file_sha256", "pid_alive",
+           "publish", "seal", "stage", "sweep_stale", "verify", "write_sums", "writing"]

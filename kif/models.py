@@ -429,12 +429,27 @@ def _hf_config(folder: pathlib.Path) -> Any:
         raise ModelLoadError(f"cannot read config of '{folder}': {_first_line(err)}") from err
 
 
+def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The safetensors files transformers reads: the index's shards, else model.safetensors
+    (other variants beside them, such as an fp16 copy or an unfetched LFS pointer, are not)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = json.loads(index.read_text())["weight_map"].values()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(f"cannot read weights of '{folder}': {index.name} is not a "
+                                 "valid safetensors index") from None
+        return [folder / str(n) for n in sorted(set(shards))]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+
+
 def _safetensors_shapes(folder: pathlib.Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in the folder's safetensors files, read from their headers alone."""
     from safetensors import safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in _weight_files(folder):
         try:
             with safe_open(str(f), framework="pt") as h:
                 for k in h.keys():
@@ -448,8 +463,9 @@ def _safetensors_shapes(folder: pathlib.Path) -> dict[str, tuple[int, ...]]:
 def _check_weights_fit_config(folder: pathlib.Path, hf_config: Any) -> None:
     """Refuse a config.json that does not describe the weights beside it (another
     architecture's config, an edited size) before transformers allocates the model it
-    describes, which for a default-sized config is a 7 B model: the parameter shapes the config
-    implies (built on the meta device, no memory) against the safetensors headers."""
+    describes (a config without sizes gets transformers' defaults, a model of billions of
+    parameters): the parameter shapes the config implies, built on the meta device (no
+    memory), against the safetensors headers."""
     from transformers import AutoModelForCausalLM
 
     have = _safetensors_shapes(folder)
@@ -1396,10 +1412,11 @@ def save(
 
 
 def save_into(model: torch.nn.Module, folder: str | os.PathLike, *,
-              dtype: torch.dtype | None = None) -> None:
+              dtype: torch.dtype | None = None, where: str | os.PathLike | None = None) -> None:
     """`save`'s checkpoint files written into `folder`, an existing staging folder of the
-    caller's (an erasure folder holds the checkpoint at its root): not atomic by itself."""
-    with _save_errors(folder):
+    caller's (an erasure folder holds the checkpoint at its root): not atomic by itself.
+    `where`: the destination to name in errors (not the hidden staging folder)."""
+    with _save_errors(where or folder):
         _write_checkpoint(to_hf(model, dtype=dtype), model, pathlib.Path(folder))
 
 
@@ -1427,10 +1444,12 @@ def _write_atomically(hf_model: Any, model: torch.nn.Module, out: pathlib.Path, 
     second writer racing for the same `out` fails unless `replace`)."""
     from kif import integrity
 
-    tmp = integrity.stage(out)
+    with integrity.writing(out, ModelSaveError):
+        tmp = integrity.stage(out)
     try:
         _write_checkpoint(hf_model, model, tmp)
-        integrity.publish(tmp, out, replace=replace)
+        with integrity.writing(out, ModelSaveError):  # a lost race names `out`, not `tmp`
+            integrity.publish(tmp, out, replace=replace)
     finally:
         # After a successful rename `tmp` no longer exists; after a failure it goes.
         shutil.rmtree(tmp, ignore_errors=True)

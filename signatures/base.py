@@ -114,9 +114,10 @@ class Signature:
 
     def save(self, out_dir: str | os.PathLike) -> pathlib.Path:
         """Write `signature.json`, `signature.safetensors` and their checksums as the folder
-        `out_dir`, atomically; an existing `out_dir` is replaced as a whole."""
-        out = pathlib.Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        `out_dir`, atomically. An existing `out_dir` that holds only a signature and its plots
+        is replaced as a whole; any other existing folder is refused."""
+        out = pathlib.Path(out_dir).expanduser().resolve()
+        _check_replaceable(out)
         tensors = {"scores": self.scores.detach().float().cpu().contiguous()}
         if self.directions is not None:
             tensors["directions"] = self.directions.detach().float().cpu().contiguous()
@@ -168,6 +169,28 @@ class Signature:
         if model is not None:
             sig.check_model(model)
         return sig
+
+
+# What a signature folder holds (the CLI adds its plots): only a folder of these is replaced.
+_OWN_FILES = ("signature.json", "signature.safetensors", integrity.SUMS)
+
+
+def _check_replaceable(out: pathlib.Path) -> None:
+    """`Signature.save` replaces `out` as a whole: refuse a file, the current folder, and a
+    folder that holds anything but a signature and its plots (a `--out .` or `--out results`
+    must not take other work with it)."""
+    if out.exists() and not out.is_dir():
+        raise SignatureError(f"{out} is a file: choose a folder for the signature")
+    here = pathlib.Path.cwd().resolve()
+    if out.exists() and (out == here or out in here.parents):
+        raise SignatureError(f"refusing to replace {out}, the current folder or one above it: "
+                             "choose a new folder for the signature")
+    if out.is_dir():
+        other = [f.name for f in out.iterdir()
+                 if f.name not in _OWN_FILES and not (f.is_file() and f.suffix == ".png")]
+        if other:
+            raise SignatureError(f"{out} holds {other[0]!r}, which is not part of a signature: "
+                                 "choose a new folder (saving replaces the folder as a whole)")
 
 
 def _from_meta(meta: dict[str, Any], tensors: dict[str, Tensor]) -> Signature:

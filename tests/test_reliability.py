@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import pickle
-import resource
 import signal
 import subprocess
 import sys
@@ -40,14 +39,49 @@ def test_checksums_catch_any_changed_byte_and_a_changed_seal(tmp_path):
 def test_a_dead_writers_staging_folder_is_swept_and_a_live_ones_kept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    out = tmp_path / "out"
-    (tmp_path / f".out.kif-{dead.pid}-abc").mkdir()
-    (tmp_path / f".out.kif-{os.getpid()}-mine").mkdir()
+    out, host = tmp_path / "out", integrity.HOST
+    (tmp_path / f".out.kif-{host}-{dead.pid}-abc").mkdir()
+    (tmp_path / f".out.kif-{host}-{os.getpid()}-mine").mkdir()
+    (tmp_path / f".out.kif-0123abcd-{dead.pid}-other-machine").mkdir()  # its pid means nothing here
     (tmp_path / ".other.kif-1-x").mkdir()
     stage = integrity.stage(out)
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert f".out.kif-{dead.pid}-abc" not in left
-    assert {f".out.kif-{os.getpid()}-mine", ".other.kif-1-x", stage.name} <= set(left)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert f".out.kif-{host}-{dead.pid}-abc" not in left
+    assert {f".out.kif-{host}-{os.getpid()}-mine", f".out.kif-0123abcd-{dead.pid}-other-machine",
+            ".other.kif-1-x", stage.name} <= left
+
+
+def test_a_previous_output_moved_aside_by_a_killed_writer_is_put_back(tmp_path):
+    """A replacing writer killed between moving the old folder aside and renaming the new one
+    in leaves `out` absent; the next write to `out` restores the old folder first."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    aside = tmp_path / f".out.kif-{integrity.HOST}-{dead.pid}-old-xyz"
+    (aside / "out").mkdir(parents=True)
+    (aside / "out" / "f").write_text("previous")
+    integrity.stage(out)
+    assert (out / "f").read_text() == "previous" and not aside.exists()
+
+
+def test_a_signature_never_replaces_a_folder_of_other_work(tmp_path):
+    import torch
+
+    from kif.signatures.base import Signature, SignatureError
+
+    sig = Signature(concept="c", kind="concept-vectors", model_name="m", model_hash="h",
+                    dims={"d_model": 2}, component="direction", component_hooks=("blocks.0.x",),
+                    scores=torch.ones(1), directions=torch.ones(1, 2))
+    work = tmp_path / "results"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    with pytest.raises(SignatureError, match="notes.txt"):
+        sig.save(work)
+    assert (work / "notes.txt").read_text() == "mine"
+    sig.save(tmp_path / "sig")
+    (tmp_path / "sig" / "scores.png").write_bytes(b"png")  # the CLI's plots
+    sig.save(tmp_path / "sig")  # a signature folder is replaced as a whole
+    assert Signature.load(tmp_path / "sig").concept == "c"
 
 
 def test_publish_refuses_a_second_writer_and_replaces_only_when_asked(tmp_path):
@@ -99,6 +133,7 @@ def test_short_campaign_survives_every_fault(campaign):
 
 
 def test_a_full_disk_under_the_cli_is_one_line_and_leaves_nothing(campaign, tmp_path):
+    resource = pytest.importorskip("resource")  # POSIX
     _, work = campaign
     out = tmp_path / "restored"
 
@@ -117,7 +152,7 @@ def test_a_full_disk_under_the_cli_is_one_line_and_leaves_nothing(campaign, tmp_
 
 def test_a_config_of_another_architecture_is_refused_before_it_is_built(tmp_path):
     """A GPT-2 checkpoint whose config.json says Llama would have transformers allocate a
-    default-sized (7 B) Llama: refused from the headers instead."""
+    default-sized Llama (billions of parameters): refused from the headers instead."""
     import shutil
 
     from kif import models, zoo

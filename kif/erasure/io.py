@@ -11,8 +11,9 @@ An erasure folder (written by `kif erase --out DIR`) holds:
   checkpoint's tensors that the hooked model holds only rounded (`hf/NAME`, HF names: Gemma's
   norms, `kif.models.exact_hf_tensors`), so `restore` is bit-exact without the base checkpoint;
 - `report.json` (and `report.md`) when the caller passes one;
-- `kif_sha256.json`: every other file's SHA-256 (`kif.integrity`), checked before anything in
-  the folder is read (format version 2; version-1 folders, written before it, have none).
+- `kif_sha256.json`: the SHA-256 of every other file but the reports (`kif.integrity`),
+  checked before anything in the folder is read (format version 2; version-1 folders, written
+  before it, have none).
 
 Only safetensors and JSON are read (no pickle). Everything is written to a staging sibling
 folder and renamed into place, and nothing is ever written over an existing folder or a model's
@@ -83,16 +84,17 @@ def save_erasure(erasure: Erasure, base_model, out_dir: str | os.PathLike,
         stage = integrity.stage(out)
     try:
         with integrity.writing(out, ErasureError):
-            _write_folder(erasure, base_model, stage, report, report_md)
+            _write_folder(erasure, base_model, stage, out, report, report_md)
             integrity.publish(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # gone already after a successful rename
     return out
 
 
-def _write_folder(erasure: Erasure, base_model, stage: pathlib.Path,
+def _write_folder(erasure: Erasure, base_model, stage: pathlib.Path, out: pathlib.Path,
                   report: Mapping[str, Any] | None, report_md: str | None) -> None:
-    """Every file of the erasure folder into `stage`, checksums last."""
+    """Every file of the erasure folder into `stage`, checksums last (`out`: the destination,
+    for messages)."""
     from kif import models
 
     tensors, deltas_meta, hooks_meta = _tensors_and_meta(erasure)
@@ -103,7 +105,7 @@ def _write_folder(erasure: Erasure, base_model, stage: pathlib.Path,
             originals = {f"orig/{n}": t.cpu().contiguous() for n, t in applied._originals.items()}
             originals |= {f"hf/{n}": t.detach().cpu().contiguous()
                           for n, t in models.exact_hf_tensors(base_model).items()}
-            models.save_into(applied.model, stage, dtype=torch.float32)
+            models.save_into(applied.model, stage, dtype=torch.float32, where=out)
         save_file(originals, str(stage / RESTORE))
     save_file(tensors, str(stage / TENSORS))
     for n, v in erasure.delta_norms().items():
@@ -118,11 +120,12 @@ def _write_folder(erasure: Erasure, base_model, stage: pathlib.Path,
         "deltas": deltas_meta, "hooks": hooks_meta,
     }
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    # the checksums cover what the readers parse, not the reports a person may annotate
+    integrity.write_sums(stage)
     if report is not None:
         (stage / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
     if report_md is not None:
         (stage / "report.md").write_text(report_md)
-    integrity.write_sums(stage)
 
 
 def _tensors_and_meta(erasure: Erasure) -> tuple[dict[str, torch.Tensor], dict, list]:

@@ -3,8 +3,8 @@
 Every trial forks the campaign's process (the model and the erasure are already in memory, so a
 trial costs one write, not a `kif` start-up) and does one of:
 
-- **kill**: SIGKILL at a uniformly random moment of the write (the write's duration is measured
-  first); afterwards the output must be absent or complete and loadable, the inputs
+- **kill**: SIGKILL at a uniformly random moment of the write (the write's duration, fork to
+  exit, is measured first; kills that land after the child has finished are counted apart); afterwards the output must be absent or complete and loadable, the inputs
   byte-identical, and the next run must do the right thing: succeed (and sweep the dead
   writer's staging folder) where the output is absent or is replaced, refuse in one line where a
   complete output already stands;
@@ -164,10 +164,9 @@ class Tally:
 def kill_trial(writer: Writer, out: pathlib.Path, seconds: float, rng: random.Random,
                inputs: dict[str, str], tally: Tally) -> None:
     pid, r = start(writer, out)
-    time.sleep(rng.uniform(0.0, 1.2 * seconds))
-    if pid > 0:  # (0 would be the whole process group)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    time.sleep(rng.uniform(0.0, seconds))
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
     tally.kills += 1
     tally.killed_mid_write += finish(pid, r) is None
     state = inspect(writer, out)

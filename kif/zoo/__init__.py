@@ -96,4 +96,5 @@ def verify(folder: pathlib.Path, error: type[Exception], what: str) -> None:
     """`kif.integrity.verify` of a shipped folder: a flipped byte in package data is refused."""
     from kif import integrity
 
-    integrity.verify(folder, error=error, what=what)
+    integrity.verify(folder, error=error, what=what,
+                     hint=" (run `kif zoo build` to rebuild it, or reinstall kif)")

@@ -97,7 +97,8 @@ def _read_sums(folder: pathlib.Path, error: type[KifError]) -> dict[str, str]:
     try:
         data = json.loads((folder / SUMS).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
-        raise error(f"{folder / SUMS} is unreadable: the folder was modified or is corrupt") from None
+        raise error(f"{folder / SUMS} is unreadable: the folder was modified or is corrupt"
+                    ) from None
     body = {k: data.get(k) for k in ("format", "files")} if isinstance(data, dict) else None
     if (body is None or body["format"] != FORMAT or not isinstance(body["files"], dict)
             or data.get("seal") != seal(body)):
@@ -115,7 +116,8 @@ def verify(folder: str | os.PathLike, *, error: type[KifError] = IntegrityError,
     files = _read_sums(folder, error)
     for n in files:  # only names inside the folder: a sums file cannot point elsewhere
         if not isinstance(n, str) or pathlib.PurePosixPath(n).is_absolute() or ".." in n.split("/"):
-            raise error(f"{folder / SUMS} lists {str(n)[:60]!r}, outside the folder: modified{hint}")
+            raise error(f"{folder / SUMS} lists {str(n)[:60]!r}, outside the folder: "
+                        f"modified{hint}")
     missing = [n for n in files if not (folder / n).is_file()]
     if missing:
         raise error(f"{folder} lacks {missing[0]}, which its {SUMS} lists: the {what} is "

@@ -163,9 +163,9 @@ class Signature:
         try:
             sig = _from_meta(meta, tensors)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
             raise SignatureError(f"{p / 'signature.json'} is not a valid kif signature "
-                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
-                                 ) from None
+                                 f"({type(exc).__name__}: {first})") from None
         if model is not None:
             sig.check_model(model)
         return sig

@@ -398,6 +398,11 @@ def test_report_md_leads_with_the_verdict_in_words_and_says_why_probes_did_not_a
     assert "*intact*" not in head and "people the base model never saw" in head
     assert "- `relearning`: the erased model is a hook patch" in md
     assert "| a | suppressed | 0.000 |" in md and "| b | deleted |" in md
+    assert "strongest recoveries: logit-lens 0.50 (lens), linear-probe 0.50 (linear probe)" in md
+    nothing = TraceReport.build({"surface": pr("surface", "surface", 0.0, {"a": 0.0}),
+                                 "logit-lens": pr("logit-lens", "latent", 0.0, {"a": 0.0})},
+                                ["a"], calibration="oracle", models={}, hashes={}, seconds=1.0)
+    assert "No latent probe recovers anything (1 ran, every score 0)." in markdown(nothing)
 
 
 def test_cli_on_the_zoo(tmp_path, capsys):

@@ -43,10 +43,11 @@ def _headline(r: TraceReport) -> list[str]:
 
 
 def _strongest(r: TraceReport, k: int = 3) -> list[str]:
-    latent = sorted(((p.score, n) for n, p in r.probes.items()
-                     if p.group == "latent" and p.score is not None), reverse=True)[:k]
+    ran = [p for p in r.probes.values() if p.group == "latent" and p.score is not None]
+    latent = sorted(((p.score, p.name) for p in ran if p.score > 0), reverse=True)[:k]
     if not latent:
-        return []
+        return [f"- No latent probe recovers anything ({len(ran)} ran, every score 0)."
+                ] if ran else []
     items = ", ".join(f"{n} {s:.2f} ({FAMILIES.get(n, n)})" for s, n in latent)
     return [f"- The strongest recoveries: {items}."]
 

@@ -196,8 +196,8 @@ def summarize(crash_rows: list[dict], tamper_rows: list[dict], fuzz_rows: list[d
         and s["torn"] == 0 and s["inputs_modified"] == 0,
         "every tampering case detected": s["tamper_detected"] == s["tamper_trials"]
         and s["tamper_executed"] == 0 and s["tamper_wrote"] == 0,
-        "0 tracebacks over >= 10,000 inputs per reader": bool(fuzz_rows) and s["fuzz_tracebacks"] == 0
-        and min(int(r["inputs"]) for r in fuzz_rows) >= 10_000,
+        "0 tracebacks over >= 10,000 inputs per reader": bool(fuzz_rows)
+        and s["fuzz_tracebacks"] == 0 and min(int(r["inputs"]) for r in fuzz_rows) >= 10_000,
     }
     return s
 

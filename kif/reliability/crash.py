@@ -4,16 +4,17 @@ Every trial forks the campaign's process (the model and the erasure are already 
 trial costs one write, not a `kif` start-up) and does one of:
 
 - **kill**: SIGKILL at a uniformly random moment of the write (the write's duration, fork to
-  exit, is measured first; kills that land after the child has finished are counted apart); afterwards the output must be absent or complete and loadable, the inputs
-  byte-identical, and the next run must do the right thing: succeed (and sweep the dead
+  exit, is measured first; kills that land after the child has finished are counted apart);
+  afterwards the output must be absent or complete and loadable, the inputs byte-identical, and the next run must do the right thing: succeed (and sweep the dead
   writer's staging folder) where the output is absent or is replaced, refuse in one line where a
   complete output already stands;
 - **full disk**: the write runs on a tmpfs too small for it (ENOSPC; where this process may
   mount one) or under a file-size limit (RLIMIT_FSIZE: the write fails with EFBIG at a random
   byte): it must fail with a one-line `KifError` (the cache: a logged warning) and leave
   nothing behind;
-- **race**: two writers to the same output at once: one wins (or both write the same thing),
-  the other fails in one line; never a torn output.
+- **race**: two writers to the same output at once: one wins and the other fails in one line
+  (writers that replace may both succeed, the later one's output standing); never a torn
+  output.
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ def _disk_full_check(writer: Writer, out: pathlib.Path, fsize: int | None, tally
     clean = reported and not out.exists() and not left
     tally.disk_full_clean += clean
     if not clean:
-        tally.fail(f"full disk (limit {fsize or 'tmpfs'}): {got.error or 'no error'}; left {left[:3]}")
+        tally.fail(f"full disk (limit {fsize or 'tmpfs'}): {got.error or 'no error'}; "
+                   f"left {left[:3]}")
     remove(out)
 
 

@@ -182,3 +182,26 @@ def test_a_bare_base_model_checkpoint_still_fits_its_config(tmp_path):
     save_file({k.removeprefix("transformer."): v for k, v in tensors.items()},
               str(folder / "model.safetensors"), metadata={"format": "pt"})
     assert models.load(folder).cfg.n_layers == 4
+
+
+def test_two_cli_erasures_to_one_out_one_wins_the_other_refuses_in_one_line(campaign, tmp_path):
+    """The real `kif erase`, twice at once to the same --out (the campaign's setup has filled
+    the key-statistics cache, so each run is seconds): one writes a complete folder, the other
+    refuses in one line, whether it lost the rename or found the folder already there."""
+    from kif.erasure.io import load_erasure
+
+    out = tmp_path / "erased"
+    cmd = [sys.executable, "-m", "kif", "erase", "--model", "fact-world", "--concept",
+           "Miasmar Viahos", "--method", "stamp", "--out", str(out), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=env) for _ in range(2)]
+    results = [(r.wait(timeout=600), r.stderr.read()) for r in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refusal = next(err for code, err in results if code == 2)
+    lines = [ln for ln in refusal.splitlines() if ln.startswith("kif: error:")]
+    assert len(lines) == 1 and "Traceback" not in refusal, refusal[-2000:]
+    assert "another run meanwhile" in lines[0] or "exists and is not empty" in lines[0]
+    assert load_erasure(out).method == "stamp"
+    assert not list(tmp_path.glob(".erased.kif-*"))

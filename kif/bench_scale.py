@@ -294,26 +294,28 @@ def write_checkpoint(shape: Shape, workdir: pathlib.Path, *, dtype: str = "fp32"
     import torch
     import transformers
 
+    from kif import integrity
+
     folder = checkpoint_folder(shape, workdir, dtype)
     if (folder / "config.json").is_file():
         return folder
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=workdir))
-    tok = _tokenizer(shape, tmp, seed)
-    torch.manual_seed(seed)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    # initialised where it will run (an 8 B model's init on a CPU takes minutes)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(_hf_config(shape, tok),
-                                                              dtype=torch_dtype)
-    with torch.no_grad():  # HF starts norms at 1 and biases at 0: perturb them too
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.05 * torch.randn_like(p))
-    model.eval().save_pretrained(tmp)
-    (tmp / "kif-scale-shape.json").write_text(json.dumps(dataclasses.asdict(shape)))
-    del model
-    os.replace(tmp, folder)
+    with integrity.staged(folder) as tmp:
+        tok = _tokenizer(shape, tmp, seed)
+        torch.manual_seed(seed)
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                       "fp16": torch.float16}[dtype]
+        # initialised where it will run (an 8 B model's init on a CPU takes minutes)
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(_hf_config(shape, tok),
+                                                                  dtype=torch_dtype)
+        with torch.no_grad():  # HF starts norms at 1 and biases at 0: perturb them too
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.add_(0.05 * torch.randn_like(p))
+        model.eval().save_pretrained(tmp)
+        (tmp / "kif-scale-shape.json").write_text(json.dumps(dataclasses.asdict(shape)))
+        del model
+        integrity.publish(tmp, folder)
     return folder
 
 
@@ -804,16 +806,9 @@ def kernel_rows() -> list[dict]:
 
 
 def write_json(obj: dict, path: pathlib.Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from kif import integrity
+
+    integrity.write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def table_rows(result: dict) -> list[list[str]]:

@@ -195,6 +195,37 @@ def stage(out: str | os.PathLike) -> pathlib.Path:
 
 
 @contextlib.contextmanager
+def staged(out: str | os.PathLike, error: type[KifError] = WriteError
+           ) -> Iterator[pathlib.Path]:
+    """`stage(out)` for the block, removed after it whatever happens (after a successful
+    `publish` it is already gone). Failing to create it is one line of `error`."""
+    with writing(out, error):
+        tmp = stage(out)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
+    """Write one text file whole or not at all: a private temporary sibling, flushed and
+    renamed over `path` (a reader never sees half a report)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@contextlib.contextmanager
 def writing(out: str | os.PathLike, error: type[KifError] = WriteError) -> Iterator[None]:
     """Report a failed write of `out` as one line of `error`: a full disk (safetensors reports
     it as its own error type), a second writer that renamed its output into place first."""
@@ -266,4 +297,5 @@ def publish(staged: pathlib.Path, out: pathlib.Path, *, replace: bool = False) -
 
 
 __all__ = ["SUMS", "IntegrityError", "WriteError", "durable", "file_sha256", "pid_alive",
-           "publish", "seal", "stage", "sweep_stale", "verify", "write_sums", "writing"]
+           "publish", "seal", "stage", "staged", "sweep_stale", "verify", "write_sums",
+           "write_text", "writing"]

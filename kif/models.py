@@ -21,7 +21,6 @@ import math
 import os
 import pathlib
 import re
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -483,10 +482,11 @@ def _check_weights_fit_config(folder: pathlib.Path, hf_config: Any) -> None:
         have |= {f"{prefix}.{k}": s for k, s in have.items() if not k.startswith(prefix + ".")}
     wrong = [k for k in want.keys() & have.keys() if want[k] != have[k]]
     found = sum(math.prod(s) for k, s in want.items() if k in have)
-    if wrong or found < 0.5 * sum(math.prod(s) for s in want.values()):
+    total = sum(math.prod(s) for s in want.values())
+    if wrong or found < 0.5 * total:
         what = (f"{wrong[0]} is {have[wrong[0]]} in the weights, {want[wrong[0]]} by the config"
-                if wrong else f"the weights hold {found / max(sum(map(math.prod, want.values())), 1):.0%} "
-                "of the parameters it describes")
+                if wrong else f"the weights hold {found / max(total, 1):.0%} of the parameters it "
+                "describes")
         raise ModelLoadError(f"config.json in '{folder}' does not describe the weights beside "
                              f"it ({what})")
 
@@ -1444,15 +1444,10 @@ def _write_atomically(hf_model: Any, model: torch.nn.Module, out: pathlib.Path, 
     second writer racing for the same `out` fails unless `replace`)."""
     from kif import integrity
 
-    with integrity.writing(out, ModelSaveError):
-        tmp = integrity.stage(out)
-    try:
+    with integrity.staged(out, ModelSaveError) as tmp:
         _write_checkpoint(hf_model, model, tmp)
         with integrity.writing(out, ModelSaveError):  # a lost race names `out`, not `tmp`
             integrity.publish(tmp, out, replace=replace)
-    finally:
-        # After a successful rename `tmp` no longer exists; after a failure it goes.
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_tokenizer(model: torch.nn.Module, folder: pathlib.Path) -> None:

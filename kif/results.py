@@ -92,12 +92,10 @@ def write(path: str | Path, argv: Sequence[str] | None, **payload: Any) -> Path:
     """Writes a results file: the provenance of this run (`argv`: the `kif` command's arguments;
     None: this process's command line), then `payload` (e.g. rows=[...]).
     Written whole or not at all (a temporary file renamed over the target)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**provenance(argv), **payload}, indent=1, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    from kif import integrity
+
+    return integrity.write_text(path, json.dumps({**provenance(argv), **payload}, indent=1,
+                                                 default=str) + "\n")
 
 
 def _get(row: dict, field: str) -> Any:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 from typing import Any, Callable, Literal
 
 import torch
@@ -131,16 +130,11 @@ class Signature:
                 "sae": self.sae, "settings": self.settings, "info": self.info}
         # the whole folder is staged and renamed into place: a kill leaves the old signature
         # or the new one, never a mix (plots the CLI adds afterwards go in beside it)
-        with integrity.writing(out, SignatureError):
-            tmp = integrity.stage(out)
-        try:
-            with integrity.writing(out, SignatureError):
-                save_file(tensors, str(tmp / "signature.safetensors"))
-                (tmp / "signature.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
-                integrity.write_sums(tmp, ["signature.json", "signature.safetensors"])
-                integrity.publish(tmp, out, replace=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with integrity.staged(out, SignatureError) as tmp, integrity.writing(out, SignatureError):
+            save_file(tensors, str(tmp / "signature.safetensors"))
+            (tmp / "signature.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
+            integrity.write_sums(tmp, ["signature.json", "signature.safetensors"])
+            integrity.publish(tmp, out, replace=True)
         return out
 
     @staticmethod

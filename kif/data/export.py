@@ -19,10 +19,9 @@ import json
 import os
 import pathlib
 import random
-import shutil
-import tempfile
 from typing import Callable
 
+from kif import integrity
 from kif.data.probe import Probe
 from kif.errors import KifError
 from kif.world import ATTRIBUTES, N_NEVER_KNEW, SHARED_RELATIONS, FactWorld, fresh_names
@@ -147,17 +146,11 @@ def _write_folder(out_dir: str | os.PathLike, files: dict[str, str]) -> pathlib.
     out = pathlib.Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KifError(f"{out} exists and is not empty: choose a new output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with integrity.staged(out) as stage, integrity.writing(out):
         for name, text in files.items():
             (stage / name).write_text(text, encoding="utf-8")
         os.chmod(stage, 0o755)  # mkdtemp's folder is private; the export is ordinary output
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename cannot replace it on every system
-        os.replace(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)  # gone after a successful rename
+        integrity.publish(stage, out)  # an empty `out` (checked above) is replaced
     return out
 
 

@@ -24,7 +24,6 @@ import copy
 import json
 import os
 import pathlib
-import shutil
 from typing import Any, Mapping
 
 import torch
@@ -80,14 +79,9 @@ def save_erasure(erasure: Erasure, base_model, out_dir: str | os.PathLike,
     folder `out_dir`. Returns the folder."""
     erasure.check_base(base_model)
     out = _destination(out_dir)
-    with integrity.writing(out, ErasureError):
-        stage = integrity.stage(out)
-    try:
-        with integrity.writing(out, ErasureError):
-            _write_folder(erasure, base_model, stage, out, report, report_md)
-            integrity.publish(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)  # gone already after a successful rename
+    with integrity.staged(out, ErasureError) as stage, integrity.writing(out, ErasureError):
+        _write_folder(erasure, base_model, stage, out, report, report_md)
+        integrity.publish(stage, out)
     return out
 
 
@@ -204,11 +198,15 @@ def _load_tensors(file: pathlib.Path) -> dict[str, torch.Tensor]:
 
 def load_erasure(path: str | os.PathLike) -> Erasure:
     """The `Erasure` stored in an erasure folder."""
-    p = pathlib.Path(path).expanduser().resolve()
+    return _read(pathlib.Path(path).expanduser().resolve())[1]
+
+
+def _read(p: pathlib.Path) -> tuple[dict[str, Any], Erasure]:
+    """The folder's manifest (checksums verified, read once) and the `Erasure` it holds."""
     m = _manifest(p)
     t = _load_tensors(p / TENSORS)
     try:
-        return _erasure_of(m, t)
+        return m, _erasure_of(m, t)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         # a version-1 folder has no checksums: a hand-edited manifest gets here
         raise ErasureError(f"{p / MANIFEST} is not a valid erasure manifest "
@@ -249,8 +247,7 @@ def open_model(spec: str | os.PathLike, *, dtype=None, device: str = "cpu"):
     if not is_erasure_folder(spec):
         return models.load(spec, **({} if dtype is None else {"dtype": dtype}), device=device)
     p = pathlib.Path(spec).expanduser().resolve()
-    m = _manifest(p)
-    erasure = load_erasure(p)
+    m, erasure = _read(p)
     recorded = _recorded_dtype(m)
     if erasure.deltas:
         model = models.load(p, dtype=recorded, device=device)
@@ -277,8 +274,7 @@ def restore(path: str | os.PathLike, out_dir: str | os.PathLike, *,
     from kif import models
 
     p = pathlib.Path(path).expanduser().resolve()
-    m = _manifest(p)
-    load_erasure(p)  # the manifest's structure checked before anything is loaded or written
+    m, _ = _read(p)  # the manifest's structure checked before anything is loaded or written
     out = _destination(out_dir)
     recorded = _recorded_dtype(m)
     if m["deltas"]:

@@ -191,17 +191,16 @@ def _read_cached(path: pathlib.Path, model, hook: str, n_rows: int, token_weight
                  ) -> KeyMoments | None:
     """The cached statistics in `path`, or None (absent, unreadable or of the wrong shape)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read: header, then the numbers
             want = (f.metadata() or {}).get("sha256")
-        t = load_file(str(path))
-        if want is None:  # written before the checksum: recomputed once, then checked
-            log.info("recomputing key statistics cached by an older kif: %s", path)
-            return None
+            if want is None:  # written before the checksum: recomputed once, then checked
+                log.info("recomputing key statistics cached by an older kif: %s", path)
+                return None
+            t = {k: f.get_tensor(k) for k in f.keys()}
         if want != _payload_sha256(t):  # a flipped byte in the numbers parses fine
             log.warning("ignoring key statistics that fail their checksum: %s", path)
             return None
@@ -255,21 +254,16 @@ def _write_cache(path: pathlib.Path, tensors: dict[str, torch.Tensor]) -> None:
     leaves only its staging folder (safetensors' own temporary file included), which the next
     writer of the same key sweeps. A failure (a full disk, a read-only home) costs the cache,
     never the erasure."""
-    import shutil
-
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    stage = None
     try:
-        stage = integrity.stage(path)
-        save_file(tensors, str(stage / path.name), metadata={"sha256": _payload_sha256(tensors)})
-        os.replace(stage / path.name, path)
-    except (OSError, SafetensorError) as err:
+        with integrity.staged(path) as stage:
+            save_file(tensors, str(stage / path.name),
+                      metadata={"sha256": _payload_sha256(tensors)})
+            os.replace(stage / path.name, path)
+    except (OSError, SafetensorError, integrity.WriteError) as err:
         log.warning("could not cache key statistics in %s (%s)", path.parent, err)
-    finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
 
 
 def retain_moments(model, concept, hook: str, token_weight: float, cache: bool = True,

@@ -10,10 +10,8 @@ Writes `report.json` and PNG plots into DIR, prints a table (or the report as JS
 
 import argparse
 import json
-import os
 import pathlib
 import sys
-import tempfile
 
 
 def open_model(spec: str, args: argparse.Namespace | None = None):
@@ -73,21 +71,6 @@ def _files_audit_concepts(concept):
     return by_subject(concept)
 
 
-def _write_json(obj: dict, path: pathlib.Path) -> None:
-    _write_text(json.dumps(obj, indent=2), path)
-
-
-def _write_text(text: str, path: pathlib.Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -96,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from kif import distributed
+    from kif import distributed, integrity
     from kif.errors import KifError
     from kif.meter.audit import trace
     from kif.meter.plots import plot_report
@@ -133,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
     data = report.to_dict()
     data["memory"] = pm.report.as_dict()  # of the audit (the models were loaded before)
     data["peak_rss_mb"] = data["memory"]["peak_rss_mb"]
-    _write_json(data, out / "report.json")
-    _write_text(markdown(report), out / "report.md")
+    integrity.write_text(out / "report.json", json.dumps(data, indent=2))
+    integrity.write_text(out / "report.md", markdown(report))
     plots = plot_report(report, out)
     if args.json:
         data["out"] = str(out)

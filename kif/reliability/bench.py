@@ -113,8 +113,7 @@ def _crash_rows(setup: Setup, cfg: ReliabilityConfig, tick: Callable[[], None]) 
         home.mkdir(parents=True)
         out = home / ("stats.safetensors" if w.is_file else "out")
         inputs = writers.digest(w.inputs)
-        seconds = crash.write_seconds(w, out)
-        need = crash.output_bytes(out) if out.exists() else _bytes_of_one_write(w, out)
+        seconds, need = crash.measure_write(w, out)
         tally = crash.Tally(w.name, w.command)
         for _ in range(kills):
             crash.kill_trial(w, out, seconds, rng, inputs, tally)
@@ -132,13 +131,6 @@ def _crash_rows(setup: Setup, cfg: ReliabilityConfig, tick: Callable[[], None]) 
         rows.append({**dataclasses.asdict(tally), "write_seconds": round(seconds, 3),
                      "output_bytes": need[0], "inputs_modified_at_end": digest_changed})
     return rows
-
-
-def _bytes_of_one_write(w: writers.Writer, out: pathlib.Path) -> tuple[int, int]:
-    crash.run(w, out)
-    n = crash.output_bytes(out)
-    writers.remove(out)
-    return n
 
 
 def _tamper_rows(setup: Setup, cfg: ReliabilityConfig, tick: Callable[[], None]) -> list[dict]:

@@ -122,8 +122,10 @@ def inspect(writer: Writer, out: pathlib.Path) -> str:
         return "torn"
 
 
-def write_seconds(writer: Writer, out: pathlib.Path, repeats: int = 2) -> float:
-    """The uninterrupted write's duration (the median of `repeats`), over which kills spread."""
+def measure_write(writer: Writer, out: pathlib.Path, repeats: int = 2
+                  ) -> tuple[float, tuple[int, int]]:
+    """The uninterrupted write's duration (the median of `repeats`), over which kills spread,
+    and its output's sizes (`output_bytes`), which the full-disk trials cut short."""
     times = []
     for _ in range(repeats):
         remove(out)
@@ -132,9 +134,10 @@ def write_seconds(writer: Writer, out: pathlib.Path, repeats: int = 2) -> float:
         if not got.ok:
             raise RuntimeError(f"{writer.name}: the uninterrupted write failed: {got.error}")
         times.append(time.perf_counter() - t0)
+    sizes = output_bytes(out)
     if not writer.replaces:
         remove(out)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], sizes
 
 
 @dataclasses.dataclass

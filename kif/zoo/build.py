@@ -10,7 +10,6 @@ import json
 import logging
 import pathlib
 import random
-import shutil
 import tempfile
 import time
 
@@ -164,16 +163,11 @@ def _save_atomic(model, tokenizer, dest: pathlib.Path, card: dict) -> None:
     """Write to a staging sibling folder, then swap it in (never a half-written model)."""
     from kif import integrity
 
-    with integrity.writing(dest):
-        tmp = integrity.stage(dest)
-    try:
-        with integrity.writing(dest):
-            model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "kif_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
-            zoo.publish(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with integrity.staged(dest) as tmp, integrity.writing(dest):
+        model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kif_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
+        zoo.publish(tmp, dest)
 
 
 def build(names: list[str] | None = None, out_root: pathlib.Path | None = None,

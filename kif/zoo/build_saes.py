@@ -25,7 +25,6 @@ import math
 import os
 import pathlib
 import random
-import shutil
 import time
 from typing import Any, Sequence
 
@@ -208,8 +207,7 @@ def build_saes(out_root: str | os.PathLike = SAE_DIR, layers: Sequence[int] = (0
             hook = f"blocks.{layer}.hook_resid_post"
             rows = pack_rows(ids, cfg.context_size, pad, n_passes, seed + 7919 * layer)
             dest = out_root / model_name / hook
-            tmp = integrity.stage(dest)
-            try:
+            with integrity.staged(dest) as tmp:
                 t0 = time.perf_counter()
                 trained = _train_one(model, hook, rows, cfg, seed + layer, model_name)
                 seconds = time.perf_counter() - t0
@@ -228,8 +226,6 @@ def build_saes(out_root: str | os.PathLike = SAE_DIR, layers: Sequence[int] = (0
                 cards[hook] = card
                 log.info("SAE %s: EV %.3f, L0 %.1f, %.0f s", hook, card["explained_variance"],
                          card["l0"], seconds)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
     finally:
         torch.set_num_threads(prev_threads)
     return cards

@@ -38,11 +38,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from kif.evaluation import evaluate
     from kif.world import FactWorld
 
+    from kif.erasure.registry import resolve_concepts
+
     world = FactWorld.generate(args.seed)
-    world.split(args.forget_split)  # refuse an unknown split before loading anything
+    forget = args.concept or args.forget_split
+    # refuse an unknown split or person before loading anything
+    resolve_concepts(world, forget)
     model = open_model(args.model, args)
     oracle = open_model(args.oracle, args) if args.oracle else None
-    report = evaluate(model, world, args.forget_split, oracle=oracle)
+    report = evaluate(model, world, forget, oracle=oracle)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -347,6 +351,41 @@ def _cmd_bench_stamp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record_and_json(args: argparse.Namespace, r: dict) -> bool:
+    """A bench's --record and --json: True when the JSON was printed (nothing else to print)."""
+    if args.record:
+        from kif import results
+
+        results.write(args.record, args.argv, **r)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    return bool(args.json)
+
+
+def _cmd_bench_probes(args: argparse.Namespace) -> int:
+    from kif import bench_probes
+    from kif.world import FactWorld
+
+    world = FactWorld.generate(args.seed)
+    if not 1 <= args.people <= len(world.split("retain")) or not 0 <= args.erase <= 10:
+        raise KifError("--people: 1 to the retain split's size; --erase: 0 to 10")
+    model = open_model(args.model, args)
+    oracle = open_model(args.oracle, args)
+    r = bench_probes.run(model, oracle, world, args.people, args.erase, args.methods,
+                         progress=not args.json)
+    if _record_and_json(args, r):
+        return 0
+    s = r["summary"]
+    _out().print(f"elicitation: {s['people_with_4_of_6']}/{s['people']} people with at least 4 "
+                 f"of 6 facts, {s['people_without_false_facts']}/{s['people']} without a false "
+                 f"fact (mean {s['facts_found_mean']:.2f} facts found)")
+    for m in args.methods if args.erase else ():
+        _out().print(f"erase by name, {m}: forget target met {s[m]['forget_met']}/"
+                     f"{s[m]['erasures']}, retain target met {s[m]['retain_met']}/"
+                     f"{s[m]['erasures']}")
+    return 0
+
+
 def _cmd_bench_sequential(args: argparse.Namespace) -> int:
     from kif import bench_sequential as bsq
     from kif.erasure import make_config
@@ -365,12 +404,7 @@ def _cmd_bench_sequential(args: argparse.Namespace) -> int:
                            profile=args.profile, progress=not args.json)
     if args.plot:
         bsq.plot_sequential(r, args.plot)
-    if args.record:
-        from kif import results
-
-        results.write(args.record, args.argv, **r)
-    if args.json:
-        print(json.dumps(r, indent=2))
+    if _record_and_json(args, r):
         return 0
     s = r["summary"]
     _out().print(f"{r['requests']} sequential {args.method} requests: forget_acc of everyone "
@@ -622,12 +656,19 @@ def _cmd_erase(args: argparse.Namespace) -> int:
 
     from kif.evaluation import evaluate_concept
 
+    from kif import probes_cli
+
     # every check that can fail runs before anything is loaded or written
-    _check_file_flags(args)
-    world = None if args.forget else FactWorld.generate(args.seed)
-    concept = (_concept_from_files(args) if args.forget
-               else resolve_concepts(world, args.forget_split or args.concept))
-    names = list(concept.subjects)
+    auto = _probes_mode(args) == "auto"
+    if not auto:
+        _check_file_flags(args)
+    world = None if args.forget or auto else FactWorld.generate(args.seed)
+    if auto:
+        names, corpus = probes_cli.check_inputs(args)
+    else:
+        concept = (_concept_from_files(args) if args.forget
+                   else resolve_concepts(world, args.forget_split or args.concept))
+        names = list(concept.subjects)
     get(args.method)
     settings = _parse_settings(args.set)
     make_config(args.method, settings)  # unknown settings fail before anything is loaded
@@ -635,6 +676,10 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     model = open_model(args.model, args)
     if args.forget:
         concept = _concept_from_files(args, model)
+    probes = None
+    if auto:
+        probes = probes_cli.build(args, model, names, corpus)
+        concept = probes.concept
     oracle_name = args.oracle
     if oracle_name is None and args.forget_split and zoo.base_of(args.model) == args.model:
         oracle_name = zoo.oracle_for(args.forget_split, args.model)
@@ -650,8 +695,17 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     if not is_main():
         return 0  # under torchrun: the other ranks' share was the key statistics
     with erasure.apply(model):
-        report = (evaluate_concept(model, concept, oracle=oracle) if args.forget else
+        report = (evaluate_concept(model, concept, oracle=oracle) if world is None else
                   evaluate(model, world, args.forget_split or names, oracle=oracle).to_dict())
+        if world is None and len(names) > 1:  # a batch of targets: each one's own report
+            from kif.concepts import by_subject
+
+            report["per_target"] = {c.name: evaluate_concept(model, c, oracle=oracle)
+                                    for c in by_subject(concept)}
+    if probes is not None:
+        from kif.data.selfbuilt import summary
+
+        report["probes"] = summary(probes)
     report = {**report, "method": args.method, "profile": erasure.info["profile"],
               "seconds": round(seconds, 2), "erasure_seconds": erasure.info.get("seconds"),
               **{k: erasure.info[k] for k in ("peak_rss_mb", "peak_cuda_mb") if k in erasure.info},
@@ -702,6 +756,33 @@ def _add_record(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record", metavar="FILE.json", type=_record_path,
                    help="also write the rows to a results file, with the command, commit, "
                         "machine and date (kif.results; the README's tables render from these)")
+
+
+def _probes_mode(args: argparse.Namespace) -> str:
+    """`--probes` of `kif erase`: "world" (the fact world's probes) or "auto" (self-built from
+    the model); by default "world" only for fact-world people on a zoo model."""
+    from kif import zoo
+    from kif.world import FactWorld
+
+    mode = getattr(args, "probes", None)
+    if mode == "auto" and not args.concept:
+        raise KifError("--probes auto builds probes about the names of --concept")
+    if mode is None and args.concept:
+        known = FactWorld.generate(args.seed).by_name
+        mode = ("world" if zoo.base_of(args.model) is not None
+                and all(n in known for n in args.concept) else "auto")
+    mode = mode or "world"
+    if mode == "auto":
+        for flag in ("retain", "neighbour", "never_knew"):
+            if getattr(args, flag, None) is not None:
+                raise KifError(f"--{flag.replace('_', '-')} goes with --forget (with self-built "
+                               f"probes: --neighbours, --retain-corpus)")
+    else:
+        for flag in ("neighbours", "retain_corpus", "probe_set"):
+            if getattr(args, flag, None) is not None:
+                raise KifError(f"--{flag.replace('_', '-')} goes with self-built probes "
+                               f"(--probes auto)")
+    return mode
 
 
 def _check_known(model, concept, min_acc: float = 0.5) -> None:
@@ -803,6 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {zoo.BASE})")
     eg = e.add_mutually_exclusive_group()
     eg.add_argument("--forget-split", default="forget10", choices=forget_splits)
+    eg.add_argument("--concept", nargs="+", action="extend", metavar="PERSON",
+                    help="fact-world people to score as the forget set (instead of a split)")
     _add_concept_files(e, eg)
     e.add_argument("--oracle", help="model to measure Forget Quality against, e.g. "
                    f"{zoo.oracle_name('forget10')}")
@@ -894,6 +977,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(bsq)
     add_model_options(bsq)
     bsq.set_defaults(func=_cmd_bench_sequential)
+    bpr = bs.add_parser("probes", help="self-built probes against the fact world's ground "
+                                       "truth: facts found, false facts, erasure by name")
+    bpr.add_argument("--model", default=zoo.BASE)
+    bpr.add_argument("--oracle", default=zoo.oracle_name("forget10"))
+    bpr.add_argument("--people", type=int, default=10, help="retain people to elicit")
+    bpr.add_argument("--erase", type=int, default=3, help="forget10 people to erase by name")
+    bpr.add_argument("--methods", nargs="+", default=["stamp", "kif"], choices=list(_METHODS))
+    bpr.add_argument("--seed", type=int, default=0)
+    bpr.add_argument("--json", action="store_true")
+    _add_record(bpr)
+    add_model_options(bpr)
+    bpr.set_defaults(func=_cmd_bench_probes)
 
     brl = bs.add_parser("reliability", help="faults injected into kif's writes and reads: "
                         "kills, full disks, races, tampered files, fuzzed inputs")
@@ -967,10 +1062,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("erase", help="erase a concept from a model")
     r.add_argument("--model", default=zoo.BASE, help="zoo name, HF checkpoint folder, hub name")
     g = r.add_mutually_exclusive_group(required=True)
-    g.add_argument("--concept", nargs="+", action="extend", metavar="PERSON",
-                   help="people to erase (one joint edit)")
+    g.add_argument("--concept", nargs="+", action="extend", metavar="NAME",
+                   help="names to erase (one joint edit): fact-world people, or any named "
+                        "subject the model knows (see --probes)")
     g.add_argument("--forget-split", choices=forget_splits)
     _add_concept_files(r, g)
+    r.add_argument("--probes", choices=("auto", "world"),
+                   help="auto: build the probes from the model itself (kif probes); world: the "
+                        "fact world's (default: world for fact-world people on a zoo model, "
+                        "else auto)")
+    from kif import probes_cli
+
+    probes_cli.add_arguments(r)
     r.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHOD_MODULES),
                    help=f"erasure method (default {DEFAULT_METHOD})")
     r.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
@@ -997,6 +1100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kif.meter.cli import add_parser as add_meter_parser
 
     add_meter_parser(sub)
+    from kif.probes_cli import add_parser as add_probes_parser
+
+    add_probes_parser(sub, zoo.BASE)
 
     rs = sub.add_parser("restore", help="the base model of an erasure folder, bit for bit")
     rs.add_argument("folder", help="an erasure folder written by kif erase")

@@ -440,8 +440,12 @@ def greedy_generate_ids(
     batch_size: int = 256,
     fwd_hooks: Sequence[FwdHook] = (),
     stop_at_eos: bool = False,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[list[int]]:
-    """Greedy continuation token ids of ``[BOS] + tokens(prompt)``, ``max_new_tokens`` each.
+    """Greedy continuation token ids of ``[BOS] + tokens(prompt)``, ``max_new_tokens`` each
+    (with ``temperature`` > 0: sampled from the softmax of logits / temperature instead, from a
+    generator seeded with ``seed``, so that a sample is reproducible).
 
     Rows are right-padded and decoded together, one forward per step, exact for absolute and
     rotary positions (see the comment in the body). There is no KV cache: each step reruns the whole sequence, so hooks see
@@ -452,8 +456,11 @@ def greedy_generate_ids(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     p_ids = encode_prompts(model, prompts)
     out: list[list[int]] = [[] for _ in p_ids]
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     if max_new_tokens == 0:
         return out
     for i, p in enumerate(p_ids):
@@ -477,7 +484,7 @@ def greedy_generate_ids(
             cur = lengths.to(tokens.device)
             for _ in range(max_new_tokens):
                 logits = _logits(model, tokens[:, : int(cur.max())], fwd_hooks)
-                nxt = logits[rows, cur - 1].float().argmax(-1)
+                nxt = _next_token(logits[rows, cur - 1].float(), temperature, gen)
                 tokens[rows, cur] = nxt
                 cur = cur + 1
             for r, i in enumerate(idx):
@@ -485,6 +492,44 @@ def greedy_generate_ids(
     eos = model.tokenizer.eos_token_id
     if stop_at_eos and eos is not None:
         out = [row[: row.index(eos)] if eos in row else row for row in out]
+    return out
+
+
+def _next_token(logits: Float[Tensor, "batch d_vocab_out"], temperature: float,
+                gen: torch.Generator | None) -> Int[Tensor, "batch"]:
+    if temperature == 0:
+        return logits.argmax(-1)
+    # sampled on the CPU from one generator: the same draws whatever the model's device
+    probs = torch.softmax(logits / temperature, -1).cpu()
+    return torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
+
+
+def token_matches(
+    model: HookedTransformer,
+    prompts: Sequence[str],
+    continuations: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 256,
+) -> list[Bool[np.ndarray, "k"]]:
+    """For each prompt, whether the model's argmax after ``[BOS] + prompt + c_<j`` is ``c_j``, at
+    every token j of its continuation ids (teacher-forced: one forward per batch, as
+    :func:`score_answers`); an empty continuation gives an empty row."""
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    p_ids = encode_prompts(model, prompts)
+    out = [np.zeros(len(c), dtype=bool) for c in continuations]
+    todo = [i for i, c in enumerate(continuations) if c]
+    seqs = {i: p_ids[i] + list(continuations[i]) for i in todo}
+    with torch.inference_mode():
+        for part in _batches([len(seqs[i]) for i in todo], batch_size):
+            idx = [todo[j] for j in part]
+            tokens, _ = _padded(model, [seqs[i] for i in idx])
+            width = max(len(continuations[i]) for i in idx)
+            logits = _logits_at(model, tokens, [len(p_ids[i]) - 1 for i in idx], width, ())
+            best = logits.argmax(-1).cpu().numpy()
+            for r, i in enumerate(idx):
+                k = len(continuations[i])
+                out[i] = best[r, :k] == np.asarray(continuations[i])
     return out
 
 
@@ -496,8 +541,10 @@ def greedy_generate(
     batch_size: int = 256,
     fwd_hooks: Sequence[FwdHook] = (),
     stop_at_eos: bool = False,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[str]:
-    """Decoded greedy continuations (see :func:`greedy_generate_ids`)."""
+    """Decoded greedy (or sampled) continuations (see :func:`greedy_generate_ids`)."""
     ids = greedy_generate_ids(
         model,
         prompts,
@@ -505,6 +552,8 @@ def greedy_generate(
         batch_size=batch_size,
         fwd_hooks=fwd_hooks,
         stop_at_eos=stop_at_eos,
+        temperature=temperature,
+        seed=seed,
     )
     return [model.tokenizer.decode(row) for row in ids]
 

@@ -496,9 +496,10 @@ def _hf_model(folder: pathlib.Path, hf_config: Any, arch: str, dtype: torch.dtyp
     from transformers import AutoModelForCausalLM
 
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            folder, config=hf_config, dtype=dtype, local_files_only=True, use_safetensors=True
-        )
+        with quiet_hf_bars():
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                folder, config=hf_config, dtype=dtype, local_files_only=True,
+                use_safetensors=True)
     except Exception as err:
         raise ModelLoadError(f"cannot read weights of '{folder}': {_first_line(err)}") from err
     if type(hf_model).__name__ != arch:
@@ -733,6 +734,22 @@ def _dispatch(model: Any, placement: _Placement) -> None:
                        else str(placement.offload_folder))
     model.cfg.device = main
     model.kif_device_map = dict(dm)
+
+
+@contextlib.contextmanager
+def quiet_hf_bars() -> Iterator[None]:
+    """transformers' own progress bars off ("Loading weights" of a few-second read, "Writing
+    model shards"): kif shows its own bars on long work, and a refusal after a model was loaded
+    stays one line on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -1434,7 +1451,8 @@ def _save_errors(where: str | os.PathLike) -> Iterator[None]:
 
 
 def _write_checkpoint(hf_model: Any, model: torch.nn.Module, folder: pathlib.Path) -> None:
-    hf_model.save_pretrained(folder, safe_serialization=True)
+    with quiet_hf_bars():
+        hf_model.save_pretrained(folder, safe_serialization=True)
     _write_tokenizer(model, folder)
 
 

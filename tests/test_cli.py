@@ -90,9 +90,13 @@ def test_unknown_split_is_a_usage_error(capsys):
 
 
 def test_erase_refuses_a_person_absent_from_the_world(capsys, tmp_path):
+    """A name outside the fact world goes to self-built probes, which find nothing the model
+    knows about it; with --probes world the world's own refusal."""
     out = tmp_path / "out"
     _one_line_error(capsys, ["erase", "--concept", "Nobody Atall", "--out", str(out)],
-                    "not a person of the fact world")
+                    "the model states no fact about 'Nobody Atall'")
+    _one_line_error(capsys, ["erase", "--concept", "Nobody Atall", "--probes", "world",
+                             "--out", str(out)], "not a person of the fact world")
     assert not out.exists()
 
 

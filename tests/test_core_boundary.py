@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # signature extractors, the erasure operators and the meter. (The CLI and the benches are the
 # fact world's front ends and import it; `kif.data.export` writes the world's files.)
 WORLD_FREE = [
-    "kif.data", "kif.data.probe", "kif.data.concept", "kif.concepts", "kif.errors", "kif.models",
+    "kif.data", "kif.data.probe", "kif.data.concept", "kif.data.elicit", "kif.data.selfbuilt", "kif.concepts", "kif.errors", "kif.models",
     "kif.metrics", "kif.kernels.dispatch", "kif.kernels.reference", "kif.signatures.base",
     "kif.signatures.registry", "kif.signatures.causal_trace", "kif.signatures.knowledge_neurons",
     "kif.signatures.concept_vectors", "kif.signatures.sae_features", "kif.erasure",

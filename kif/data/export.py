@@ -22,6 +22,7 @@ import random
 from typing import Callable
 
 from kif import integrity
+from kif.data.formats import kif_record
 from kif.data.probe import Probe
 from kif.errors import KifError
 from kif.world import ATTRIBUTES, N_NEVER_KNEW, SHARED_RELATIONS, FactWorld, fresh_names
@@ -83,11 +84,7 @@ def _distractor_picker(world: FactWorld) -> Callable[[Probe], tuple[str, ...]]:
 # ---- kif JSONL -------------------------------------------------------------------------------
 
 def _kif_row(p: Probe, split: str, distractors: tuple[str, ...]) -> str:
-    row = {"prompt": p.prompt, "answer": p.answer, "subject": p.subject, "relation": p.relation,
-           "split": split, "template": p.template, "distractors": list(distractors)}
-    if p.phrasing != ("heldout" if split == "paraphrase" else "train"):
-        row["phrasing"] = p.phrasing  # a phrasing other than the split's default
-    return json.dumps(row, ensure_ascii=False)
+    return json.dumps(kif_record(p, split, distractors), ensure_ascii=False)
 
 
 def _kif_files(sets: dict[str, list[Probe]], pick) -> dict[str, str]:

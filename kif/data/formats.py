@@ -209,6 +209,15 @@ def _kif_probe(path: PathLike, line: int, row: dict) -> tuple[str, Probe]:
     return split, probe
 
 
+def kif_record(p: Probe, split: str, distractors: tuple[str, ...] = ()) -> dict:
+    """`p` as one kif JSONL record (`kif.data.formats.read_kif_jsonl` reads it back)."""
+    row = {"prompt": p.prompt, "answer": p.answer, "subject": p.subject, "relation": p.relation,
+           "split": split, "template": p.template, "distractors": list(distractors)}
+    if p.phrasing != ("heldout" if split == "paraphrase" else "train"):
+        row["phrasing"] = p.phrasing  # a phrasing other than the split's default
+    return row
+
+
 def read_kif_jsonl(path: PathLike) -> dict[str, list[Probe]]:
     """kif's JSONL: one object per line, `{"prompt", "answer", "subject", "split",
     "distractors"?, "relation"?, "template"?, "phrasing"?}`, split one of `SPLITS`, phrasing
@@ -218,8 +227,13 @@ def read_kif_jsonl(path: PathLike) -> dict[str, list[Probe]]:
     is the convention (the answer continues the prompt), not a requirement."""
     out: dict[str, list[Probe]] = {s: [] for s in SPLITS}
     for line, value in _records(path):
-        split, probe = _kif_probe(path, line, _object(path, line, value))
-        out[split].append(probe)
+        row = _object(path, line, value)
+        keep = row.get("keep", True)  # a reviewer's switch (self-built probes write it)
+        if not isinstance(keep, bool):
+            raise DataFormatError(f"{path}:{line}: field 'keep' must be true or false")
+        if keep:
+            split, probe = _kif_probe(path, line, row)
+            out[split].append(probe)
     return out
 
 

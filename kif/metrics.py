@@ -483,8 +483,11 @@ def greedy_generate_ids(
             rows = torch.arange(len(idx), device=tokens.device)
             cur = lengths.to(tokens.device)
             for _ in range(max_new_tokens):
-                logits = _logits(model, tokens[:, : int(cur.max())], fwd_hooks)
-                nxt = _next_token(logits[rows, cur - 1].float(), temperature, gen)
+                # only each row's last position is unembedded (as score_answers does): the full
+                # d_vocab unembedding of every position cost more than the blocks on small models
+                last = _logits_at(model, tokens[:, : int(cur.max())], (cur - 1).tolist(), 1,
+                                  fwd_hooks)[:, 0]
+                nxt = _next_token(last.float(), temperature, gen)
                 tokens[rows, cur] = nxt
                 cur = cur + 1
             for r, i in enumerate(idx):

@@ -46,7 +46,7 @@ _VOWELS, _CONSONANTS = "aeiou", "bdfghklmnprstvz"
 
 @dataclasses.dataclass(frozen=True)
 class ElicitConfig:
-    max_new_tokens: int = 16  # per continuation of an opener
+    max_new_tokens: int = 12  # per continuation of an opener
     max_answer_tokens: int = 6
     samples: int = 2  # sampled continuations per opener, beside the greedy one
     temperature: float = 0.7
@@ -331,12 +331,18 @@ def _strength(f: Fact) -> tuple[float, float]:
     return f.consistency, f.prob
 
 
+CUE_KEY_WORDS = 3  # cues that end in the same words ask the same question
+
+
 def _conflict_key(f: Fact) -> str:
-    """Two answers of one subject conflict when they answer the same thing: at the same cue, or,
-    for answers of several words, with the same words before the last (" birth year is 1951"
-    and " birth year is 1991", reached from different openers)."""
+    """Two answers of one subject conflict when they answer the same question: at cues that end
+    in the same CUE_KEY_WORDS words (" was born in the city of" reached from "{n} wrote" or
+    from "{n} was born"), or, for answers of several words, with the same words before the last
+    (" birth year is 1951" and " birth year is 1991")."""
     words = f.answer.lower().split()
-    return "answer:" + " ".join(words[:-1]) if len(words) > 1 else "cue:" + f.relation
+    if len(words) > 1:
+        return "answer:" + " ".join(words[:-1])
+    return "cue:" + " ".join(f.relation.lower().split()[-CUE_KEY_WORDS:])
 
 
 def _one_per_cue_and_answer(facts: list[Fact]) -> list[Fact]:

@@ -19,7 +19,7 @@ import pathlib
 from typing import Sequence
 
 from kif.data.concept import Concept, NeverKnew, Refusal, text_row
-from kif.data.elicit import ElicitConfig, Elicited, Fact, elicit, refusal_of
+from kif.data.elicit import ElicitConfig, Elicited, Fact, default_answers, elicit, refusal_of
 from kif.data.elicit_bank import HELDOUT_FRAMES, TRAIN_FRAMES
 from kif.data.probe import Probe
 from kif.errors import KifError
@@ -65,10 +65,10 @@ def _others(model, el: Elicited, neighbours: Sequence[str] | None, cfg: ElicitCo
     near = list(dict.fromkeys(neighbours)) if neighbours else seen[: 2 * max(cfg.neighbours, 1)]
     taken = set(near) | set(el.subjects) | set(el.made_up) | answers
     far = [n for n in seen if n not in taken]
-    want = 2 * cfg.retain_subjects - len(far)
+    want = 3 * cfg.retain_subjects // 2 - len(far)
     far += [n for n in discover_names(model, el.subjects[0], want, sorted(taken | set(far)), cfg)
             if n not in taken]
-    names = near + far[: 2 * cfg.retain_subjects]
+    names = near + far[: 3 * cfg.retain_subjects // 2]
     if not names:
         return None, (), ()
     others = elicit(model, names, dataclasses.replace(cfg, samples=0), made_up=el.made_up)
@@ -120,36 +120,52 @@ MIN_DISTRACTORS = 5  # the truth ratios' wrong answers per question (kif.truth_r
 
 
 def _distractors(model, el: Elicited, others: Elicited | None) -> dict[str, tuple[str, ...]]:
-    """Per relation (cue), answers of the same kind that the model gives: every candidate's
-    answer at that cue and the made-up names' answers there, then, where that is fewer than
-    MIN_DISTRACTORS + 1, answers sampled at the cue for made-up names; never the model's default
-    answer (these are the truth ratios' wrong answers)."""
-    from kif.data.elicit import default_answers
-
+    """Per relation of a kept target fact, wrong answers of its kind for the truth ratios: the
+    answers that the model gives, for any subject or made-up name, at any of the fact's cues or
+    at a cue where another subject gave one of those answers; where that is at most
+    MIN_DISTRACTORS, answers sampled at the fact's cues for made-up names; where still short,
+    other kept answers (of another kind, which only makes the ratio easier to read as known).
+    Never the model's default answer."""
     facts = list(el.facts) + list(others.facts if others else [])
-    defaults = set(default_answers(facts))
-    out: dict[str, dict[str, None]] = {}
+    defaults = {d.strip() for d in default_answers(facts)}
 
-    def add(relation: str, answers) -> None:
-        for a in answers:
-            if a.strip() and a not in defaults and a.strip() not in el.made_up:
-                out.setdefault(relation, {})[a] = None
+    def usable(a: str) -> bool:
+        return bool(a.strip()) and a.strip() not in defaults and a.strip() not in el.made_up
 
+    at_cue: dict[str, set] = {}
     for f in facts:
-        add(f.relation, (f.answer, *f.made_up_answers))
-    short = {f.relation: f.cues[0] for f in el.kept() if len(out.get(f.relation, ())) <= MIN_DISTRACTORS}
+        for c in f.cues:
+            at_cue.setdefault(" ".join(c.split()), set()).update(
+                a for a in (f.answer, *f.made_up_answers) if usable(a))
+    out = {}
+    for f in el.kept():
+        pool = set().union(*(at_cue.get(" ".join(c.split()), set()) for c in f.cues))
+        pool |= {a for cue, answers in at_cue.items() if answers & {f.answer}
+                 for a in answers}
+        out[f.relation] = pool
+    short = [f for f in el.kept() if len(out[f.relation]) <= MIN_DISTRACTORS]
     if short:
-        from kif.data.elicit import _first_clause
-        from kif.metrics import greedy_generate
+        out = _sampled_distractors(model, el, short, out, usable)
+    everything = {f.answer for f in el.kept()} | set().union(*at_cue.values())
+    for f in el.kept():
+        if len(out[f.relation]) <= MIN_DISTRACTORS:
+            out[f.relation] |= set(sorted(everything - out[f.relation])[:MIN_DISTRACTORS + 1])
+    return {r: tuple(sorted(a)) for r, a in out.items()}
 
-        prompts = [m + cue for cue in short.values() for m in el.made_up] * 4
-        said = greedy_generate(model, prompts, el.config.max_answer_tokens, temperature=1.0,
-                               seed=el.config.seed)
-        per = len(el.made_up)
-        for i, (relation, _) in enumerate(short.items()):
-            add(relation, [_first_clause(said[j]) for j in range(len(said))
-                           if (j % (len(short) * per)) // per == i])
-    return {r: tuple(a) for r, a in out.items()}
+
+def _sampled_distractors(model, el: Elicited, short: list[Fact], out: dict, usable) -> dict:
+    """`out` with answers sampled (8 per made-up name) at the cues of the `short` facts."""
+    from kif.data.elicit import _first_clause
+    from kif.metrics import greedy_generate
+
+    rows = [(f.relation, m + c) for f in short for c in f.cues[:2] for m in el.made_up] * 8
+    said = greedy_generate(model, [p for _, p in rows], el.config.max_answer_tokens + 1,
+                           temperature=1.0, seed=el.config.seed)
+    for (relation, _), text in zip(rows, said):
+        a = _first_clause(text)
+        if usable(a):
+            out[relation].add(a)
+    return out
 
 
 def read_corpus(path: pathlib.Path) -> list[str]:

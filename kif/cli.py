@@ -771,17 +771,10 @@ def _probes_mode(args: argparse.Namespace) -> str:
         known = FactWorld.generate(args.seed).by_name
         mode = ("world" if zoo.base_of(args.model) is not None
                 and all(n in known for n in args.concept) else "auto")
+    from kif.probes_cli import refuse_unused
+
     mode = mode or "world"
-    if mode == "auto":
-        for flag in ("retain", "neighbour", "never_knew"):
-            if getattr(args, flag, None) is not None:
-                raise KifError(f"--{flag.replace('_', '-')} goes with --forget (with self-built "
-                               f"probes: --neighbours, --retain-corpus)")
-    else:
-        for flag in ("neighbours", "retain_corpus", "probe_set"):
-            if getattr(args, flag, None) is not None:
-                raise KifError(f"--{flag.replace('_', '-')} goes with self-built probes "
-                               f"(--probes auto)")
+    refuse_unused(args, mode == "auto")
     return mode
 
 

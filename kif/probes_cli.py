@@ -21,6 +21,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--probe-set min_consistency=0.6 samples=4")
 
 
+def refuse_unused(args: argparse.Namespace, auto: bool) -> None:
+    """One-line errors for options that the chosen probes would ignore."""
+    if auto:
+        for flag in ("retain", "neighbour", "never_knew"):
+            if getattr(args, flag, None) is not None:
+                raise KifError(f"--{flag.replace('_', '-')} goes with --forget (with self-built "
+                               f"probes: --neighbours, --retain-corpus)")
+    else:
+        for flag in ("neighbours", "retain_corpus", "probe_set"):
+            if getattr(args, flag, None) is not None:
+                raise KifError(f"--{flag.replace('_', '-')} goes with self-built probes")
+
+
 def add_parser(sub, model_default: str) -> None:
     from kif.cli import add_model_options
 

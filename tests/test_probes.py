@@ -156,3 +156,23 @@ def test_cli(tmp_path, capsys):
                  "--out", str(tmp_path / "e")]) == 2
     assert not (tmp_path / "t.jsonl").exists() and not (tmp_path / "e").exists()
     assert "goes with" in capsys.readouterr().err
+
+
+def test_meter_audits_by_name_with_self_built_probes(tmp_path, capsys):
+    """`kif meter --concept NAME` on a name with no world probes behind it: the probes come from
+    the base model, and the base audited against itself is intact."""
+    name = FactWorld.generate(0).split("retain")[2].name
+    out = tmp_path / "m"
+    assert main(["meter", "--erased", "fact-world", "--concept", name, "--concept-probes",
+                 "auto", "--probes", "fast", "--out", str(out), "--json", "--probe-set",
+                 "samples=0", "neighbours=1", "retain_subjects=2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verdict"] == "intact"
+    assert (out / "report.md").read_text().strip()
+    assert main(["meter", "--erased", "fact-world", "--forget-split", "forget01",
+                 "--concept-probes", "auto", "--out", str(tmp_path / "n")]) == 2
+    assert "--concept-probes goes with --concept" in capsys.readouterr().err
+    assert main(["meter", "--erased", "fact-world", "--forget-split", "forget01",
+                 "--probe-set", "samples=0", "--out", str(tmp_path / "n")]) == 2
+    assert "goes with self-built probes" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()

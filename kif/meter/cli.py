@@ -38,8 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--erased", required=True,
                    help="the erased model: zoo name, HF folder, hub name or kif erase folder")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--concept", action="append", metavar="PERSON",
-                   help="a person whose facts were erased (repeat for several)")
+    g.add_argument("--concept", action="append", metavar="NAME",
+                   help="a subject whose facts were erased (repeat for several): a fact-world "
+                        "person, or any name the base model knows (see --concept-probes)")
     g.add_argument("--forget-split", choices=forget_splits)
     from kif.cli import _add_concept_files
 
@@ -50,6 +51,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    choices=list(PROBES) + list(PROBE_SETS),
                    help="probes or sets to run (default all): "
                         + ", ".join(list(PROBE_SETS) + list(PROBES)))
+    p.add_argument("--concept-probes", choices=("auto", "world"),
+                   help="auto: build the --concept probes from the base model itself (kif "
+                        "probes); world: the fact world's (default: world for fact-world "
+                        "people on a zoo model, else auto)")
+    from kif import probes_cli
+
+    probes_cli.add_arguments(p)
     p.add_argument("--out", required=True, help="folder for report.json and the plots")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.add_argument("--seed", type=int, default=0, help="fact-world seed (default 0, the zoo's)")
@@ -71,6 +79,17 @@ def _files_audit_concepts(concept):
     return by_subject(concept)
 
 
+def _auto_probes(args: argparse.Namespace) -> bool:
+    """Whether --concept names get self-built probes (see --concept-probes)."""
+    from kif import zoo
+    from kif.world import FactWorld
+
+    if args.concept_probes is not None:
+        return args.concept_probes == "auto"
+    known = FactWorld.generate(args.seed).by_name
+    return zoo.base_of(args.model) is None or not all(c in known for c in args.concept)
+
+
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -89,8 +108,18 @@ def run(args: argparse.Namespace) -> int:
     from kif.cli import _check_file_flags, _concept_from_files
 
     _check_file_flags(args)
-    world = None if args.forget else FactWorld.generate(args.seed)
-    if args.forget:
+    if args.concept_probes and not args.concept:
+        raise KifError("--concept-probes goes with --concept")
+    auto = bool(args.concept) and _auto_probes(args)
+    from kif.probes_cli import refuse_unused
+
+    refuse_unused(args, auto)
+    world = None if args.forget or auto else FactWorld.generate(args.seed)
+    if auto:
+        from kif import probes_cli
+
+        names, corpus = probes_cli.check_inputs(args)  # a topic, a bad setting fail here
+    elif args.forget:
         concepts = _files_audit_concepts(_concept_from_files(args))  # bad files fail here
     elif args.forget_split:
         world.split(args.forget_split)
@@ -103,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     base = open_model(args.model, args)
     if args.forget:  # again, with the base's chat template
         concepts = _files_audit_concepts(_concept_from_files(args, base))
+    if auto:  # the probes come from the base: the erased model may no longer answer
+        concepts = _files_audit_concepts(probes_cli.build(args, base, names, corpus).concept)
     erased = open_model(args.erased, args)
     oracle = open_model(args.oracle, args) if args.oracle else None
     from kif.memory import PeakMemory

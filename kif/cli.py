@@ -640,6 +640,11 @@ def _report_md(method: str, names: Sequence[str], report: dict, erasure) -> str:
     for k, v in report.items():
         if isinstance(v, float):
             lines.append(f"| {k} | {v:.4g} |")
+    if "per_target" in report:
+        lines += ["", "Per target:", "", "| target | forget | paraphrase |", "| --- | --- | --- |"]
+        for n, d in report["per_target"].items():
+            lines.append(f"| {n} | {d.get('forget_acc', float('nan')):.3f} | "
+                         f"{d.get('forget_paraphrase_acc', float('nan')):.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -697,11 +702,10 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     with erasure.apply(model):
         report = (evaluate_concept(model, concept, oracle=oracle) if world is None else
                   evaluate(model, world, args.forget_split or names, oracle=oracle).to_dict())
-        if world is None and len(names) > 1:  # a batch of targets: each one's own report
-            from kif.concepts import by_subject
+        if len(names) > 1:  # a batch of targets: each one's own accuracies
+            from kif.evaluation import per_subject
 
-            report["per_target"] = {c.name: evaluate_concept(model, c, oracle=oracle)
-                                    for c in by_subject(concept)}
+            report["per_target"] = per_subject(model, concept)
     if probes is not None:
         from kif.data.selfbuilt import summary
 

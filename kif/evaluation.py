@@ -228,6 +228,18 @@ def evaluate_concept(model: HookedTransformer, concept: Concept,
     return out
 
 
+def per_subject(model: HookedTransformer, concept: Concept, fwd_hooks=()) -> dict[str, dict]:
+    """Each subject's own forget and paraphrase accuracy (a batch of targets erased in one run,
+    reported target by target), from one batched scoring."""
+    rows = [("forget_acc", p) for p in concept.forget] + \
+        [("forget_paraphrase_acc", p) for p in concept.paraphrase if p.phrasing != "novel"]
+    _, s = _acc(model, [p for _, p in rows], fwd_hooks)
+    out: dict[str, dict[str, list]] = {}
+    for (key, p), ok in zip(rows, s.correct):
+        out.setdefault(p.subject, {}).setdefault(key, []).append(bool(ok))
+    return {n: {k: float(np.mean(v)) for k, v in d.items()} for n, d in out.items()}
+
+
 def _phrased(probes: Sequence[Probe], phrasing: str) -> list[Probe]:
     return [p for p in probes if p.phrasing == phrasing]
 

@@ -176,3 +176,17 @@ def test_meter_audits_by_name_with_self_built_probes(tmp_path, capsys):
                  "--probe-set", "samples=0", "--out", str(tmp_path / "n")]) == 2
     assert "goes with self-built probes" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
+
+
+def test_batch_of_targets_by_name(tmp_path, capsys, world):
+    """`kif erase --concept A B --probes auto`: one edit, each target reported on its own."""
+    names = [p.name for p in world.split("forget10")[4:6]]
+    out = tmp_path / "e"
+    assert main(["erase", "--concept", *names, "--probes", "auto", "--method", "stamp",
+                 "--out", str(out), "--json", "--probe-set", "samples=0", "neighbours=1",
+                 "retain_subjects=4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["per_target"]) == set(names)
+    assert all(d["forget_acc"] <= 0.1 for d in report["per_target"].values()), report["per_target"]
+    assert report["retain_acc"] >= 0.9 and report["probes"]["refusal"] == " unknown"
+    assert "Per target" in (out / "report.md").read_text()

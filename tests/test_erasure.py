@@ -261,7 +261,8 @@ def test_corrupt_or_foreign_erasure_folders_are_refused(model, stamp_erasure, tm
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--concept", "Nobody Atall", "--method", "stamp"], "not a person"),
+    (["--concept", "Nobody Atall", "--method", "stamp"], "states no fact about"),
+    (["--concept", "Nobody Atall", "--probes", "world"], "not a person"),
     (["--concept", PERSON, "--method", "nope"], "invalid choice"),
     (["--concept", PERSON, "--method", "stamp", "--set", "bogus=1"], "no setting"),
     (["--concept", PERSON, "--method", "stamp", "--model", "/no/such/model"], "cannot load"),

@@ -190,3 +190,15 @@ def test_batch_of_targets_by_name(tmp_path, capsys, world):
     assert all(d["forget_acc"] <= 0.1 for d in report["per_target"].values()), report["per_target"]
     assert report["retain_acc"] >= 0.9 and report["probes"]["refusal"] == " unknown"
     assert "Per target" in (out / "report.md").read_text()
+
+
+def test_bench_probes_scores_against_the_world(tmp_path, capsys):
+    rec = tmp_path / "r.json"
+    assert main(["bench", "probes", "--people", "1", "--erase", "0", "--json",
+                 "--record", str(rec)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    row = r["elicitation"][0]
+    assert row["facts"] == 6 and row["found"] >= 4 and row["false"] == []
+    assert r["summary"]["people_with_4_of_6"] == 1
+    assert json.loads(rec.read_text())["command"].startswith("kif bench probes")
+    assert main(["bench", "probes", "--people", "0"]) == 2

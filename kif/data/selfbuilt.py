@@ -60,7 +60,9 @@ def _others(model, el: Elicited, neighbours: Sequence[str] | None, cfg: ElicitCo
     those continuations and from the model's own sampled text (`discover_names`)."""
     from kif.data.elicit import discover_names
 
-    answers = {f.answer.strip() for f in el.facts}
+    # names that are answers (the target's, or the model's guesses for made-up names) are
+    # things the subjects relate to ("Gunbris Systems"), not other subjects
+    answers = {a.strip() for f in el.facts for a in (f.answer, *f.made_up_answers)}
     seen = [n for n in el.names_seen if n not in answers]
     near = list(dict.fromkeys(neighbours)) if neighbours else seen[: 2 * max(cfg.neighbours, 1)]
     taken = set(near) | set(el.subjects) | set(el.made_up) | answers

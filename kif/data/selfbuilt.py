@@ -74,7 +74,10 @@ def _others(model, el: Elicited, neighbours: Sequence[str] | None, cfg: ElicitCo
     if not names:
         return None, (), ()
     others = elicit(model, names, dataclasses.replace(cfg, samples=0), made_up=el.made_up)
-    known = {n for n in others.subjects if len(others.kept(n)) >= MIN_NEIGHBOUR_FACTS}
+    # an answer of any subject (the employer of a neighbour) is not a subject itself
+    answers |= {a.strip() for f in others.facts for a in (f.answer, *f.made_up_answers)}
+    known = {n for n in others.subjects
+             if len(others.kept(n)) >= MIN_NEIGHBOUR_FACTS and n not in answers}
     if neighbours:
         missing = [n for n in near if n not in known]
         if missing:

@@ -30,13 +30,11 @@ import dataclasses
 import random
 import re
 from collections import Counter
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from kif.data.concept import Concept, NeverKnew, Refusal, text_row
-from kif.data.elicit_bank import DISCOVERY, HELDOUT_FRAMES, NOT_NAMES, OPENERS, TRAIN_FRAMES
-from kif.data.probe import Probe
+from kif.data.elicit_bank import DISCOVERY, NOT_NAMES, OPENERS, TRAIN_FRAMES
 from kif.errors import KifError
 
 _SENTENCE_END = re.compile(r"[.!?\n]")

@@ -386,6 +386,26 @@ def _cmd_bench_probes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_meter(args: argparse.Namespace) -> int:
+    from kif.meter import meta
+    from kif.meter.registry import resolve
+
+    resolve(args.probes)  # an unknown probe fails before a model is loaded
+    lrs = meta.LRS if args.lrs is None else tuple(args.lrs)
+    strengths = meta.STRENGTHS if args.strengths is None else tuple(args.strengths)
+    if any(x <= 0 for x in lrs + strengths):
+        raise KifError("--lrs and --strengths must be positive")
+    r = meta.run(args.model, args.forget_split, probes=args.probes, lrs=lrs,
+                 methods=meta.METHODS if args.methods is None else tuple(args.methods),
+                 strengths=strengths, robustness=not args.no_robustness,
+                 progress=not args.json)
+    if _record_and_json(args, r.to_dict()):
+        return 0
+    _out().print(meta.table(r))
+    _out().print(meta.headline(r), markup=False)
+    return 0
+
+
 def _cmd_bench_sequential(args: argparse.Namespace) -> int:
     from kif import bench_sequential as bsq
     from kif.erasure import make_config
@@ -986,6 +1006,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_record(bpr)
     add_model_options(bpr)
     bpr.set_defaults(func=_cmd_bench_probes)
+
+    bme = bs.add_parser("meter", help="the meter's meta-evaluation: latent_trace_score's AUC "
+                        "(models that know a concept vs models that never knew it) and its "
+                        "robustness under int4 quantisation and relearning")
+    bme.add_argument("--model", default=zoo.BASE, help="a zoo base model with an oracle")
+    bme.add_argument("--forget-split", default="forget10")
+    bme.add_argument("--probes", nargs="+", default=["latent"],
+                     help="meter probes or sets (default: latent, all that the score reads)")
+    bme.add_argument("--lrs", nargs="+", type=float,
+                     help="gradient-ascent learning rates (default 2e-6 5e-6 2e-5)")
+    bme.add_argument("--strengths", nargs="+", type=float,
+                     help="output-only suppression strengths in logit units (default 10 3)")
+    bme.add_argument("--methods", nargs="*", choices=list(_METHODS),
+                     help="kif erasure methods in the population (default stamp npo)")
+    bme.add_argument("--no-robustness", action="store_true",
+                     help="skip the int4 and relearning audits (faithfulness only)")
+    bme.add_argument("--json", action="store_true")
+    _add_record(bme)
+    bme.set_defaults(func=_cmd_bench_meter)
 
     brl = bs.add_parser("reliability", help="faults injected into kif's writes and reads: "
                         "kills, full disks, races, tampered files, fuzzed inputs")

@@ -2,6 +2,7 @@
 only a name, checked against the fact world's ground truth, which the elicitation never reads."""
 
 import json
+import unicodedata
 
 import numpy as np
 import pytest
@@ -92,6 +93,29 @@ def test_elicitation_finds_the_facts_and_nothing_false(model, world):
 def test_a_name_the_model_does_not_know(model):
     with pytest.raises(KifError, match="states no fact about 'Quorvex Blandish'"):
         build(model, ["Quorvex Blandish"], config=FAST)
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("", "an empty name"),
+    ("A" * 500, "too long for a name"),
+    # letters the model never saw: it maps such names to one stock profile, which made-up names
+    # in the same script also get; that is no knowledge of the name
+    ("Zoë Ångström", "states no fact about 'Zoë Ångström'"),
+])
+def test_bad_names_are_one_line_and_write_nothing(name, needle, tmp_path, capsys):
+    out = tmp_path / "p.jsonl"
+    assert main(["probes", "--concept", name, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_made_up_names_keep_the_script():
+    made = el.made_up_names(["Zoë Ångström"], 6)
+    assert len(set(made)) == 6
+    assert all(not m.isascii() and len(m) == len("Zoë Ångström") for m in made)
+    cyr = el.made_up_names(["Иван Петров"], 3)
+    assert all("CYRILLIC" in unicodedata.name(c) for m in cyr for c in m if c.isalpha())
 
 
 def test_probes_file_round_trip(built, tmp_path):

@@ -29,12 +29,13 @@ locate and is refused (pass a forget corpus instead).
 import dataclasses
 import random
 import re
+import unicodedata
 from collections import Counter
 from typing import Sequence
 
 import numpy as np
 
-from kif.data.elicit_bank import DISCOVERY, NOT_NAMES, OPENERS, TRAIN_FRAMES
+from kif.data.elicit_bank import DISCOVERY, HELDOUT_FRAMES, NOT_NAMES, OPENERS, TRAIN_FRAMES
 from kif.errors import KifError
 
 _SENTENCE_END = re.compile(r"[.!?\n]")
@@ -112,23 +113,48 @@ def check_name(name: str) -> str:
 
 
 def made_up_names(names: Sequence[str], n: int, seed: int = 0) -> list[str]:
-    """`n` names of the shape of `names[0]` (as many words, each of about its length, alternating
-    consonants and vowels) that share no word with any of `names`: names the model never saw."""
+    """`n` names of the shape of `names[0]` that share no word with any of `names`: names the
+    model never saw. An ASCII word becomes one of about its length, alternating consonants and
+    vowels; in a word with letters outside ASCII every letter is replaced by another of its kind
+    (`_like`), so a non-ASCII letter by a nearby one of the same script and case. The script
+    must hold: a model may give one confident answer to every name written in letters it never
+    saw, and only made-up names written in such letters show that answer for the default it
+    is."""
     taken = {w.lower() for nm in names for w in nm.split()}
     rng = random.Random(f"kif-made-up:{seed}:{names[0]}")
     out: list[str] = []
-    while len(out) < n:
-        words = []
-        for w in names[0].split():
-            k = max(3, len(w) + rng.choice((-1, 0, 1)))
-            start = rng.random() < 0.5
-            word = "".join(rng.choice(_CONSONANTS if (i % 2 == 0) != start else _VOWELS)
-                           for i in range(k))
-            words.append(word.capitalize())
+    for _ in range(1000 * n):
+        if len(out) == n:
+            break
+        words = [_made_up_word(w, rng) for w in names[0].split()]
         if not taken & {w.lower() for w in words}:
             taken |= {w.lower() for w in words}
             out.append(" ".join(words))
     return out
+
+
+def _made_up_word(w: str, rng: random.Random) -> str:
+    if not w.isascii():
+        return "".join(_like(c, rng) for c in w)
+    k = max(3, len(w) + rng.choice((-1, 0, 1)))
+    start = rng.random() < 0.5
+    return "".join(rng.choice(_CONSONANTS if (i % 2 == 0) != start else _VOWELS)
+                   for i in range(k)).capitalize()
+
+
+def _like(c: str, rng: random.Random) -> str:
+    """Another letter of `c`'s kind (`made_up_names`); `c` itself when it is no letter."""
+    if not c.isalpha():
+        return c
+    if c.isascii():
+        pool = _VOWELS if c.lower() in _VOWELS else _CONSONANTS
+        new = rng.choice([x for x in pool if x != c.lower()])
+        return new.upper() if c.isupper() else new
+    script = unicodedata.name(c, "").split(" ")[0]
+    near = [chr(o) for o in range(max(0x80, ord(c) - 48), ord(c) + 49)
+            if chr(o) != c and chr(o).isalpha() and chr(o).isupper() == c.isupper()
+            and unicodedata.name(chr(o), "").split(" ")[0] == script]
+    return rng.choice(near) if near else c
 
 
 def names_in(texts: Sequence[str], like: str, exclude: Sequence[str]) -> list[str]:
@@ -379,13 +405,32 @@ def elicit(model, subjects: Sequence[str], config: ElicitConfig | None = None,
     cfg = config or ElicitConfig()
     subjects = [check_name(s) for s in subjects]
     made_up = list(made_up or made_up_names(subjects, cfg.made_up, cfg.seed))
+    _check_fits(model, subjects, made_up, cfg)
     statements, texts = _statements(model, subjects, cfg)
-    facts = _known_subjects(_reject_defaults(_verify(
-        model, _candidates(model, statements, made_up, cfg), made_up, cfg)))
+    facts = _known_subjects(_reject_doubles(_reject_defaults(_verify(
+        model, _candidates(model, statements, made_up, cfg), made_up, cfg)), made_up))
     order = {s: i for i, s in enumerate(subjects)}
     facts.sort(key=lambda f: (order[f.subject], not f.kept, -f.consistency, -f.prob))
     seen = names_in(texts, subjects[0], exclude=list(subjects) + made_up)
     return Elicited(tuple(subjects), tuple(facts), tuple(made_up), tuple(seen), cfg)
+
+
+def _check_fits(model, subjects: Sequence[str], made_up: Sequence[str], cfg: ElicitConfig) -> None:
+    """A one-line error for a name too long for the model's context once it sits in the longest
+    opener or frame with a continuation and an answer after it."""
+    from kif.metrics import encode_prompts
+
+    frames = [f.replace("{n}", "").replace("{s}", "")
+              for f in OPENERS + TRAIN_FRAMES + HELDOUT_FRAMES]
+    longest = max(len(ids) for ids in encode_prompts(model, frames))
+    budget = model.cfg.n_ctx - longest - cfg.max_new_tokens - cfg.max_answer_tokens
+    names = list(subjects) + list(made_up)
+    for name, ids in zip(names, encode_prompts(model, names)):
+        if len(ids) > budget:
+            who = name if name in subjects else f"a made-up name like {subjects[0]!r}"
+            raise KifError(f"{who[:60]!r}{'...' if len(who) > 60 else ''} ({len(name)} "
+                           f"characters) is {len(ids)} tokens: too long for a name in this "
+                           f"model's context of {model.cfg.n_ctx} tokens (at most {budget})")
 
 
 def _last_word(text: str) -> str:
@@ -427,6 +472,27 @@ def _reject_defaults(facts: list[Fact]) -> list[Fact]:
                 f"ends with the model's answer for made-up names at any cue "
                 f"({_last_word(f.answer)!r})"))
             if f.kept and _last_word(f.answer) in defaults else f for f in facts]
+
+
+def _reject_doubles(facts: list[Fact], made_up: Sequence[str]) -> list[Fact]:
+    """A subject whose kept facts one made-up name also gets, on at least two and half of them,
+    is one the model does not tell from a name it never saw (on the fact world: a name in
+    letters outside its training text, which it maps to one stock profile, as it does some
+    made-up names in such letters): every fact of it is rejected."""
+    out = list(facts)
+    for subject in dict.fromkeys(f.subject for f in facts):
+        kept = [i for i, f in enumerate(facts) if f.subject == subject and f.kept]
+        same = Counter(j for i in kept for j, a in enumerate(facts[i].made_up_answers)
+                       if a.strip() and a.strip() == facts[i].answer.strip())
+        if not same:
+            continue
+        j, n = same.most_common(1)[0]
+        if n >= max(2, (len(kept) + 1) // 2):
+            why = (f"the model answers the made-up name {made_up[j]!r} the same way on {n} of "
+                   f"{len(kept)} facts: it does not tell {subject!r} from a name it never saw")
+            for i in kept:
+                out[i] = dataclasses.replace(facts[i], kept=False, reason=why)
+    return out
 
 
 def discover_names(model, like: str, n: int, exclude: Sequence[str], cfg: ElicitConfig) -> list[str]:

@@ -689,7 +689,8 @@ def _cmd_erase(args: argparse.Namespace) -> int:
         _check_file_flags(args)
     world = None if args.forget or auto else FactWorld.generate(args.seed)
     if auto:
-        names, corpus = probes_cli.check_inputs(args)
+        inputs = probes_cli.check_inputs(args)
+        names = inputs.names
     else:
         concept = (_concept_from_files(args) if args.forget
                    else resolve_concepts(world, args.forget_split or args.concept))
@@ -703,7 +704,7 @@ def _cmd_erase(args: argparse.Namespace) -> int:
         concept = _concept_from_files(args, model)
     probes = None
     if auto:
-        probes = probes_cli.build(args, model, names, corpus)
+        probes = probes_cli.build(args, model, inputs)
         concept = probes.concept
     oracle_name = args.oracle
     if oracle_name is None and args.forget_split and zoo.base_of(args.model) == args.model:

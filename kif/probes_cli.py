@@ -2,8 +2,10 @@
 given only names (`kif.data.selfbuilt`)."""
 
 import argparse
+import dataclasses
 import json
 import pathlib
+from typing import Any
 
 from kif.errors import KifError
 
@@ -65,22 +67,31 @@ def elicit_config(args: argparse.Namespace):
     return ElicitConfig(**settings)
 
 
-def check_inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
-    """The names and the retain corpus, checked before a model is loaded."""
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What `kif probes` and `--probes auto` read from the command line, checked."""
+
+    names: list[str]
+    config: Any  # kif.data.elicit.ElicitConfig
+    corpus: list[str]
+
+
+def check_inputs(args: argparse.Namespace) -> Inputs:
+    """The names, the settings and the retain corpus, checked before a model is loaded."""
     from kif.data.elicit import check_name
-    from kif.data.selfbuilt import GENERAL_CORPUS, read_corpus
+    from kif.data.formats import read_text_corpus
+    from kif.data.selfbuilt import GENERAL_CORPUS
 
     names = [check_name(n) for n in args.concept]
-    elicit_config(args)
-    corpus = read_corpus(pathlib.Path(args.retain_corpus or GENERAL_CORPUS))
-    return names, corpus
+    return Inputs(names, elicit_config(args),
+                  read_text_corpus(pathlib.Path(args.retain_corpus or GENERAL_CORPUS)))
 
 
-def build(args: argparse.Namespace, model, names, corpus):
+def build(args: argparse.Namespace, model, inputs: Inputs):
     from kif.data.selfbuilt import build as build_concept
 
-    return build_concept(model, names, neighbours=args.neighbours, config=elicit_config(args),
-                         corpus=corpus, refusal=args.refusal)
+    return build_concept(model, inputs.names, neighbours=args.neighbours, config=inputs.config,
+                         corpus=inputs.corpus, refusal=args.refusal)
 
 
 def run_probes(args: argparse.Namespace) -> int:
@@ -92,9 +103,9 @@ def run_probes(args: argparse.Namespace) -> int:
         raise KifError(f"{out} exists: kif probes writes a new file (move it or pick another)")
     if out.suffix not in (".jsonl", ".json"):
         raise KifError(f"--out {out}: the probes file is kif JSONL, name it FILE.jsonl")
-    names, corpus = check_inputs(args)
+    inputs = check_inputs(args)
     model = open_model(args.model, args)
-    sb = build(args, model, names, corpus)
+    sb = build(args, model, inputs)
     path, never = write_probes(sb, out)
     s = {**summary(sb), "out": str(path), "never_knew_file": str(never)}
     if args.json:

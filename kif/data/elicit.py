@@ -54,7 +54,7 @@ class ElicitConfig:
     min_prob: float = 0.3  # mean answer probability over the training frames
     max_made_up_agree: float = 0.34  # share of made-up names that may get the same answer
     neighbours: int = 3  # neighbours kept when the user lists none
-    retain_subjects: int = 16  # other subjects the model states facts about, kept (retain)
+    retain_subjects: int = 32  # other subjects the model states facts about, kept (retain)
     seed: int = 0
 
 
@@ -288,7 +288,7 @@ def _verify(model, candidates, made_up: Sequence[str], cfg: ElicitConfig) -> lis
     nf, nm = len(TRAIN_FRAMES), len(made_up)
     gens = greedy_generate(model, [m + cue for _, cue, _ in keys for m in made_up],
                            cfg.max_answer_tokens)
-    said = [tuple(_first_clause(g) for g in gens[i * nm:(i + 1) * nm]) for i in range(len(keys))]
+    said = [tuple(first_clause(g) for g in gens[i * nm:(i + 1) * nm]) for i in range(len(keys))]
     prompts, answers = [], []
     for i, (s, cue, ans) in enumerate(keys):
         prompts += [f.format(s=s + cue) for f in TRAIN_FRAMES] + [m + cue for m in made_up]
@@ -312,7 +312,7 @@ def _verify(model, candidates, made_up: Sequence[str], cfg: ElicitConfig) -> lis
     return _one_per_cue_and_answer(facts)
 
 
-def _first_clause(text: str) -> str:
+def first_clause(text: str) -> str:
     """The answer part of a generated continuation; a last word that ran into the token limit
     (no mark after it) may be cut, and is dropped."""
     clause = _ANSWER_END.split(_SENTENCE_END.split(text)[0])[0].rstrip()
@@ -523,6 +523,6 @@ def refusal_of(el: Elicited) -> tuple[str, list[str]] | None:
 
 __all__ = ["ElicitConfig", "Elicited", "Fact", "check_name", "default_answer", "default_answers",
            "discover_names",
-           "elicit",
+           "elicit", "first_clause",
            "made_up_names",
            "names_in", "refusal_of"]

@@ -19,8 +19,10 @@ import pathlib
 from typing import Sequence
 
 from kif.data.concept import Concept, NeverKnew, Refusal, text_row
-from kif.data.elicit import ElicitConfig, Elicited, Fact, default_answers, elicit, refusal_of
+from kif.data.elicit import (ElicitConfig, Elicited, Fact, default_answers, elicit, first_clause,
+                             refusal_of)
 from kif.data.elicit_bank import HELDOUT_FRAMES, TRAIN_FRAMES
+from kif.data.formats import read_text_corpus
 from kif.data.probe import Probe
 from kif.errors import KifError
 
@@ -102,7 +104,7 @@ def build(model, names: Sequence[str], *, neighbours: Sequence[str] | None = Non
     others, near, far = _others(model, el, neighbours, cfg)
     kept_near = [f for f in (others.kept() if others else []) if f.subject in near]
     kept_far = [f for f in (others.kept() if others else []) if f.subject in far]
-    texts = list(corpus) if corpus is not None else read_corpus(GENERAL_CORPUS)
+    texts = list(corpus) if corpus is not None else read_text_corpus(GENERAL_CORPUS)
     neighbour = _probes(kept_near, TRAIN_FRAMES, "train")
     retain = _probes(kept_far, TRAIN_FRAMES, "train")
     found = refusal_of(el)
@@ -160,23 +162,16 @@ def _distractors(model, el: Elicited, others: Elicited | None) -> dict[str, tupl
 
 def _sampled_distractors(model, el: Elicited, short: list[Fact], out: dict, usable) -> dict:
     """`out` with answers sampled (8 per made-up name) at the cues of the `short` facts."""
-    from kif.data.elicit import _first_clause
     from kif.metrics import greedy_generate
 
     rows = [(f.relation, m + c) for f in short for c in f.cues[:2] for m in el.made_up] * 8
     said = greedy_generate(model, [p for _, p in rows], el.config.max_answer_tokens + 1,
                            temperature=1.0, seed=el.config.seed)
     for (relation, _), text in zip(rows, said):
-        a = _first_clause(text)
+        a = first_clause(text)
         if usable(a):
             out[relation].add(a)
     return out
-
-
-def read_corpus(path: pathlib.Path) -> list[str]:
-    from kif.data.formats import read_text_corpus
-
-    return read_text_corpus(path)
 
 
 # ---- the probes file -------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if auto:
         from kif import probes_cli
 
-        names, corpus = probes_cli.check_inputs(args)  # a topic, a bad setting fail here
+        inputs = probes_cli.check_inputs(args)  # a topic, a bad setting fail here
     elif args.forget:
         concepts = _files_audit_concepts(_concept_from_files(args))  # bad files fail here
     elif args.forget_split:
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if args.forget:  # again, with the base's chat template
         concepts = _files_audit_concepts(_concept_from_files(args, base))
     if auto:  # the probes come from the base: the erased model may no longer answer
-        concepts = _files_audit_concepts(probes_cli.build(args, base, names, corpus).concept)
+        concepts = _files_audit_concepts(probes_cli.build(args, base, inputs).concept)
     erased = open_model(args.erased, args)
     oracle = open_model(args.oracle, args) if args.oracle else None
     from kif.memory import PeakMemory

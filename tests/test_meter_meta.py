@@ -52,6 +52,8 @@ def test_fast_population_separates(fast):
     assert (base["verdict"], supp["verdict"]) == ("intact", "suppressed")
     assert oracle["verdict"] == supp_oracle["verdict"] == "deleted"
     assert fast.auc_model >= 0.95 and fast.auc_concept >= 0.95
+    summary = fast.to_dict()["summary"][0]
+    assert (summary["knows"], summary["never_knew"], summary["auc_model"]) == (2, 2, fast.auc_model)
 
 
 def test_fast_robustness(fast):

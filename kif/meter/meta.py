@@ -87,7 +87,13 @@ class MetaResult:
     seconds: float
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, plus `summary`: the headline figures as a one-row list (README tables)."""
+        d = dataclasses.asdict(self)
+        d["summary"] = [{"auc_model": self.auc_model, "auc_concept": self.auc_concept,
+                         "knows": sum(r["label"] == "knows" for r in self.rows),
+                         "never_knew": sum(r["label"] == "never-knew" for r in self.rows),
+                         "robustness": self.robustness}]
+        return d
 
 
 def auc(pos: Sequence[float], neg: Sequence[float]) -> float:

@@ -7,6 +7,7 @@ Errors kif expects (bad names, bad files) print one line `kif: error: ...` and r
 import argparse
 import json
 import logging
+import math
 import pathlib
 import sys
 import time
@@ -390,11 +391,16 @@ def _cmd_bench_meter(args: argparse.Namespace) -> int:
     from kif.meter import meta
     from kif.meter.registry import resolve
 
-    resolve(args.probes)  # an unknown probe fails before a model is loaded
+    from kif.meter.registry import PROBES
+
+    # an unknown probe, a probe set the score cannot read, a bad number: all before a load
+    if not any(PROBES[n].group == "latent" for n in resolve(args.probes)):
+        raise KifError("--probes: latent_trace_score reads the latent probes; choose at least "
+                       "one (e.g. --probes latent)")
     lrs = meta.LRS if args.lrs is None else tuple(args.lrs)
     strengths = meta.STRENGTHS if args.strengths is None else tuple(args.strengths)
-    if any(x <= 0 for x in lrs + strengths):
-        raise KifError("--lrs and --strengths must be positive")
+    if not all(math.isfinite(x) and x > 0 for x in lrs + strengths):
+        raise KifError("--lrs and --strengths must be positive numbers")
     r = meta.run(args.model, args.forget_split, probes=args.probes, lrs=lrs,
                  methods=meta.METHODS if args.methods is None else tuple(args.methods),
                  strengths=strengths, robustness=not args.no_robustness,

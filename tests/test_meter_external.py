@@ -101,7 +101,7 @@ def test_external_gradient_ascent_is_suppressed(ga_checkpoint, tmp_path, capsys)
     verdicts = [c["verdict"] for c in report["concepts"].values()]
     assert verdicts.count("suppressed") >= 8 and "intact" not in verdicts
     md = (tmp_path / "ga" / "report.md").read_text()
-    assert "suppressed" in md.split("\n\n")[0] + md.split("\n\n")[1]
+    assert "suppressed" in "\n\n".join(md.split("\n\n")[:2])  # the summary at the top
 
 
 def test_oracle_is_deleted_and_base_intact(tmp_path, capsys):

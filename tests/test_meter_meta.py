@@ -74,7 +74,9 @@ def test_fast_robustness(fast):
 @pytest.mark.parametrize("argv, needle", [
     (["--probes", "nope"], "unknown probe"),
     (["--lrs", "-1"], "must be positive"),
-    (["--forget-split", "forget7x"], "split"),
+    (["--lrs", "nan"], "must be positive"),
+    (["--probes", "surface"], "reads the latent probes"),
+    (["--forget-split", "forget7x"], "unknown split"),
 ])
 def test_bench_meter_bad_input(argv, needle, capsys):
     assert main(["bench", "meter", *argv]) == 2

@@ -116,6 +116,12 @@ def test_made_up_names_keep_the_script():
     assert all(not m.isascii() and len(m) == len("Zoë Ångström") for m in made)
     cyr = el.made_up_names(["Иван Петров"], 3)
     assert all("CYRILLIC" in unicodedata.name(c) for m in cyr for c in m if c.isalpha())
+    # a word without letters stays; the others still vary
+    for name in ("Café №5", "Apollo 11"):
+        made = el.made_up_names([name], 6)
+        assert len(set(made)) == 6 and all(m.split()[1] == name.split()[1] for m in made)
+    with pytest.raises(KifError, match="too few letters"):
+        el.made_up_names(["№5"], 6)
 
 
 def test_probes_file_round_trip(built, tmp_path):

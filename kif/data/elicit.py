@@ -127,14 +127,19 @@ def made_up_names(names: Sequence[str], n: int, seed: int = 0) -> list[str]:
         if len(out) == n:
             break
         words = [_made_up_word(w, rng) for w in names[0].split()]
-        if not taken & {w.lower() for w in words}:
-            taken |= {w.lower() for w in words}
+        # a word without letters ("No. 5", "№5") stays as it is and names no one
+        named = {w.lower() for w in words if any(c.isalpha() for c in w)}
+        if named and not taken & named:
+            taken |= named
             out.append(" ".join(words))
+    if len(out) < n:
+        raise KifError(f"cannot make {n} made-up names shaped like {names[0]!r}: it has too "
+                       f"few letters to vary")
     return out
 
 
 def _made_up_word(w: str, rng: random.Random) -> str:
-    if not w.isascii():
+    if not w.isascii() or not any(c.isalpha() for c in w):
         return "".join(_like(c, rng) for c in w)
     k = max(3, len(w) + rng.choice((-1, 0, 1)))
     start = rng.random() < 0.5
@@ -420,10 +425,13 @@ def _check_fits(model, subjects: Sequence[str], made_up: Sequence[str], cfg: Eli
     opener or frame with a continuation and an answer after it."""
     from kif.metrics import encode_prompts
 
-    frames = [f.replace("{n}", "").replace("{s}", "")
-              for f in OPENERS + TRAIN_FRAMES + HELDOUT_FRAMES]
-    longest = max(len(ids) for ids in encode_prompts(model, frames))
-    budget = model.cfg.n_ctx - longest - cfg.max_new_tokens - cfg.max_answer_tokens
+    def longest(templates) -> int:
+        return max(len(ids) for ids in encode_prompts(
+            model, [t.replace("{n}", "").replace("{s}", "") for t in templates]))
+
+    # a frame wraps the name, the rest of an opener and the continuation, then the answer
+    budget = (model.cfg.n_ctx - longest(TRAIN_FRAMES + HELDOUT_FRAMES) - longest(OPENERS)
+              - cfg.max_new_tokens - cfg.max_answer_tokens)
     names = list(subjects) + list(made_up)
     for name, ids in zip(names, encode_prompts(model, names)):
         if len(ids) > budget:

@@ -4,8 +4,9 @@ model is quantized to int4 or relearns?). The protocol of the unlearning-depth-s
 OpenUnlearning's metric meta-evaluation, run on the zoo, where "knows" and "never knew" are facts
 of training rather than guesses.
 
-    kif bench meter [--forget-split forget10] [--probes latent] [--lrs 2e-6 5e-6 2e-5]
-        [--methods stamp npo] [--no-robustness] [--json] [--record results/FILE.json]
+    kif bench meter [--model fact-world] [--forget-split forget10] [--probes latent]
+        [--lrs 2e-6 5e-6 2e-5] [--strengths 10 3] [--methods stamp npo] [--no-robustness]
+        [--json] [--record results/FILE.json]
 
 The population, every member audited against the base *without* an oracle (an auditor's
 setting: calibrated on people no model saw):
@@ -15,8 +16,8 @@ setting: calibrated on people no model saw):
   suppressed variants, as the issue lists them: output-only suppression at two strengths,
   gradient ascent at several learning rates (each stopped at the oracle's forget accuracy),
   `stamp` and `npo`. Their label is the training history, so a method that truly deleted a fact
-  would count against the meter; kif's own `kif` method is left out of the pools for that reason
-  (it is the method under test, not the meter).
+  would count against the meter; kif's own `kif` method is left out of the default pools for that
+  reason (it is the method under test, not the meter; `--methods kif` adds it).
 * never knew (never trained on the concepts' facts): the split's oracle; each smaller split's
   oracle on that split's people; and the *same treatments* applied to the split's oracle
   (output-only suppression, gradient ascent for as many steps as its base twin took, `stamp`,
@@ -37,8 +38,12 @@ Robustness (`robustness_q`, `robustness_r`; the unlearning-depth-score paper's s
   d_oracle the split's oracle's change under the same attack.
 
 A change within `NOISE` (0.05, the meter's false-alarm level for a model that never knew the
-concepts, `python -m kif.meter.bench`) counts as none, so two deltas that are both noise give R = 1 rather than a ratio of noise. The AUCs of
-the attacked populations are reported beside them: whether the separation survives the attack.
+concepts, `python -m kif.meter.bench`) counts as none, so two deltas that are both noise give
+R = 1 rather than a ratio of noise. The AUCs of the attacked populations are reported beside
+them: whether the separation survives the attack.
+
+Every attack works on the member's own copy: the base member is a copy of the base, since the
+attacks change a model in place and the audits read the base as their reference.
 """
 
 import copy
@@ -71,7 +76,6 @@ class Member:
     source: str
     treatment: str
     concepts: tuple[str, ...]
-    info: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +91,16 @@ class MetaResult:
     seconds: float
 
     def to_dict(self) -> dict:
-        """Every field, plus `summary`: the headline figures as a one-row list (README tables)."""
+        """Every field (JSON-safe: NaN is None), plus `summary`: the headline figures as a
+        one-row list (README tables)."""
+        from kif.meter.report import _clean
+
         d = dataclasses.asdict(self)
         d["summary"] = [{"auc_model": self.auc_model, "auc_concept": self.auc_concept,
                          "knows": sum(r["label"] == "knows" for r in self.rows),
                          "never_knew": sum(r["label"] == "never-knew" for r in self.rows),
                          "robustness": self.robustness}]
-        return d
+        return _clean(d)
 
 
 def auc(pos: Sequence[float], neg: Sequence[float]) -> float:
@@ -264,7 +271,9 @@ def run(base_name: str, split: str = "forget10", *, probes: Sequence[str] = ("la
     target = forget_acc(oracle, forget_probes(world, people))
 
     plan: list[tuple[Member, Callable]] = [
-        (Member(base_name, "knows", base_name, "as trained", people), lambda: (base, {})),
+        # a copy: the attacks change the member in place, and every audit reads `base`
+        (Member(base_name, "knows", base_name, "as trained", people),
+         lambda: (copy.deepcopy(base), {})),
         (Member(oracle_name, "never-knew", oracle_name, "as trained", people),
          lambda: (oracle, {}))]
     for s in smaller_splits(world, split):

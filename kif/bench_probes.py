@@ -67,8 +67,7 @@ def erasure_rows(model, oracle, world, people: Sequence, methods: Sequence[str],
         build_s = time.perf_counter() - t0
         base_scores[p.name] = _world_scores(model, world, p.name)
         probes = world.person_probes([p], "train") + world.person_probes([p], "heldout")
-        oracle_acc = float(metrics.score_answers(
-            oracle, [q.prompt for q in probes], [q.answer for q in probes]).correct.mean())
+        oracle_acc = metrics.probe_accuracy(oracle, probes)
         s = summary(sb)
         for method in methods:
             t1 = time.perf_counter()

@@ -648,6 +648,13 @@ def accuracy(scores: AnswerScores) -> float:
     return float(np.mean(scores.correct))
 
 
+def probe_accuracy(model: HookedTransformer, probes: Sequence[Any], *,
+                   fwd_hooks: Sequence[FwdHook] = ()) -> float:
+    """:func:`accuracy` of `probes` (anything with ``.prompt`` and ``.answer``) under `model`."""
+    return accuracy(score_answers(model, [p.prompt for p in probes], [p.answer for p in probes],
+                                  fwd_hooks=fwd_hooks))
+
+
 # --------------------------------------------------------------------------------------------
 # Pure metrics: TOFU
 # --------------------------------------------------------------------------------------------
@@ -957,6 +964,7 @@ __all__ = [
     "mia_zlib",
     "model_utility",
     "privleak",
+    "probe_accuracy",
     "rouge_l_recall",
     "rouge_l_recall_many",
     "score_answers",

@@ -208,11 +208,6 @@ class _Sampler:
 
 # ---- the shared training loop --------------------------------------------------------------------
 
-def _acc(model, probes) -> float:
-    s = metrics.score_answers(model, [p.prompt for p in probes], [p.answer for p in probes])
-    return float(s.correct.mean())
-
-
 def _check_sets(concept, cfg, gen: torch.Generator) -> tuple[list, list]:
     """A fixed random sample of `cfg.check_prompts` forget prompts (the cheap stopping test) and
     of `cfg.monitor_retain` retain prompts (recorded in the history, never used to stop)."""
@@ -253,15 +248,15 @@ def _train(student, params: list[Tensor], loss_fn: Callable[[], tuple[Tensor, di
             if step % cfg.check_every == 0 or step == cfg.steps:
                 with timer.section("check"):
                     entry = {"step": step, "loss": float(loss.detach()), **parts}
-                    acc = _acc(student, check_f)
+                    acc = metrics.probe_accuracy(student, check_f)
                     entry["forget_acc_sample"] = acc
                     if not whole and acc <= 2 * cfg.target_forget_acc:
-                        acc = _acc(student, concept.forget)
+                        acc = metrics.probe_accuracy(student, concept.forget)
                     if whole or acc <= 2 * cfg.target_forget_acc:
                         entry["forget_acc"] = acc
                         done = acc <= cfg.target_forget_acc
                     if check_r:
-                        entry["retain_acc_sample"] = _acc(student, check_r)
+                        entry["retain_acc_sample"] = metrics.probe_accuracy(student, check_r)
                 history.append(entry)
                 bar.update(task, description=f"{label} (forget acc {acc:.3f})")
     return step, history, done

@@ -287,8 +287,7 @@ def forget_accuracy(model, concept, deltas: dict[str, Tensor]) -> float:
     from kif.erasure.spread import with_deltas
 
     probes = list(concept.forget)
-    return with_deltas(model, deltas, lambda: metrics.accuracy(metrics.score_answers(
-        model, [p.prompt for p in probes], [p.answer for p in probes])))
+    return with_deltas(model, deltas, lambda: metrics.probe_accuracy(model, probes))
 
 
 def _calibrated(model, concept, cfg: StampConfig, solve) -> tuple[dict[str, Tensor], float, list]:

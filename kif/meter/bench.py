@@ -30,7 +30,6 @@ import json
 import sys
 import time
 
-import numpy as np
 import torch
 
 from kif import metrics
@@ -91,8 +90,7 @@ def gradient_ascent(model, probes, *, target_acc: float, lr: float = 5e-6, batch
             opt.step()
         steps += 1
         if steps % check_every == 0:
-            acc = float(np.mean(metrics.score_answers(m, [p.prompt for p in probes],
-                                                      [p.answer for p in probes]).correct))
+            acc = metrics.probe_accuracy(m, probes)
             if acc <= target_acc:
                 break
     freeze(m)
@@ -148,13 +146,11 @@ def main(argv=None) -> int:
              "oracle|oracle": (oracle, oracle), "oracle|unseen": (oracle, None)}
     if args.ga:
         forget = world.person_probes(people, "train")
-        target = float(np.mean(metrics.score_answers(oracle, [p.prompt for p in forget],
-                                                     [p.answer for p in forget]).correct))
+        target = metrics.probe_accuracy(oracle, forget)
         t0 = time.perf_counter()
         ga = gradient_ascent(base, forget, target_acc=target)
         retain = world.person_probes(world.split("retain")[:60], "train", [0, 2])
-        ga.kif_ga["retain_acc"] = float(np.mean(metrics.score_answers(
-            ga, [p.prompt for p in retain], [p.answer for p in retain]).correct))
+        ga.kif_ga["retain_acc"] = metrics.probe_accuracy(ga, retain)
         ga.kif_ga["seconds"] = round(time.perf_counter() - t0, 1)
         ga.kif_ga["oracle_forget_acc"] = target
         cases["gradient-ascent"] = (ga, None)

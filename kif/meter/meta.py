@@ -49,7 +49,7 @@ attacks change a model in place and the audits read the base as their reference.
 import copy
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -162,11 +162,6 @@ def forget_probes(world, people: Sequence[str]):
     return world.person_probes([world.person(n) for n in people], "train")
 
 
-def forget_acc(model, probes) -> float:
-    return float(np.mean(metrics.score_answers(model, [p.prompt for p in probes],
-                                               [p.answer for p in probes]).correct))
-
-
 def _erased_copy(src, split: str, method: str, world, profile: str):
     from kif import erasure
 
@@ -176,38 +171,52 @@ def _erased_copy(src, split: str, method: str, world, profile: str):
     return m
 
 
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What every treatment is given besides its source model and twin: the forget accuracy that
+    gradient ascent on the base stops at (the oracle's) and the profile kif's methods run under."""
+
+    target_acc: float
+    profile: str
+
+
+Treatment = Callable[[Any, "dict | None", Setting], tuple[Any, dict]]
+
+
 def treatments(world, split: str, lrs: Sequence[float], methods: Sequence[str],
-               strengths: Sequence[float]) -> list[tuple[str, Callable]]:
-    """(name, fn(source model, twin_info) -> (model, info)) for every treatment; `twin_info` is
-    the base twin's info when the source is the oracle (gradient ascent then runs as many steps
-    as its base twin took), else None."""
+               strengths: Sequence[float]) -> list[tuple[str, Treatment]]:
+    """(name, fn(source model, twin_info, setting) -> (model, info)) for every treatment;
+    `twin_info` is the base twin's info when the source is the oracle (gradient ascent then runs
+    as many steps as its base twin took), else None."""
     from kif.meter.bench import gradient_ascent, output_suppression
 
     people = _split_people(world, split)
     probes = forget_probes(world, people)
     answers = [p.answer for p in probes]
-    out: list[tuple[str, Callable]] = []
+    out: list[tuple[str, Treatment]] = []
 
-    for s in strengths:
-        out.append((f"output-suppression({s:g})",
-                    lambda src, twin, s=s, **kw: (output_suppression(
-                        copy.deepcopy(src), answers, strength=s), {})))
+    def suppression(strength: float) -> Treatment:
+        return lambda src, twin, setting: (output_suppression(copy.deepcopy(src), answers,
+                                                              strength=strength), {})
 
-    def ga(src, twin, lr, target):
-        if twin is None:  # the base: ascend until the forget accuracy is the oracle's
-            m = gradient_ascent(src, probes, target_acc=target, lr=lr)
-        else:             # the oracle twin: the same number of steps, whatever its accuracy
-            steps = max(1, twin["steps"])
-            m = gradient_ascent(src, probes, target_acc=-1.0, lr=lr, max_steps=steps,
-                                check_every=steps)
-        return m, {"steps": m.kif_ga["steps"], "lr": lr}
+    def ga(lr: float) -> Treatment:
+        def run(src, twin, setting):
+            if twin is None:  # the base: ascend until the forget accuracy is the oracle's
+                m = gradient_ascent(src, probes, target_acc=setting.target_acc, lr=lr)
+            else:             # the oracle twin: the same number of steps, whatever its accuracy
+                steps = max(1, twin["steps"])
+                m = gradient_ascent(src, probes, target_acc=-1.0, lr=lr, max_steps=steps,
+                                    check_every=steps)
+            return m, {"steps": m.kif_ga["steps"], "lr": lr}
+        return run
 
-    for lr in lrs:
-        out.append((f"gradient-ascent({lr:g})", lambda src, twin, lr=lr, **kw: ga(src, twin, lr,
-                                                                                  kw["target"])))
-    for meth in methods:
-        out.append((meth, lambda src, twin, meth=meth, **kw: (
-            _erased_copy(src, split, meth, world, kw["profile"]), {})))
+    def method(name: str) -> Treatment:
+        return lambda src, twin, setting: (_erased_copy(src, split, name, world,
+                                                        setting.profile), {})
+
+    out += [(f"output-suppression({s:g})", suppression(s)) for s in strengths]
+    out += [(f"gradient-ascent({lr:g})", ga(lr)) for lr in lrs]
+    out += [(m, method(m)) for m in methods]
     return out
 
 
@@ -267,8 +276,8 @@ def run(base_name: str, split: str = "forget10", *, probes: Sequence[str] = ("la
                        f"needs a model that never knew the split's people")
     base = models.load(base_name)
     oracle = models.load(oracle_name)
-    profile = profiles.default_for(base)
-    target = forget_acc(oracle, forget_probes(world, people))
+    setting = Setting(target_acc=metrics.probe_accuracy(oracle, forget_probes(world, people)),
+                      profile=profiles.default_for(base))
 
     plan: list[tuple[Member, Callable]] = [
         # a copy: the attacks change the member in place, and every audit reads `base`
@@ -286,15 +295,15 @@ def run(base_name: str, split: str = "forget10", *, probes: Sequence[str] = ("la
                             tuple(p for p in people if p in theirs)), lambda o=o: (o, {})))
         plan.append((Member(f"{o_name} on the rest of {split}", "knows", o_name, "as trained",
                             tuple(p for p in people if p not in theirs)), lambda o=o: (o, {})))
-    twins: dict[str, dict] = {}
+    twins: dict[str, dict] = {}  # treatment -> its base member's info (read by the oracle's)
     for tname, fn in treatments(world, split, lrs, methods, strengths):
         def on_base(fn=fn, tname=tname):
-            m, info = fn(base, None, target=target, profile=profile)
+            m, info = fn(base, None, setting)
             twins[tname] = info
             return m, info
 
         def on_oracle(fn=fn, tname=tname):
-            return fn(oracle, twins.get(tname), target=target, profile=profile)
+            return fn(oracle, twins.get(tname), setting)
 
         plan.append((Member(f"{base_name}+{tname}", "knows", base_name, tname, people), on_base))
         plan.append((Member(f"{oracle_name}+{tname}", "never-knew", oracle_name, tname, people),
@@ -309,7 +318,7 @@ def run(base_name: str, split: str = "forget10", *, probes: Sequence[str] = ("la
             kept.append(model)
             row = {"member": member.name, "label": member.label, "source": member.source,
                    "treatment": member.treatment, "concepts": len(member.concepts),
-                   "info": info, "forget_acc": forget_acc(model, forget_probes(
+                   "info": info, "forget_acc": metrics.probe_accuracy(model, forget_probes(
                        world, member.concepts)),
                    **_audit(base, model, member.concepts, probes, world)}
             if robustness:

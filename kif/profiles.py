@@ -47,14 +47,15 @@ _CARRIED = {
 def meter_constants() -> dict[str, Any]:
     """The meter's settings that were tuned on the fact world (read from the modules that use
     them, so the record cannot drift from the code)."""
-    from kif.meter import report
+    from kif.meter import calibrate, report
     from kif.meter.probes import relearning
 
     return {"relearning": {"lr": relearning.LR, "steps": relearning.STEPS,
                            "batch": relearning.BATCH},
             "verdict": {"intact_surface": report.INTACT_SURFACE,
                         "suppressed_latent": report.SUPPRESSED_LATENT,
-                        "min_families": report.MIN_FAMILIES}}
+                        "min_families": report.MIN_FAMILIES,
+                        "family_alpha": calibrate.FAMILY_ALPHA}}
 
 PROFILES: dict[str, Profile] = {
     "fact-world": Profile(

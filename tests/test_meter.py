@@ -12,6 +12,7 @@ must bring the linear probe to chance on the layer it erases.
 
 import argparse
 import copy
+import dataclasses
 import json
 import random
 
@@ -403,6 +404,12 @@ def test_report_md_leads_with_the_verdict_in_words_and_says_why_probes_did_not_a
                                  "logit-lens": pr("logit-lens", "latent", 0.0, {"a": 0.0})},
                                 ["a"], calibration="oracle", models={}, hashes={}, seconds=1.0)
     assert "No latent probe recovers anything (1 ran, every score 0)." in markdown(nothing)
+    from kif import profiles
+
+    other = dataclasses.replace(nothing, settings={"constants": {
+        "tuned_on_this_model": False, "fact_world_constants": profiles.meter_constants()}})
+    assert "carried over to this model as they are" in markdown(other)
+    assert "## The meter's settings" not in markdown(nothing)  # an older report.json
 
 
 def test_cli_on_the_zoo(tmp_path, capsys):
@@ -420,7 +427,14 @@ def test_cli_on_the_zoo(tmp_path, capsys):
     assert set(data["probes"]) == {"surface", "logit-lens", "answer-rank"}
     assert data["latent_trace_score"] == pytest.approx(1.0)
     assert json.loads((out / "report.json").read_text())["verdict"] == "intact"
-    assert (out / "report.md").read_text().startswith("# kif meter: fact-world against fact-world")
+    md = (out / "report.md").read_text()
+    assert md.startswith("# kif meter: fact-world against fact-world")
+    # the meter's own fact-world constants are in the manifest, and the model is theirs
+    constants = json.loads((out / "report.json").read_text())["settings"]["constants"]
+    assert constants["tuned_on_this_model"] is True
+    assert constants["fact_world_constants"]["relearning"]["lr"] == pytest.approx(1e-4)
+    assert constants["fact_world_constants"]["verdict"]["min_families"] == 2
+    assert "## The meter's settings" in md and "carried over" not in md
     assert (out / "probes.png").is_file() and (out / "answer_rank.png").is_file()
     args = parser.parse_args(["meter", "--erased", "fact-world", "--concept", "Nobody Here",
                               "--out", str(tmp_path / "x")])

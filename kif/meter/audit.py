@@ -744,7 +744,9 @@ def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
                 "n_retain": len(audit.retain),
                 # which readers applied: those trained on the base need a derived erased model
                 "derived": audit.derived, "kept_share": audit.kept_share("erased"),
-                "distance": audit.distance("erased")}
+                "distance": audit.distance("erased"),
+                # the meter's own constants, which no model-side measurement chooses yet
+                "constants": _constants(base)}
     timings = dict(audit.timings)
     if distributed.is_distributed():
         results, timings, ranks = _gather(names, results, timings)
@@ -752,6 +754,15 @@ def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
     return TraceReport.build(results, audit.concept_names, calibration=audit.calibration,
                              models=models, hashes=hashes, seconds=time.perf_counter() - t0,
                              settings=settings, timings=timings)
+
+
+def _constants(base) -> dict[str, Any]:
+    """The meter's fact-world constants and whether `base` is the model they were tuned on
+    (the manifest's record, as `kif.profiles.describe` is an erasure's)."""
+    from kif import profiles
+
+    return {"tuned_on_this_model": profiles.default_for(base) == "fact-world",
+            "fact_world_constants": profiles.meter_constants()}
 
 
 def _gather(names: Sequence[str], results: dict, timings: dict[str, float]

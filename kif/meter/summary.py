@@ -85,11 +85,28 @@ def _probes(r: TraceReport) -> list[str]:
     return lines + [""]
 
 
+def _constants(r: TraceReport) -> list[str]:
+    c = r.settings.get("constants")
+    if not c:
+        return []
+    k = c["fact_world_constants"]
+    rl, v = k["relearning"], k["verdict"]
+    where = ("this model, the fact world's 4-layer GPT-2" if c["tuned_on_this_model"] else
+             "the fact world's 4-layer GPT-2 and carried over to this model as they are: a "
+             "per-concept `suppressed` near the thresholds can be a false alarm here (`kif bench "
+             "meter` measures the meter on a model that has oracles)")
+    return ["## The meter's settings", "",
+            f"The relearning attack (lr {rl['lr']:g}, {rl['steps']} steps of {rl['batch']} rows) "
+            f"and the verdict's thresholds (surface above {v['intact_surface']} is intact; "
+            f"latent at least {v['suppressed_latent']} in {v['min_families']} families, above "
+            f"a chance band at family-wise rate {v['family_alpha']}) were tuned on {where}.", ""]
+
+
 def markdown(r: TraceReport) -> str:
     """The report as markdown: the summary first, then applicability, concepts and probes."""
     title = f"# kif meter: {r.models.get('erased')} against {r.models.get('base')}"
     body = [title, "", *_headline(r), *_strongest(r), "", *_applicability(r), *_concepts(r),
-            *_probes(r), f"Audit time {r.seconds:.0f} s. The numbers behind every row are in "
+            *_probes(r), *_constants(r), f"Audit time {r.seconds:.0f} s. The numbers behind every row are in "
             "report.json."]
     return "\n".join(body) + "\n"
 

@@ -267,13 +267,21 @@ def score_answers(
 ) -> AnswerScores:
     """Teacher-forced scores of ``answers[i]`` after ``prompts[i]`` (see :class:`AnswerScores`).
 
-    One forward per batch of right-padded ``[BOS] + prompt + answer`` rows. The log-softmax is
+    One forward per batch of right-padded ``[BOS] + prompt + answer`` rows, each distinct
+    (prompt, answer) pair once. The log-softmax is
     taken in float32 on the answer positions only, sums are accumulated in float64.
     TOFU's probability P = exp(-mean NLL) follows Maini et al. 2024, the extraction strength
     Shi et al. 2024 (MUSE).
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    pairs = list(zip(prompts, answers))
+    unique = list(dict.fromkeys(pairs))
+    if len(unique) < len(pairs):  # each distinct pair runs once (callers' grids repeat rows)
+        at = {pair: i for i, pair in enumerate(unique)}
+        scores = score_answers(model, [p for p, _ in unique], [a for _, a in unique],
+                               batch_size=batch_size, fwd_hooks=fwd_hooks)
+        return scores.select(np.array([at[pair] for pair in pairs], dtype=np.int64))
     p_ids = encode_prompts(model, prompts)
     a_ids = encode_answers(model, answers)
     for i, a in enumerate(a_ids):
@@ -442,15 +450,19 @@ def greedy_generate_ids(
     stop_at_eos: bool = False,
     temperature: float = 0.0,
     seed: int = 0,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """Greedy continuation token ids of ``[BOS] + tokens(prompt)``, ``max_new_tokens`` each
     (with ``temperature`` > 0: sampled from the softmax of logits / temperature instead, from a
     generator seeded with ``seed``, so that a sample is reproducible).
 
-    Rows are right-padded and decoded together, one forward per step, exact for absolute and
-    rotary positions (see the comment in the body). There is no KV cache: each step reruns the whole sequence, so hooks see
-    the full sequence exactly as in :func:`score_answers`. With ``stop_at_eos`` a continuation is
-    cut before its first EOS token.
+    Without hooks (``fwd_hooks`` empty and no permanent hook on the model), rows are left-padded
+    and decoded with TransformerLens's key-value cache: the prompts run once, then one token per
+    row per step (:func:`_decode_cached`). With hooks, rows are right-padded and each step reruns
+    the whole sequence, so that a hook sees the full sequence exactly as in
+    :func:`score_answers` (see the comment in the body). Both are exact for absolute and rotary
+    positions; they agree up to float rounding (tested). ``use_cache=False`` forces the rerun.
+    With ``stop_at_eos`` a continuation is cut before its first EOS token.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -471,8 +483,16 @@ def greedy_generate_ids(
     # counted from the left, the padding after a row's end is invisible to it, so this equals
     # unpadded decoding (prompts of equal length would need no padding, but bucketing by length
     # gives many small forwards, which on a CPU cost far more than the padding).
+    cached = (use_cache and not fwd_hooks and not _has_hooks(model)
+              and _kv_cache_class() is not None)
     with torch.inference_mode():
         for idx in _batches([len(p) for p in p_ids], batch_size):
+            if cached:
+                rows = _decode_cached(model, [p_ids[i] for i in idx], max_new_tokens,
+                                      temperature, gen)
+                for r, i in enumerate(idx):
+                    out[i] = rows[r]
+                continue
             lengths = torch.tensor([len(p_ids[i]) for i in idx], dtype=torch.long)
             width = int(lengths.max()) + max_new_tokens
             _check_ctx(model, width - 1)
@@ -496,6 +516,43 @@ def greedy_generate_ids(
     if stop_at_eos and eos is not None:
         out = [row[: row.index(eos)] if eos in row else row for row in out]
     return out
+
+
+def _has_hooks(model: HookedTransformer) -> bool:
+    """Whether any hook point of the model carries a hook (a hook-based erasure applied)."""
+    return any(h.fwd_hooks or h.bwd_hooks for h in model.hook_dict.values())
+
+
+def _decode_cached(
+    model: HookedTransformer,
+    p_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    gen: torch.Generator | None,
+) -> list[list[int]]:
+    """`max_new_tokens` tokens after each row of `p_ids`, with TransformerLens's key-value cache:
+    the left-padded prompts run once (the attention mask hides the padding and gives every row
+    positions counted from its own first token, absolute or rotary), then each step feeds one
+    token per row. Only the last position is unembedded."""
+    width = max(len(p) for p in p_ids)
+    _check_ctx(model, width + max_new_tokens - 1)
+    device = model.cfg.device
+    tokens = torch.full((len(p_ids), width), _pad_id(model), dtype=torch.long)
+    mask = torch.zeros((len(p_ids), width), dtype=torch.long)
+    for r, p in enumerate(p_ids):
+        tokens[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    cache = _kv_cache_class().init_cache(model.cfg, device, len(p_ids))
+    step_mask = torch.ones((len(p_ids), 1), dtype=torch.long, device=device)
+    tokens, mask = tokens.to(device), mask.to(device)
+    out = []
+    for t in range(max_new_tokens):
+        resid = model(tokens, attention_mask=mask, past_kv_cache=cache,
+                      stop_at_layer=model.cfg.n_layers)
+        nxt = _next_token(_head(model, resid[:, -1]).float(), temperature, gen)
+        out.append(nxt)
+        tokens, mask = nxt[:, None], step_mask
+    return torch.stack(out, 1).cpu().tolist()
 
 
 def _next_token(logits: Float[Tensor, "batch d_vocab_out"], temperature: float,
@@ -546,6 +603,7 @@ def greedy_generate(
     stop_at_eos: bool = False,
     temperature: float = 0.0,
     seed: int = 0,
+    use_cache: bool = True,
 ) -> list[str]:
     """Decoded greedy (or sampled) continuations (see :func:`greedy_generate_ids`)."""
     ids = greedy_generate_ids(
@@ -557,6 +615,7 @@ def greedy_generate(
         stop_at_eos=stop_at_eos,
         temperature=temperature,
         seed=seed,
+        use_cache=use_cache,
     )
     return [model.tokenizer.decode(row) for row in ids]
 

@@ -396,3 +396,47 @@ def test_min_k_and_min_k_plus_plus_hand_computation():
     assert M.mia_loss(ll) == pytest.approx(ll.mean())
     text = "Talia Vorhees was born in the city of Maresk"
     assert M.mia_zlib(ll, text) == pytest.approx(ll.mean() / len(zlib.compress(text.encode())))
+
+
+@pytest.mark.parametrize("name", ["fact-world", "fact-world-llama"])
+def test_cached_decoding_equals_the_rerun_on_absolute_and_rotary_positions(name):
+    """The key-value cache (left padding, one token a step) against the whole-sequence rerun
+    (right padding), greedy and sampled, on prompts of different lengths in one batch."""
+    from kif import models
+
+    m = models.load(name)
+    prompts = ["Miasmar Viahos was born in", "Hello", "Q: Where was Vipan Gasa born?\nA:",
+               "The person called Dilmis Nalstas works as a", "Fanir Segu's employer is"] * 3
+    for kw in ({}, {"temperature": 1.0, "seed": 5}):
+        cached = M.greedy_generate_ids(m, prompts, 10, batch_size=7, **kw)
+        rerun = M.greedy_generate_ids(m, prompts, 10, batch_size=7, use_cache=False, **kw)
+        assert cached == rerun
+    # a permanent hook (a hook-based erasure) takes the rerun, so the hook sees every position
+    seen = []
+    m.blocks[0].hook_resid_post.add_hook(lambda x, hook: seen.append(x.shape[1]), is_permanent=True)
+    try:
+        assert M._has_hooks(m)
+        M.greedy_generate_ids(m, prompts[:2], 3)
+        assert min(seen) > 1
+    finally:
+        m.reset_hooks(including_permanent=True)
+    assert not M._has_hooks(m)
+
+
+def test_duplicate_pairs_are_scored_once_and_mapped_back(model):
+    rng = np.random.default_rng(11)
+    prompts = _sentences(rng, 4, 1, 6)
+    answers = _sentences(rng, 4, 1, 3, lead=" ")
+    order = [0, 1, 0, 2, 3, 3, 1, 0]
+    rows = []
+
+    def count(tokens, hook):
+        rows.append(tokens.shape[0])
+
+    model.hook_dict["hook_embed"].add_hook(count)
+    try:
+        dup = M.score_answers(model, [prompts[i] for i in order], [answers[i] for i in order])
+    finally:
+        model.reset_hooks()
+    assert sum(rows) == 4  # four distinct pairs, one forward row each
+    _check_against_ref(model, [prompts[i] for i in order], [answers[i] for i in order], dup)

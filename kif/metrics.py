@@ -483,7 +483,10 @@ def greedy_generate_ids(
     # counted from the left, the padding after a row's end is invisible to it, so this equals
     # unpadded decoding (prompts of equal length would need no padding, but bucketing by length
     # gives many small forwards, which on a CPU cost far more than the padding).
+    # the cached path is tested on absolute and rotary positions; others (ALiBi, shortformer)
+    # take the rerun
     cached = (use_cache and not fwd_hooks and not _has_hooks(model)
+              and model.cfg.positional_embedding_type in ("standard", "rotary")
               and _kv_cache_class() is not None)
     with torch.inference_mode():
         for idx in _batches([len(p) for p in p_ids], batch_size):

@@ -466,3 +466,39 @@ def test_bench_scoring_gives_the_same_scores_both_ways(capsys):
     assert r["same_correct"] and r["max_abs_logprob_diff"] < 1e-3
     assert r["full_rows_seconds"] > 0 and r["kv_cache_seconds"] > 0
     assert main(["bench", "scoring", "--forget-split", "nope"]) == 2
+
+
+def test_kif_downstream_loss_trains_only_the_blocks_behind_its_site(model, world):
+    # the option is off by default (README: measured, dropped); on, it is logged, and its
+    # gradient reaches only the blocks after the patched site (the patch cuts the graph there)
+    import random
+
+    from kif.erasure.pipeline import (KifConfig, _downstream_backward, _pairs,
+                                      downstream_site)
+
+    e = erase(model, PERSON, method="kif", world=world,
+              config={"steps": 2, "check_every": 2, "w_downstream": 1.0, "unbind": False})
+    assert e.info["history"][-1]["loss_downstream"] > 0
+    with pytest.raises(ErasureError, match="w_downstream"):
+        downstream_site(model, [model.cfg.n_layers - 1])
+    site = downstream_site(model, range(model.cfg.n_layers))
+    assert site == "blocks.0.hook_resid_post"
+    probes = world.person_probes([world.person(PERSON)], "train")[:4]
+    chunk = _pairs(model, probes, {PERSON: ["Zorbin Quaddle"]}, random.Random(0))
+    tokens = torch.tensor([p.real for p in chunk[:1]])
+    _, cache = model.run_with_cache(tokens, names_filter=site)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        loss = _downstream_backward(model, chunk[:1], [cache[site][0]], site,
+                                    torch.zeros(1), 0, KifConfig(w_downstream=1.0))
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        assert loss > 0
+        assert all(g is None or not g.any() for n, g in grads.items()
+                   if n.startswith(("embed.", "pos_embed.", "blocks.0.")))
+        assert any(g is not None and g.any() for n, g in grads.items()
+                   if n.startswith("blocks.1."))
+    finally:
+        for p in model.parameters():
+            p.grad = None
+            p.requires_grad_(False)

@@ -99,6 +99,10 @@ class KifConfig:
     # over layers toward optimized targets, with the weight calibrated on the model)
     stamp_target: str = "unknown"
     stamp_forget_weight: float | None = 12.0
+    # the downstream forget loss: NPO again, on the forget facts with the *base's* residual
+    # after the first trained block patched in, so that the blocks behind it stop decoding the
+    # answers too (the meter's downstream probe, as a loss); 0: off
+    w_downstream: float = 0.0
     forget_loss: str = "npo"  # one of FORGET_LOSSES
     npo_beta: float = 0.25  # NPO saturates at log-ratio ~ -2/beta: about ln(#candidates) per token
     seed: int = 0
@@ -266,13 +270,19 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
             start = stamp(model, concept, StampConfig(target=cfg.stamp_target,
                                                       forget_weight=cfg.stamp_forget_weight),
                               base_spec=base_spec)
-    # NPO's reference, the base model's answer log-probabilities given no refusal
-    ref_lp = []
+    # NPO's reference, the base model's answer log-probabilities given no refusal (and, for the
+    # downstream loss, the base's residual after the first trained block, row by row)
+    site = downstream_site(model, layers) if cfg.w_downstream > 0 else None
+    ref_lp, down = [], []
     with torch.no_grad():
         for s in range(0, len(pairs), 256):
             chunk = pairs[s:s + 256]
             tokens = _pad(model, [p.real for p in chunk])
             ref_lp.append(_answer_rest_lp(model, _final_resid(model, tokens), chunk, unk))
+            if site is not None:
+                _, c = model.run_with_cache(tokens, names_filter=site, padding_side="right",
+                                            stop_at_layer=min(layers) + 1)
+                down += [c[site][b, :len(p.real)].clone() for b, p in enumerate(chunk)]
     ref_lp = torch.cat(ref_lp)
     # other people's facts, one phrasing each, for the retain check of every checkpoint
     subjects = list(others)
@@ -416,6 +426,10 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 del resid, cache  # the forget forward's activations, before the retain one's
+                loss_d = None
+                if site is not None:
+                    loss_d = _downstream_backward(student, chunk, [down[i] for i in idx], site,
+                                                  ref_lp[idx], unk, cfg)
                 loss_k = _retain_backward(model, state, rtok, cfg.w_retain,
                                           cfg.retain_micro_batch)
                 opt.step()
@@ -429,6 +443,8 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                     history.append({"step": step, "loss_forget": float(loss_f.detach()),
                                     **({} if loss_r is None
                                        else {"loss_repr": float(loss_r.detach())}),
+                                    **({} if loss_d is None
+                                       else {"loss_downstream": float(loss_d)}),
                                     "loss_retain": float(loss_k.detach()),
                                     "loss_signature": float(loss_s.detach()), **c})
                     done = converged(c)
@@ -452,6 +468,34 @@ def kif_pipeline(model, concept, cfg: KifConfig, *, progress: bool = False,
                    base_spec=base_spec, deltas=deltas, settings=dataclasses.asdict(cfg), info=info)
 
 
+def downstream_site(model, layers: Sequence[int]) -> str:
+    """The residual after the first trained block, where the downstream loss patches the base's
+    in (the meter's downstream probe reads the same site when that block is the first edit)."""
+    first = min(layers)
+    if first >= model.cfg.n_layers - 1:
+        raise ErasureError(f"kif's w_downstream needs a trained block before the last; layers "
+                           f"{list(layers)} start at block {first} of {model.cfg.n_layers}")
+    return f"blocks.{first}.hook_resid_post"
+
+
+def _downstream_backward(student, chunk, base_rows: list[Tensor], site: str, ref_lp: Tensor,
+                         unk: int, cfg: KifConfig) -> float:
+    """`cfg.w_downstream` x NPO on `chunk`'s answers (given no refusal, against the base's) with
+    the base's residual at `site` patched in, backpropagated (into the blocks after `site`
+    only: the patch cuts the graph there); returns the loss."""
+    tokens = _pad(student, [p.real for p in chunk])
+    patch = torch.zeros(*tokens.shape, base_rows[0].shape[-1], dtype=base_rows[0].dtype,
+                        device=tokens.device)
+    for b, r in enumerate(base_rows):
+        patch[b, :len(r)] = r
+    resid = student.run_with_hooks(tokens, fwd_hooks=[(site, lambda act, hook: patch.to(act))],
+                                   padding_side="right", stop_at_layer=student.cfg.n_layers)
+    ratio = _answer_rest_lp(student, resid, chunk, unk) - ref_lp
+    loss = 2.0 / cfg.npo_beta * F.softplus(cfg.npo_beta * ratio).mean()
+    (cfg.w_downstream * loss).backward()
+    return float(loss.detach())
+
+
 def _final_deltas(state, loras: dict[str, LoRAFactors]) -> dict[str, Delta]:
     """Each edited weight's change: the weights edited in place (the closed-form start, the
     unbinding) as stored now minus their saved originals, plus the LoRA's A @ B. A weight only
@@ -462,7 +506,7 @@ def _final_deltas(state, loras: dict[str, LoRAFactors]) -> dict[str, Delta]:
         if name not in state.params and f is not None and len(f.shape) == 2:
             deltas[name] = Delta(a=f.a.detach().float().cpu(), b=f.b.detach().float().cpu())
             continue
-        diff = torch.zeros(()) if f is None else f.delta().float()
+        diff = torch.zeros(()) if f is None else f.delta().detach().float()
         if name in state.params:
             diff = diff + (state.current(name).float() - state.originals[name].float())
         deltas[name] = (low_rank(diff.reshape(diff.shape[0], -1)) if diff.ndim == 2

@@ -579,6 +579,12 @@ def token_matches(
     :func:`score_answers`); an empty continuation gives an empty row."""
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    pairs = [(p, tuple(c)) for p, c in zip(prompts, continuations)]
+    unique = list(dict.fromkeys(pairs))
+    if len(unique) < len(pairs):  # each distinct pair runs once, as in score_answers
+        got = dict(zip(unique, token_matches(model, [p for p, _ in unique],
+                                             [c for _, c in unique], batch_size=batch_size)))
+        return [got[pair].copy() for pair in pairs]
     p_ids = encode_prompts(model, prompts)
     out = [np.zeros(len(c), dtype=bool) for c in continuations]
     todo = [i for i, c in enumerate(continuations) if c]

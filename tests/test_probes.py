@@ -70,6 +70,11 @@ def test_token_matches_and_sampling(model):
     assert [m.all() for m in metrics.token_matches(model, prompts, greedy)] == [True, True]
     wrong = [[t + 1 for t in g] for g in greedy]
     assert not any(m.any() for m in metrics.token_matches(model, prompts, wrong))
+    # repeated (prompt, continuation) pairs run once and come back in order, each its own array
+    mixed = metrics.token_matches(model, prompts * 2 + prompts, greedy * 2 + wrong)
+    assert [m.all() for m in mixed] == [True] * 4 + [False] * 2
+    mixed[0][:] = False
+    assert mixed[2].all()
     a = metrics.greedy_generate_ids(model, prompts * 4, 6, temperature=1.0, seed=3)
     b = metrics.greedy_generate_ids(model, prompts * 4, 6, temperature=1.0, seed=3)
     assert a == b  # seeded: reproducible

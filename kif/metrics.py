@@ -7,12 +7,14 @@ Two layers:
   :func:`greedy_generate`, :func:`token_logprobs`, :func:`token_logprob_stats`. Every prompt is
   tokenized as ``[BOS] + tokens(prompt)`` (BOS only when ``model.cfg.default_prepend_bos``, as
   TransformerLens' ``to_tokens`` does) and an answer as ``tokens(answer)``, tokenized separately and
-  concatenated so that the answer boundary is exact. A batch is one forward over right-padded
-  rows: with causal attention and absolute or rotary positions counted from the left, positions
-  before the padding see exactly what they would see unpadded, so no attention mask is needed
-  (``padding_side="right"`` is passed so that TransformerLens never builds a pad-id mask from a
-  left-padding tokenizer). Optional ``fwd_hooks`` go to ``model.run_with_hooks``, so hook-based
-  erasures are scored by the same code.
+  concatenated so that the answer boundary is exact. A scoring batch is one forward over
+  right-padded rows: with causal attention and absolute or rotary positions counted from the
+  left, positions before the padding see exactly what they would see unpadded, so no attention
+  mask is needed (``padding_side="right"`` is passed so that TransformerLens never builds a
+  pad-id mask from a left-padding tokenizer). Generation without hooks is the exception: it
+  left-pads with an attention mask and decodes with the key-value cache (:func:`_decode_cached`).
+  Optional ``fwd_hooks`` go to ``model.run_with_hooks``, so hook-based erasures are scored by the
+  same code.
 * **Pure metrics** (numpy / torch in, floats / arrays out): TOFU's truth ratio, Forget Quality and
   Model Utility (Maini et al. 2024), ROUGE-L recall, MUSE's extraction strength and PrivLeak
   (Shi et al. 2024), and the membership-inference scores Loss, zlib (Carlini et al. 2021), Min-K%
@@ -275,13 +277,6 @@ def score_answers(
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    pairs = list(zip(prompts, answers))
-    unique = list(dict.fromkeys(pairs))
-    if len(unique) < len(pairs):  # each distinct pair runs once (callers' grids repeat rows)
-        at = {pair: i for i, pair in enumerate(unique)}
-        scores = score_answers(model, [p for p, _ in unique], [a for _, a in unique],
-                               batch_size=batch_size, fwd_hooks=fwd_hooks)
-        return scores.select(np.array([at[pair] for pair in pairs], dtype=np.int64))
     p_ids = encode_prompts(model, prompts)
     a_ids = encode_answers(model, answers)
     for i, a in enumerate(a_ids):
@@ -289,6 +284,13 @@ def score_answers(
             raise ValueError(f"answer {i} ({answers[i]!r}) has no tokens")
         if not p_ids[i]:
             raise ValueError(f"prompt {i} has no tokens and no BOS to condition on")
+    pairs = list(zip(prompts, answers))
+    unique = list(dict.fromkeys(pairs))
+    if len(unique) < len(pairs):  # each distinct pair runs once (callers' grids repeat rows)
+        at = {pair: i for i, pair in enumerate(unique)}
+        scores = score_answers(model, [p for p, _ in unique], [a for _, a in unique],
+                               batch_size=batch_size, fwd_hooks=fwd_hooks)
+        return scores.select(np.array([at[pair] for pair in pairs], dtype=np.int64))
     out = _empty_scores(a_ids)
     seqs = [p + a for p, a in zip(p_ids, a_ids)]
     with torch.inference_mode():
@@ -343,7 +345,8 @@ def score_candidates(
     flat_p = [p for p, c in zip(prompts, candidates) for _ in c]
     flat_a = [a for c in candidates for a in c]
     cache_cls = _kv_cache_class()
-    if fwd_hooks or cache_cls is None or not isinstance(model, HookedTransformer):
+    if (fwd_hooks or cache_cls is None or not isinstance(model, HookedTransformer)
+            or not _one_device(model)):  # the cache is made on one device (see _one_device)
         return score_answers(model, flat_p, flat_a, batch_size=batch_size, fwd_hooks=fwd_hooks)
     p_ids = encode_prompts(model, prompts)
     a_ids = encode_answers(model, flat_a)
@@ -478,14 +481,15 @@ def greedy_generate_ids(
     for i, p in enumerate(p_ids):
         if not p:
             raise ValueError(f"prompt {i} has no tokens and no BOS to condition on")
-    # One forward per step for a whole batch of right-padded rows: row r's next token is read at
-    # its own last position and written just after it. With causal attention and positions
-    # counted from the left, the padding after a row's end is invisible to it, so this equals
+    # Without the cache (below), one forward per step for a whole batch of right-padded rows:
+    # row r's next token is read at its own last position and written just after it. With
+    # causal attention and positions counted from the left, the padding after a row's end is
+    # invisible to it, so this equals
     # unpadded decoding (prompts of equal length would need no padding, but bucketing by length
     # gives many small forwards, which on a CPU cost far more than the padding).
     # the cached path is tested on absolute and rotary positions; others (ALiBi, shortformer)
     # take the rerun
-    cached = (use_cache and not fwd_hooks and not _has_hooks(model)
+    cached = (use_cache and not fwd_hooks and not _has_hooks(model) and _one_device(model)
               and model.cfg.positional_embedding_type in ("standard", "rotary")
               and _kv_cache_class() is not None)
     with torch.inference_mode():
@@ -522,8 +526,15 @@ def greedy_generate_ids(
 
 
 def _has_hooks(model: HookedTransformer) -> bool:
-    """Whether any hook point of the model carries a hook (a hook-based erasure applied)."""
-    return any(h.fwd_hooks or h.bwd_hooks for h in model.hook_dict.values())
+    """Whether any module of the model carries a forward hook: TransformerLens's hook points
+    (a hook-based erasure applied) and hooks registered on modules directly (`HookedLoRA`)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _one_device(model: HookedTransformer) -> bool:
+    """Whether the blocks run on one accelerator (or none): the key-value cache is made on the
+    model's device, so a model split over several GPUs (`device_map`) takes the rerun."""
+    return len({p.device for p in model.parameters() if p.device.type not in ("cpu", "meta")}) <= 1
 
 
 def _decode_cached(

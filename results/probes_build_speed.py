@@ -33,8 +33,9 @@ PEOPLE = (("Dilmis Nalstas", ("before", "after")), ("Zalni Regur", ("after", "be
 
 def build(tree: str, person: str) -> dict:
     env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", ONE, person], env=env, capture_output=True,
-                         text=True, check=True).stdout.strip().splitlines()[-1]
+    # cwd: `python -c` puts the working folder first on sys.path, before PYTHONPATH
+    out = subprocess.run([sys.executable, "-c", ONE, person], env=env, cwd=tree,
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     return json.loads(out)
 
 

@@ -440,3 +440,15 @@ def test_duplicate_pairs_are_scored_once_and_mapped_back(model):
         model.reset_hooks()
     assert sum(rows) == 4  # four distinct pairs, one forward row each
     _check_against_ref(model, [prompts[i] for i in order], [answers[i] for i in order], dup)
+
+
+def test_dedup_keeps_the_callers_row_numbers_in_errors_and_torch_hooks_take_the_rerun(model):
+    with pytest.raises(ValueError, match="answer 3"):
+        M.score_answers(model, ["a", "b", "a", "c"], [" x", " y", " x", ""])
+    # a hook registered on a module directly (as HookedLoRA does) counts as a hook
+    handle = model.blocks[0].register_forward_hook(lambda mod, inp, out: out)
+    try:
+        assert M._has_hooks(model)
+    finally:
+        handle.remove()
+    assert not M._has_hooks(model) and M._one_device(model)

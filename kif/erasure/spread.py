@@ -18,7 +18,7 @@ The edits are made in place only while they are solved; the model is put back bi
 also on errors, and the caller gets the deltas.
 """
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,7 @@ def with_deltas(model, deltas: dict[str, Tensor], fn: Callable[[], float]) -> fl
 
 def spread_edit(model, prompts: Sequence[str], layers: Sequence[int],
                 deltas_at_last: Float[Tensor, "n d"],
-                retain_grams: dict[int, Float[Tensor, "m m"]],
+                retain_grams: Mapping[int, Float[Tensor, "m m"]],
                 solve: Callable[[Tensor, Tensor, Tensor], Tensor],
                 check: Callable[[], float] | None = None
                 ) -> tuple[dict[str, Float[Tensor, "m d"]], float | None]:

@@ -23,6 +23,9 @@ edited, so preserving them keeps their edited values).
 
 import contextlib
 import dataclasses
+import pathlib
+import tempfile
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
@@ -32,7 +35,7 @@ from torch import Tensor
 from kif import metrics
 from kif.erasure.core import Delta, Erasure, ErasureError, Timer, low_rank
 from kif.erasure.keys import last_token_states
-from kif.erasure.stats import key_moments, retain_moments
+from kif.erasure.stats import cache_dir, key_dim, key_moments, retain_moments
 from kif.erasure.registry import register
 
 
@@ -241,6 +244,61 @@ def _retain_gram(model, concept, key: str, cfg: StampConfig) -> tuple[Tensor, in
     return gram, moments.n_rows
 
 
+# Above this many bytes, a spread edit's retain Grams wait on disk instead of in memory: the
+# solve needs one layer's at a time, and five float64 d_mlp^2 Grams are 360 MiB on GPT-2 small
+SPILL_BYTES = 128 * 2 ** 20
+
+
+class _Grams(Mapping):
+    """The retain Grams of the edited layers, `grams[l]`: held in memory, or, when together they
+    would take more than `SPILL_BYTES`, written to a temporary folder in kif's cache (on disk,
+    where /tmp may be memory) as each is computed and read back when a solve asks for it
+    (float64 written and read exactly, so the solve is the same; a read costs far less than the
+    key pass that made it). `close()` removes the folder."""
+
+    def __init__(self, n_layers: int, m: int):
+        self._held: dict[int, Tensor] = {}
+        self._layers: list[int] = []
+        self._dir = None
+        if n_layers * m * m * 8 > SPILL_BYTES:
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            self._dir = tempfile.TemporaryDirectory(prefix="grams-", dir=cache_dir())
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    @property
+    def spilled(self) -> bool:
+        return self._dir is not None
+
+    def _path(self, l: int) -> pathlib.Path:
+        return pathlib.Path(self._dir.name) / f"layer{l}.safetensors"
+
+    def __setitem__(self, l: int, gram: Tensor) -> None:
+        self._layers.append(l)
+        if self._dir is None:
+            self._held[l] = gram
+            return
+        from safetensors.torch import save_file
+
+        save_file({"gram": gram.contiguous()}, str(self._path(l)))
+
+    def __getitem__(self, l: int) -> Tensor:
+        if self._dir is None:
+            return self._held[l]
+        from safetensors.torch import load_file
+
+        return load_file(str(self._path(l)))["gram"]
+
+    def close(self) -> None:
+        self._held.clear()
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
 def _one_layer_solver(model, concept, cfg: StampConfig, layer: int, gram: Tensor, forget: list[str]):
     """weight -> {W_out: delta} for the one-layer targets (the refusal value r_bar, or the
     partial redirect toward it)."""
@@ -263,7 +321,7 @@ def _one_layer_solver(model, concept, cfg: StampConfig, layer: int, gram: Tensor
     return solve
 
 
-def _spread_solver(model, concept, cfg: StampConfig, layers: list[int], grams: dict[int, Tensor],
+def _spread_solver(model, concept, cfg: StampConfig, layers: list[int], grams: Mapping[int, Tensor],
                    forget: list[str]):
     """weight -> {W_out: delta} for the optimized target spread over `layers`."""
     from kif.erasure import spread
@@ -320,18 +378,23 @@ def stamp(model, concept, cfg: StampConfig, *, progress: bool = False,
     timer = Timer()
     layers, layer_scores = _choose_layers(model, concept, cfg, timer)
     forget = [p.prompt for p in concept.forget]
-    with timer.section("keys"):
-        grams, n_retain = {}, 0
-        for l in layers:
-            grams[l], n_retain = _retain_gram(model, concept, _hook(l)[0], cfg)
-        if cfg.target == "optimized":
-            solve = _spread_solver(model, concept, cfg, layers, grams, forget)
-        else:
-            solve = _one_layer_solver(model, concept, cfg, layers[0], grams[layers[0]], forget)
-    with timer.section("solve"):
-        deltas, weight, tried = _calibrated(model, concept, cfg, solve)
+    grams = _Grams(len(layers), key_dim(model, _hook(layers[0])[0]))
+    try:
+        with timer.section("keys"):
+            n_retain = 0
+            for l in layers:
+                grams[l], n_retain = _retain_gram(model, concept, _hook(l)[0], cfg)
+            if cfg.target == "optimized":
+                solve = _spread_solver(model, concept, cfg, layers, grams, forget)
+            else:
+                solve = _one_layer_solver(model, concept, cfg, layers[0], grams[layers[0]], forget)
+        with timer.section("solve"):
+            deltas, weight, tried = _calibrated(model, concept, cfg, solve)
+    finally:
+        grams.close()
     # the forget prompts let a later request preserve this one (`preserve`) without the source
     info: dict[str, Any] = {"layer": layers[0], "layers": layers, "n_forget_keys": len(forget),
+                            "grams_spilled": grams.spilled,
                             "forget_prompts": forget, "n_retain_keys": n_retain,
                             "forget_weight": weight,
                             "seconds": {**timer.sections, "total": timer.total}}

@@ -108,7 +108,7 @@ def test_training_baseline_interrupted_midway_restores_the_model(model, world, m
         assert not _same_bits(student, before)  # training has moved the model itself
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(baselines, "_acc", interrupted)
+    monkeypatch.setattr(baselines.metrics, "probe_accuracy", interrupted)
     with pytest.raises(KeyboardInterrupt):
         erase(model, PERSON, method="rmu", config={"steps": 4, "check_every": 2}, world=world)
     assert calls["n"] == 1

@@ -157,4 +157,14 @@ def test_spilled_grams_give_the_same_edit_and_leave_no_file(twin, world, monkeyp
         for part in ("a", "b", "dense"):
             x, y = getattr(d, part), getattr(s, part)
             assert (x is None and y is None) or torch.equal(x, y)
-    assert not list(st.cache_dir().glob("grams-*"))
+    assert not list(st.cache_dir().glob(".grams.kif-*"))
+    # a disk that refuses the write costs the memory, not the erasure: the same edit again
+    def refuse(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", refuse)
+    full = erase(twin, person, method="stamp", world=world, config=config)
+    assert not full.info["grams_spilled"]
+    for name, d in held.deltas.items():
+        assert torch.equal(d.a, full.deltas[name].a) and torch.equal(d.b, full.deltas[name].b)
+    assert not list(st.cache_dir().glob(".grams.kif-*"))

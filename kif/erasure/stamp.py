@@ -24,7 +24,7 @@ edited, so preserving them keeps their edited values).
 import contextlib
 import dataclasses
 import pathlib
-import tempfile
+import shutil
 from collections.abc import Mapping
 from typing import Any, Sequence
 
@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kif import metrics
+from kif import integrity, metrics
 from kif.erasure.core import Delta, Erasure, ErasureError, Timer, low_rank
 from kif.erasure.keys import last_token_states
 from kif.erasure.stats import cache_dir, key_dim, key_moments, retain_moments
@@ -250,19 +250,25 @@ SPILL_BYTES = 128 * 2 ** 20
 
 
 class _Grams(Mapping):
-    """The retain Grams of the edited layers, `grams[l]`: held in memory, or, when together they
-    would take more than `SPILL_BYTES`, written to a temporary folder in kif's cache (on disk,
-    where /tmp may be memory) as each is computed and read back when a solve asks for it
-    (float64 written and read exactly, so the solve is the same; a read costs far less than the
-    key pass that made it). `close()` removes the folder."""
+    """The retain Grams of the edited layers, `grams[l]`: held in memory, or, when the ones not
+    being solved would take more than `SPILL_BYTES`, written to a staging folder in kif's cache
+    (on disk, where /tmp may be memory) as each is computed, and read back whenever a solve asks
+    for it (each calibration weight reads every layer's once): float64 written and read
+    exactly, so the edit is the same. The folder is named with the machine and process, so one
+    that a killed run left is swept by the next (`kif.integrity.stage`). A disk that refuses the
+    write costs the memory, never the erasure: that Gram stays in memory. `close()` removes
+    the folder."""
 
     def __init__(self, n_layers: int, m: int):
         self._held: dict[int, Tensor] = {}
         self._layers: list[int] = []
-        self._dir = None
-        if n_layers * m * m * 8 > SPILL_BYTES:
-            cache_dir().mkdir(parents=True, exist_ok=True)
-            self._dir = tempfile.TemporaryDirectory(prefix="grams-", dir=cache_dir())
+        self._on_disk: set[int] = set()
+        self._dir: pathlib.Path | None = None
+        if (n_layers - 1) * m * m * 8 > SPILL_BYTES:
+            try:
+                self._dir = integrity.stage(cache_dir() / "grams")
+            except OSError:
+                self._dir = None
 
     def __iter__(self):
         return iter(self._layers)
@@ -272,31 +278,37 @@ class _Grams(Mapping):
 
     @property
     def spilled(self) -> bool:
-        return self._dir is not None
+        """Whether any Gram went to disk (read after `close()` too)."""
+        return bool(self._on_disk)
 
     def _path(self, l: int) -> pathlib.Path:
-        return pathlib.Path(self._dir.name) / f"layer{l}.safetensors"
+        return self._dir / f"layer{l}.safetensors"
 
     def __setitem__(self, l: int, gram: Tensor) -> None:
-        self._layers.append(l)
-        if self._dir is None:
-            self._held[l] = gram
-            return
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        save_file({"gram": gram.contiguous()}, str(self._path(l)))
+        self._layers.append(l)
+        if self._dir is not None:
+            try:
+                save_file({"gram": gram.contiguous()}, str(self._path(l)))
+                self._on_disk.add(l)
+                return
+            except (OSError, SafetensorError):  # a full or read-only disk: keep it here
+                self._path(l).unlink(missing_ok=True)
+        self._held[l] = gram
 
     def __getitem__(self, l: int) -> Tensor:
-        if self._dir is None:
-            return self._held[l]
         from safetensors.torch import load_file
 
-        return load_file(str(self._path(l)))["gram"]
+        if l in self._on_disk:
+            return load_file(str(self._path(l)))["gram"]
+        return self._held[l]
 
     def close(self) -> None:
         self._held.clear()
         if self._dir is not None:
-            self._dir.cleanup()
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def _one_layer_solver(model, concept, cfg: StampConfig, layer: int, gram: Tensor, forget: list[str]):

@@ -27,7 +27,7 @@ Sign convention for every membership-inference score: **higher means more likely
 import dataclasses
 import re
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -284,17 +284,14 @@ def score_answers(
             raise ValueError(f"answer {i} ({answers[i]!r}) has no tokens")
         if not p_ids[i]:
             raise ValueError(f"prompt {i} has no tokens and no BOS to condition on")
-    pairs = list(zip(prompts, answers))
-    unique = list(dict.fromkeys(pairs))
-    if len(unique) < len(pairs):  # each distinct pair runs once (callers' grids repeat rows)
-        at = {pair: i for i, pair in enumerate(unique)}
-        scores = score_answers(model, [p for p, _ in unique], [a for _, a in unique],
-                               batch_size=batch_size, fwd_hooks=fwd_hooks)
-        return scores.select(np.array([at[pair] for pair in pairs], dtype=np.int64))
+    # each distinct pair runs once (callers' grids repeat rows); the others copy its scores
+    first = _first_rows(zip(prompts, answers))
+    todo = [i for i, f in enumerate(first) if f == i]
     out = _empty_scores(a_ids)
     seqs = [p + a for p, a in zip(p_ids, a_ids)]
     with torch.inference_mode():
-        for idx in _batches([len(s) for s in seqs], batch_size):
+        for part in _batches([len(seqs[i]) for i in todo], batch_size):
+            idx = [todo[j] for j in part]
             tokens, _ = _padded(model, [seqs[i] for i in idx])
             answers = [a_ids[i] for i in idx]
             # the logits that predict the answer tokens: from the prompt's last position on
@@ -303,7 +300,13 @@ def score_answers(
             res = _answer_stats(logits, [1] * len(idx), answers)
             for key, val in res.items():
                 out[key][idx] = val
-    return _scores(out)
+    return _scores(out).select(np.asarray(first, dtype=np.int64))
+
+
+def _first_rows(keys: Iterable) -> list[int]:
+    """For each row, the index of the first row with the same key."""
+    seen: dict = {}
+    return [seen.setdefault(k, i) for i, k in enumerate(keys)]
 
 
 def _kv_cache_class():
@@ -590,15 +593,11 @@ def token_matches(
     :func:`score_answers`); an empty continuation gives an empty row."""
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-    pairs = [(p, tuple(c)) for p, c in zip(prompts, continuations)]
-    unique = list(dict.fromkeys(pairs))
-    if len(unique) < len(pairs):  # each distinct pair runs once, as in score_answers
-        got = dict(zip(unique, token_matches(model, [p for p, _ in unique],
-                                             [c for _, c in unique], batch_size=batch_size)))
-        return [got[pair].copy() for pair in pairs]
+    # each distinct pair runs once, as in score_answers; a repeat gets its own copy
+    first = _first_rows((p, tuple(c)) for p, c in zip(prompts, continuations))
     p_ids = encode_prompts(model, prompts)
     out = [np.zeros(len(c), dtype=bool) for c in continuations]
-    todo = [i for i, c in enumerate(continuations) if c]
+    todo = [i for i, c in enumerate(continuations) if c and first[i] == i]
     seqs = {i: p_ids[i] + list(continuations[i]) for i in todo}
     with torch.inference_mode():
         for part in _batches([len(seqs[i]) for i in todo], batch_size):
@@ -610,7 +609,7 @@ def token_matches(
             for r, i in enumerate(idx):
                 k = len(continuations[i])
                 out[i] = best[r, :k] == np.asarray(continuations[i])
-    return out
+    return [out[i] if f == i else out[f].copy() for i, f in enumerate(first)]
 
 
 def greedy_generate(

@@ -35,7 +35,8 @@ class Profile:
 _CARRIED = {
     "suppress": ("k_gate", "beta", "s", "whiten"),
     "kif": ("lr", "steps", "w_retain", "unbind_weight", "npo_beta", "rank", "stamp_forget_weight"),
-    "stamp": ("forget_weight", "token_weight", "lam", "opt_steps", "opt_lr", "opt_decay", "spread"),
+    "stamp": ("forget_weight", "token_weight", "lam", "opt_steps", "opt_lr", "opt_decay", "opt_stop",
+              "spread"),
     "ga": ("lr", "steps"), "gradiff": ("lr", "steps"), "npo": ("lr", "steps", "beta"),
     "rmu": ("lr", "steps", "c", "alpha"),
     # the noise share and the distillation budget: about 80 % re-initialisation was needed to

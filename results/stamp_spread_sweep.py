@@ -20,9 +20,9 @@ print("attr", {k: round(v, 3) for k, v in layer_attribution(model, concept.forge
 grams = {l: _retain_gram(model, concept, f"blocks.{l}.mlp.hook_post", cfg)[0] for l in layers}
 forget = [p.prompt for p in concept.forget]
 tid = metrics.encode_answers(model, [concept.refusal.target])[0][0]
-tokens, lengths = metrics._padded(model, metrics.encode_prompts(model, forget))
 with _frozen(model):
-    deltas = spread.residual_targets(model, tokens, lengths, layers[-1], tid, steps, cfg.opt_lr, decay)
+    deltas = spread.residual_targets(model, metrics.encode_prompts(model, forget), layers[-1], tid,
+                                     steps, cfg.opt_lr, decay).delta
 print("targets s", round(time.time() - t0, 1), "norm", float(deltas.norm(dim=-1).mean()), flush=True)
 for fw in fws:
     c = dataclasses.replace(cfg, forget_weight=fw)

@@ -13,7 +13,8 @@ from kif import metrics, models, zoo
 from kif.erasure import erase
 from kif.erasure.core import ErasureError
 from kif.erasure import spread
-from kif.erasure.stamp import FORGET_WEIGHTS
+from kif.erasure.stamp import FORGET_WEIGHTS, StampConfig, stamp_delta
+from kif.inplace import inplace_training
 from kif.world import FactWorld
 
 
@@ -102,42 +103,104 @@ def test_bad_spread_settings_are_one_clear_error(twin, world, config, message):
 
 @pytest.mark.parametrize("name", ["fact-world", zoo.LLAMA_BASE])
 def test_last_token_tail_is_the_full_forward(name, world):
-    """The optimisation's one-token path (cached keys and values of the prompt) gives the
-    logits of the full-sequence forward with the change added at the last token, on learned
-    positions (GPT-2) and on rotary ones with grouped-query attention (the twin)."""
+    """The optimisation's one-token path (cached keys and values of the left-padded prompts)
+    gives, row by row, the logits of the unpadded full-sequence forward with the change added at
+    the last token, on learned positions (GPT-2) and on rotary ones with grouped-query attention
+    (the twin), for prompts of different lengths in one batch."""
     model = models.load(name)
-    probes = world.person_probes(world.known()[:40], "train", [0])
+    probes = world.person_probes(world.known()[:40], "train")
     ids = metrics.encode_prompts(model, [p.prompt for p in probes])
-    n = max(set(map(len, ids)), key=[len(i) for i in ids].count)  # the commonest length
-    tok = torch.tensor([i for i in ids if len(i) == n][:6])
+    by_length = {len(i): i for i in ids}
+    rows = [by_length[n] for n in sorted(by_length)][:6]
+    assert len({len(r) for r in rows}) >= 3
     layer = 1
-    h, tail = spread.last_token_tail(model, tok, layer)
+    h, tail = spread.last_token_tail(model, rows, layer)
     delta = torch.randn(h.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = tail(h + delta)
-
-    def add(resid, hook):
-        resid[:, -1] += delta
-        return resid
-    with torch.no_grad():
-        ref = model.run_with_hooks(tok, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", add)])
-        full_h = model(tok, stop_at_layer=layer + 1)[:, -1]
-    torch.testing.assert_close(h, full_h, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got, ref[:, -1], atol=1e-3, rtol=1e-4)
+    for j, row in enumerate(rows):
+        def add(resid, hook):
+            resid[:, -1] += delta[j]
+            return resid
+        tok = torch.tensor([row])
+        with torch.no_grad():
+            ref = model.run_with_hooks(tok, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", add)])
+            full_h = model(tok, stop_at_layer=layer + 1)[0, -1]
+        torch.testing.assert_close(h[j], full_h, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[j], ref[0, -1], atol=1e-3, rtol=1e-4)
 
 
 def test_residual_targets_keep_row_order_across_lengths(world):
-    """Prompts are regrouped by length for the cache; each row's delta is its own (rows are
-    independent) and comes back in the caller's order."""
+    """Prompts of different lengths share one padded batch; each row's delta is its own (rows
+    are independent) and comes back in the caller's order."""
     model = models.load("fact-world")
     probes = world.person_probes(world.known()[:6], "train")
     ids = metrics.encode_prompts(model, [p.prompt for p in probes])
     assert len(set(map(len, ids))) > 1
     target = metrics.encode_answers(model, [" unknown"])[0][0]
-    together = spread.residual_targets(model, ids, 2, target, steps=5, lr=0.5, decay=0.01)
-    alone = torch.cat([spread.residual_targets(model, [i], 2, target, steps=5, lr=0.5, decay=0.01)
-                       for i in ids[::7]])
+    together = spread.residual_targets(model, ids, 2, target, steps=5, lr=0.5, decay=0.01).delta
+    alone = torch.cat([spread.residual_targets(model, [i], 2, target, steps=5, lr=0.5,
+                                               decay=0.01).delta for i in ids[::7]])
     torch.testing.assert_close(together[::7], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_residual_targets_stop_each_row_at_the_stopping_probability(world):
+    """With `stop_prob`, a row stops at its first step where p(target) reaches it: its change is
+    the one the row reaches alone in that many steps, and the rows that did not stop took every
+    step and stay below the probability."""
+    model = models.load("fact-world")
+    probes = world.person_probes(world.known()[:3], "train", [0])
+    ids = metrics.encode_prompts(model, [p.prompt for p in probes])
+    target = metrics.encode_answers(model, [" unknown"])[0][0]
+    got = spread.residual_targets(model, ids, 2, target, steps=12, lr=0.5, decay=0.01,
+                                  stop_prob=0.5)
+    stopped = got.prob >= 0.5
+    assert 0 < int(stopped.sum()) and len(set(got.steps.tolist())) > 1  # rows stop at different steps
+    assert (got.steps[~stopped] == 12).all()
+    for i in range(0, len(ids), 3):
+        alone = spread.residual_targets(model, [ids[i]], 2, target, steps=int(got.steps[i]),
+                                        lr=0.5, decay=0.01)
+        torch.testing.assert_close(got.delta[i], alone.delta[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.prob[i], alone.prob[0], atol=1e-4, rtol=1e-3)
+    summary = got.summary(0.5)
+    assert summary["rows_short"] == int((~stopped).sum()) and summary["steps_max"] <= 12
+
+
+def test_spread_edit_equals_a_full_forward_for_every_layer(twin, world):
+    """The loop's forwards start at the layer edited before (from the residual kept there): the
+    edit equals the one from full forwards to every layer's keys and to the top residual."""
+    from kif.erasure.keys import last_token_states
+    from kif.erasure.stamp import _hook
+
+    prompts = [p.prompt for p in world.person_probes(world.split("forget01")[:1], "train")]
+    layers = [1, 2, 3]
+    gen = torch.Generator().manual_seed(0)
+    deltas = torch.randn(len(prompts), twin.cfg.d_model, generator=gen, dtype=torch.float64)
+    grams = {l: torch.eye(twin.cfg.d_mlp, dtype=torch.float64) for l in layers}
+    config = StampConfig(forget_weight=4.0)
+
+    def solve(k, t, g):
+        return stamp_delta(k, t, g, config)
+    got, _ = spread.spread_edit(twin, prompts, layers, deltas, grams, solve)
+
+    tokens, lengths = metrics._padded(twin, metrics.encode_prompts(twin, prompts))
+    rows = torch.arange(len(prompts))
+
+    def top() -> torch.Tensor:
+        with torch.no_grad():
+            h = twin(tokens, stop_at_layer=layers[-1] + 1, padding_side="right")
+        return h[rows, lengths - 1].double()
+    z = top() + deltas
+    ref = {}
+    with inplace_training(twin, [f"blocks.{l}.mlp.W_out" for l in layers]), torch.no_grad():
+        for j, l in enumerate(layers):
+            k = last_token_states(twin, prompts, [_hook(l)[0]])[_hook(l)[0]]
+            dw = solve(k, (z - top()) / (len(layers) - j), grams[l])
+            twin.blocks[l].mlp.W_out.add_(dw.float())
+            ref[f"blocks.{l}.mlp.W_out"] = dw
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-4)
 
 
 def test_spilled_grams_give_the_same_edit_and_leave_no_file(twin, world, monkeypatch):

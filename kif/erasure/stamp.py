@@ -56,8 +56,10 @@ class StampConfig:
     # retain Gram of d_mlp^2 in float64 and one more solve)
     layers: tuple[int, ...] = ()
     spread: int = 5
-    opt_steps: int = 100  # optimized: Adam steps for each prompt's residual target
+    opt_steps: int = 100  # optimized: at most this many Adam steps for each prompt's target
     opt_lr: float = 0.1
+    # optimized: a row stops once p(refusal) reaches this (None: every row takes opt_steps)
+    opt_stop: float | None = None
     # optimized: L2 penalty on the residual change; a weaker one makes larger targets that a
     # smaller forget weight reaches, which costs the retain keys less (results/ has the sweep)
     opt_decay: float = 3e-4
@@ -335,20 +337,22 @@ def _one_layer_solver(model, concept, cfg: StampConfig, layer: int, gram: Tensor
 
 def _spread_solver(model, concept, cfg: StampConfig, layers: list[int], grams: Mapping[int, Tensor],
                    forget: list[str]):
-    """weight -> {W_out: delta} for the optimized target spread over `layers`."""
+    """weight -> {W_out: delta} for the optimized target spread over `layers`, and a summary of
+    the residual targets (steps taken, the refusal's lowest probability, rows stopped short)."""
     from kif.erasure import spread
 
     target_id = metrics.encode_answers(model, [concept.refusal.target])[0][0]
     ids = metrics.encode_prompts(model, forget)
     with _frozen(model):
-        deltas = spread.residual_targets(model, ids, layers[-1], target_id, cfg.opt_steps,
-                                         cfg.opt_lr, cfg.opt_decay)
+        targets = spread.residual_targets(model, ids, layers[-1], target_id, cfg.opt_steps,
+                                          cfg.opt_lr, cfg.opt_decay, cfg.opt_stop)
+    first = spread.first_pass(model, forget, layers)  # the unedited model's: every weight's
 
     def solve(weight: float) -> dict[str, Tensor]:
         c = dataclasses.replace(cfg, forget_weight=weight)
-        return spread.spread_edit(model, forget, layers, deltas, grams,
-                                  lambda k, t, g: stamp_delta(k, t, g, c))[0]
-    return solve
+        return spread.spread_edit(model, forget, layers, targets.delta, grams,
+                                  lambda k, t, g: stamp_delta(k, t, g, c), first=first)[0]
+    return solve, targets.summary(cfg.opt_stop)
 
 
 def forget_accuracy(model, concept, deltas: dict[str, Tensor]) -> float:
@@ -397,7 +401,7 @@ def stamp(model, concept, cfg: StampConfig, *, progress: bool = False,
             for l in layers:
                 grams[l], n_retain = _retain_gram(model, concept, _hook(l)[0], cfg)
             if cfg.target == "optimized":
-                solve = _spread_solver(model, concept, cfg, layers, grams, forget)
+                solve, target_info = _spread_solver(model, concept, cfg, layers, grams, forget)
             else:
                 solve = _one_layer_solver(model, concept, cfg, layers[0], grams[layers[0]], forget)
         with timer.section("solve"):
@@ -412,6 +416,8 @@ def stamp(model, concept, cfg: StampConfig, *, progress: bool = False,
                             "seconds": {**timer.sections, "total": timer.total}}
     if tried:
         info["forget_weight_calibration"] = tried
+    if cfg.target == "optimized":
+        info["residual_targets"] = target_info
     if layer_scores is not None:
         info["attribution_by_layer"] = layer_scores
     return Erasure(method="stamp", concepts=(concept.name,), base_hash=weight_hash(model),

@@ -34,8 +34,15 @@ json.dump({"wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
 '''
 
 
+def _head(tree: str) -> str:
+    return subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
 def main() -> None:
     import torch
+
+    from kif import results
 
     before, after, out = sys.argv[1:4]
     rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 2
@@ -57,8 +64,7 @@ def main() -> None:
         diff = max(float((a[n] - b[n]).norm() / a[n].norm()) for n in a)
         rows.append({"case": case, "edit_relative_difference": diff, "same_weights": set(a) == set(b)})
         print(json.dumps(rows[-1]), flush=True)
-    json.dump({"command": "python results/stamp_speed.py " + " ".join(sys.argv[1:]),
-               "machine": "2 shared CPU cores, 1 thread", "rows": rows}, open(out, "w"), indent=1)
+    results.write(out, None, threads=1, before=_head(before), after=_head(after), rows=rows)
 
 
 if __name__ == "__main__":

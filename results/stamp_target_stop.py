@@ -12,6 +12,7 @@ import time
 import torch
 
 import kif
+from kif import results
 from kif.erasure import erase
 from kif.evaluation import evaluate
 from kif.world import FactWorld
@@ -38,7 +39,7 @@ def main() -> None:
         row |= {k: round(v, 4) for k, v in r.to_dict().items() if isinstance(v, float)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    json.dump({"command": "python " + " ".join(sys.argv), "rows": rows}, open(out, "w"), indent=1)
+    results.write(out, None, threads=1, rows=rows)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,10 @@ def residual_targets(model, ids: Sequence[Sequence[int]], layer: int, target_id:
     length share one batch: a step streams the weights after `layer` once, whatever the rows."""
     parts: list[ResidualTargets] = []
     log_stop = math.log(stop_prob) if stop_prob is not None else math.inf
+    # batches of similar lengths: the prompts' forward pads each to its batch's longest
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for s in range(0, len(ids), batch_size):
-        h, tail = last_token_tail(model, ids[s:s + batch_size], layer)
+        h, tail = last_token_tail(model, [ids[i] for i in order[s:s + batch_size]], layer)
         delta = torch.zeros(h.shape, device=h.device, dtype=torch.float32, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=lr)
         taken = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
@@ -82,7 +84,9 @@ def residual_targets(model, ids: Sequence[Sequence[int]], layer: int, target_id:
             taken += (~done).long()
         parts.append(ResidualTargets(delta.detach().double().cpu(), taken.cpu(),
                                      logp.detach().exp().double().cpu()))
-    return ResidualTargets(*(torch.cat([getattr(p, f) for p in parts])
+    back = torch.empty(len(ids), dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(ids))
+    return ResidualTargets(*(torch.cat([getattr(p, f) for p in parts])[back]
                              for f in ("delta", "steps", "prob")))
 
 

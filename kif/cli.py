@@ -637,15 +637,15 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
 # ---- kif erase ---------------------------------------------------------------------------------
 
 def _parse_settings(pairs: Sequence[str] | None) -> dict:
-    """`--set key=value` pairs; values are JSON when they parse as JSON (numbers, lists, true),
-    strings otherwise."""
+    """`--set key=value` pairs; values are JSON when they parse as JSON (numbers, lists, true,
+    null), None for `None`, strings otherwise (the method's config checks their types)."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise KifError(f"--set expects key=value, got {pair!r}")
         try:
-            out[key] = json.loads(value)
+            out[key] = None if value in ("None", "none") else json.loads(value)
         except ValueError:
             out[key] = value
         if isinstance(out[key], list):

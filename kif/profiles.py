@@ -18,7 +18,8 @@ fields the user left at their defaults.
 import dataclasses
 from typing import Any, Mapping
 
-from kif.errors import KifError, UnknownNameError
+from kif import settings
+from kif.errors import UnknownNameError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +105,7 @@ def configure(method: str, cfg_type: type, profile: Profile, user: Mapping[str, 
         default = cfg_type()
         changed = {f: getattr(user, f) for f in fields if getattr(user, f) != getattr(default, f)}
         return cfg_type(**{**base, **changed})
-    bad = sorted(set(user) - fields)
-    if bad:
-        raise KifError(f"method {method!r} has no setting {bad[0]!r} "
-                       f"(settings: {', '.join(sorted(fields))})")
-    return cfg_type(**{**base, **dict(user)})
+    return cfg_type(**{**base, **settings.checked(method, cfg_type, user)})
 
 
 def describe(profile: Profile, method: str, cfg: Any) -> dict[str, Any]:

@@ -108,6 +108,27 @@ def test_erase_settings_take_several_pairs_per_flag():
     assert _parse_settings(args.set) == {"tau": 11, "whiten": None, "layers": (1, 2)}
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("opt_stop=banana", "setting 'opt_stop' takes float or None, got 'banana'"),
+    ("opt_steps=2.5", "setting 'opt_steps' takes int, got 2.5"),
+    ("cache=1", "setting 'cache' takes bool, got 1"),
+    ("layers=3", "setting 'layers' takes tuple, got 3")])
+def test_erase_refuses_a_setting_of_the_wrong_type_and_writes_nothing(capsys, tmp_path, setting,
+                                                                    message):
+    person = FactWorld.generate().split("forget01")[0].name
+    out = tmp_path / "out"
+    _one_line_error(capsys, ["erase", "--concept", person, "--method", "stamp", "--set", setting,
+                             "--out", str(out)], message)
+    assert not out.exists()
+
+
+def test_erase_settings_take_none_and_null():
+    from kif.cli import _parse_settings
+
+    assert _parse_settings(["forget_weight=None", "opt_stop=null", "x=none"]) == {
+        "forget_weight": None, "opt_stop": None, "x": None}
+
+
 def test_erase_refuses_a_non_empty_output_folder_before_loading(capsys, tmp_path):
     person = FactWorld.generate().split("forget01")[0].name
     out = tmp_path / "out"

@@ -114,3 +114,20 @@ def test_every_carried_constant_is_a_field_of_its_methods_config():
         for name, fields in prof.carried.items():
             known = {f.name for f in dataclasses.fields(get(name).config)}
             assert set(fields) <= known, (prof.name, name, set(fields) - known)
+
+
+def test_a_setting_of_the_wrong_type_is_refused_by_name():
+    """The settings' types are checked against the config's fields, in the Python API as on the
+    command line: a float field takes an int, a tuple field a list; a bool is no number."""
+    from kif.erasure.stamp import StampConfig
+    from kif.errors import KifError
+
+    prof = profiles.get("auto")
+    cfg = profiles.configure("stamp", StampConfig, prof,
+                             {"forget_weight": 40, "layers": [1, 2], "opt_stop": None})
+    assert cfg.forget_weight == 40 and list(cfg.layers) == [1, 2] and cfg.opt_stop is None
+    for bad, message in (({"lam": "small"}, "'lam' takes float, got 'small'"),
+                         ({"spread": True}, "'spread' takes int, got True"),
+                         ({"forget_weight": "x"}, "'forget_weight' takes float or None")):
+        with pytest.raises(KifError, match=message):
+            profiles.configure("stamp", StampConfig, prof, bad)

@@ -8,6 +8,7 @@ frozen config dataclass; the CLI's `--method` choices come from `METHODS` (DESIG
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
+from kif import settings
 from kif.errors import KifError, UnknownNameError
 
 # the best measured on forget10 (README: erasure table): every surface target, Forget Quality 0.59
@@ -68,12 +69,7 @@ def make_config(method: str, config: Mapping[str, Any] | Any | None = None):
         return m.config()
     if isinstance(config, m.config):
         return config
-    fields = {f.name for f in dataclasses.fields(m.config)}
-    bad = sorted(set(config) - fields)
-    if bad:
-        raise KifError(f"method {method!r} has no setting {bad[0]!r} "
-                       f"(settings: {', '.join(sorted(fields))})")
-    return m.config(**dict(config))
+    return m.config(**settings.checked(method, m.config, config))
 
 
 def get(method: str) -> Method:

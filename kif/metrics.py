@@ -528,7 +528,7 @@ def greedy_generate_ids(
     return out
 
 
-def _has_hooks(model: HookedTransformer) -> bool:
+def _has_hooks(model: torch.nn.Module) -> bool:
     """Whether any module of the model carries a forward hook: TransformerLens's hook points
     (a hook-based erasure applied) and hooks registered on modules directly (`HookedLoRA`)."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

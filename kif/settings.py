@@ -4,6 +4,7 @@ type is a one-line error naming the setting."""
 
 import dataclasses
 import numbers
+import os
 import types
 import typing
 from typing import Any, Mapping
@@ -35,13 +36,16 @@ def checked(method: str, cfg_type: type, user: Mapping[str, Any]) -> dict[str, A
 
 def _fits(value: Any, hint: Any) -> bool:
     """Whether `value` suits a field annotated `hint`. Only the simple annotations are checked
-    (bool, int, float, str, tuple, their unions with None); a float field takes an int, a tuple
-    field a list, and an int or float field never takes a bool. Anything else passes."""
+    (bool, int, float, str, tuple and the elements of tuple[X, ...], their unions with None); a
+    float field takes an int, a tuple field a list, a str field a path, and an int or float field
+    never takes a bool. Anything else passes."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_fits(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
-    hint = typing.get_origin(hint) or hint
+    args, hint = typing.get_args(hint), typing.get_origin(hint) or hint
+    if hint is tuple and isinstance(value, (tuple, list)) and len(args) == 2 and args[1] is ...:
+        return all(_fits(v, args[0]) for v in value)  # tuple[X, ...]: every element an X
     if hint not in _SIMPLE:
         return True
     if isinstance(value, bool):
@@ -52,6 +56,8 @@ def _fits(value: Any, hint: Any) -> bool:
         return isinstance(value, numbers.Integral)
     if hint is tuple:  # the CLI gives tuples; a list from Python is as good
         return isinstance(value, (tuple, list))
+    if hint is str:  # a path for a folder setting (undo's teacher, an SAE)
+        return isinstance(value, (str, os.PathLike))
     return isinstance(value, hint)
 
 
@@ -65,6 +71,8 @@ def _coerced(value: Any, hint: Any) -> Any:
         return float(value)
     if tuple in bases and isinstance(value, list):
         return tuple(value)
+    if str in bases and isinstance(value, os.PathLike):
+        return os.fspath(value)
     return value
 
 
@@ -73,6 +81,9 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
     if hint is type(None):
         return "None"
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is ...:
+        return f"a tuple of {_type_name(args[0])}"
     return getattr(typing.get_origin(hint) or hint, "__name__", str(hint))
 
 

@@ -112,7 +112,7 @@ def test_erase_settings_take_several_pairs_per_flag():
     ("opt_stop=banana", "setting 'opt_stop' takes float or None, got 'banana'"),
     ("opt_steps=2.5", "setting 'opt_steps' takes int, got 2.5"),
     ("cache=1", "setting 'cache' takes bool, got 1"),
-    ("layers=3", "setting 'layers' takes tuple, got 3")])
+    ("layers=3", "setting 'layers' takes a tuple of int, got 3")])
 def test_erase_refuses_a_setting_of_the_wrong_type_and_writes_nothing(capsys, tmp_path, setting,
                                                                     message):
     person = FactWorld.generate().split("forget01")[0].name

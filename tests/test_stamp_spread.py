@@ -157,11 +157,16 @@ def test_residual_targets_stop_each_row_at_the_stopping_probability(world):
     stopped = got.prob >= 0.5
     assert 0 < int(stopped.sum()) and len(set(got.steps.tolist())) > 1  # rows stop at different steps
     assert (got.steps[~stopped] == 12).all()
-    for i in range(0, len(ids), 3):
-        alone = spread.residual_targets(model, [ids[i]], 2, target, steps=int(got.steps[i]),
-                                        lr=0.5, decay=0.01)
+    rows = stopped.nonzero()[:, 0].tolist()
+    for i in rows[:4] + (~stopped).nonzero()[:, 0].tolist()[:2]:
+        k = int(got.steps[i])
+        alone = spread.residual_targets(model, [ids[i]], 2, target, steps=k, lr=0.5, decay=0.01)
         torch.testing.assert_close(got.delta[i], alone.delta[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(got.prob[i], alone.prob[0], atol=1e-4, rtol=1e-3)
+        if stopped[i] and k:  # stopped at its first step past the probability, not later
+            before = spread.residual_targets(model, [ids[i]], 2, target, steps=k - 1, lr=0.5,
+                                             decay=0.01)
+            assert float(before.prob[0]) < 0.5 <= float(got.prob[i])
     summary = got.summary(0.5)
     assert summary["rows_short"] == int((~stopped).sum()) and summary["steps_max"] <= 12
 
@@ -201,6 +206,27 @@ def test_spread_edit_equals_a_full_forward_for_every_layer(twin, world):
     assert set(got) == set(ref)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-4)
+
+
+def test_spread_settings_and_models_it_cannot_serve_are_refused(twin, world):
+    """A stopping probability outside (0, 1), negative steps, opt_stop without the optimized
+    target, and a hook where the loop resumes inside the model are one-line refusals."""
+    from kif.erasure.stamp import StampConfig
+
+    for bad in ({"opt_stop": 0.0}, {"opt_stop": 1.5}, {"opt_steps": -1}):
+        with pytest.raises(ErasureError):
+            StampConfig(**bad)
+    person = world.split("forget01")[0].name
+    with pytest.raises(ErasureError, match="needs target=optimized"):
+        erase(twin, person, method="stamp", world=world, config={"opt_stop": 0.9},
+              profile="fact-world")
+    handle = twin.blocks[2].hook_resid_pre.register_forward_hook(lambda m, i, o: o)
+    try:
+        with pytest.raises(ErasureError, match="hook on blocks.2.hook_resid_pre"):
+            erase(twin, person, method="stamp", world=world,
+                  config={"target": "optimized", "layers": (1, 2, 3), "forget_weight": 2.0})
+    finally:
+        handle.remove()
 
 
 def test_spilled_grams_give_the_same_edit_and_leave_no_file(twin, world, monkeypatch):

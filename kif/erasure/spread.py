@@ -157,8 +157,9 @@ def _forward(model, x: Tensor, start: int | None, key_layer: int, top: int,
     pre, key = f"blocks.{key_layer}.hook_resid_pre", _hook(key_layer)[0]
     kw = {"padding_side": "right"} if start is None else {"start_at_layer": start}
     h = model.run_with_hooks(x, fwd_hooks=[(pre, keep), (key, keep)], stop_at_layer=top + 1, **kw)
-    rows, last = torch.arange(h.shape[0], device=h.device), (lengths - 1).to(h.device)
-    return _Pass(got[pre], got[key][rows, last].float().cpu(), h[rows, last].double().cpu())
+    def at_last(act: Tensor) -> Tensor:
+        return act[torch.arange(act.shape[0], device=act.device), (lengths - 1).to(act.device)]
+    return _Pass(got[pre], at_last(got[key]).float().cpu(), at_last(h).double().cpu())
 
 
 def first_pass(model, prompts: Sequence[str], layers: Sequence[int]) -> tuple[_Pass, Tensor]:

@@ -68,6 +68,12 @@ class StampConfig:
     preserve: tuple = ()  # earlier stamp Erasures whose forget keys stay edited
     cache: bool = True  # keep the retain key statistics on disk (kif.erasure.stats)
 
+    def __post_init__(self) -> None:
+        if self.opt_stop is not None and not 0 < self.opt_stop < 1:
+            raise ErasureError(f"STAMP's opt_stop is a probability between 0 and 1, got {self.opt_stop}")
+        if self.opt_steps < 0:
+            raise ErasureError(f"STAMP's opt_steps cannot be negative, got {self.opt_steps}")
+
 
 SOLVERS = ("ridge", "lowrank", "nullspace")
 TARGETS = ("unknown", "redirect", "optimized")
@@ -341,6 +347,8 @@ def _spread_solver(model, concept, cfg: StampConfig, layers: list[int], grams: M
     the residual targets (steps taken, the refusal's lowest probability, rows stopped short)."""
     from kif.erasure import spread
 
+    _check_spread_model(model, layers)
+
     target_id = metrics.encode_answers(model, [concept.refusal.target])[0][0]
     ids = metrics.encode_prompts(model, forget)
     with _frozen(model):
@@ -353,6 +361,21 @@ def _spread_solver(model, concept, cfg: StampConfig, layers: list[int], grams: M
         return spread.spread_edit(model, forget, layers, targets.delta, grams,
                                   lambda k, t, g: stamp_delta(k, t, g, c), first=first)[0]
     return solve, targets.summary(cfg.opt_stop)
+
+
+def _check_spread_model(model, layers: list[int]) -> None:
+    """The spread edit's forwards use a key-value cache made on one device, resume inside the
+    model at `blocks.{l}.hook_resid_pre` (a hook there would run twice) and pass no shortformer
+    positions: other models get a one-line refusal instead of a wrong edit."""
+    if not metrics._one_device(model):
+        raise ErasureError("STAMP's optimized target needs the model's blocks on one device")
+    if model.cfg.positional_embedding_type not in ("standard", "rotary"):
+        raise ErasureError("STAMP's optimized target supports standard and rotary positions, not "
+                           f"{model.cfg.positional_embedding_type!r}")
+    hooked = [l for l in layers if metrics._has_hooks(model.blocks[l].hook_resid_pre)]
+    if hooked:
+        raise ErasureError(f"STAMP's optimized target cannot run with a hook on "
+                           f"blocks.{hooked[0]}.hook_resid_pre (remove it first)")
 
 
 def forget_accuracy(model, concept, deltas: dict[str, Tensor]) -> float:
@@ -390,6 +413,9 @@ def stamp(model, concept, cfg: StampConfig, *, progress: bool = False,
         raise ErasureError(f"unknown STAMP solver {cfg.solver!r} (choose from {', '.join(SOLVERS)})")
     if cfg.target not in TARGETS:
         raise ErasureError(f"unknown STAMP target {cfg.target!r} (choose from {', '.join(TARGETS)})")
+    if cfg.opt_stop is not None and cfg.target != "optimized":
+        raise ErasureError("STAMP's opt_stop stops the optimized target's loop; it needs "
+                           "target=optimized")
     concept.require("retain_corpus", "refusal_prompts", method="stamp")
     timer = Timer()
     layers, layer_scores = _choose_layers(model, concept, cfg, timer)

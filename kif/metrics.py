@@ -233,6 +233,20 @@ def _padded(
     return tokens.to(model.cfg.device), torch.tensor(lengths, dtype=torch.long)
 
 
+def _left_padded(
+    model: HookedTransformer, seqs: Sequence[Sequence[int]]
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Token ids left-padded to the longest, and the attention mask that hides the padding (for
+    TransformerLens's key-value cache, which counts each row's positions from its first token)."""
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), _pad_id(model), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        tokens[r, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, width - len(s):] = 1
+    return tokens.to(model.cfg.device), mask.to(model.cfg.device)
+
+
 # --------------------------------------------------------------------------------------------
 # Model scorers
 # --------------------------------------------------------------------------------------------
@@ -551,17 +565,11 @@ def _decode_cached(
     the left-padded prompts run once (the attention mask hides the padding and gives every row
     positions counted from its own first token, absolute or rotary), then each step feeds one
     token per row. Only the last position is unembedded."""
-    width = max(len(p) for p in p_ids)
-    _check_ctx(model, width + max_new_tokens - 1)
+    _check_ctx(model, max(len(p) for p in p_ids) + max_new_tokens - 1)
     device = model.cfg.device
-    tokens = torch.full((len(p_ids), width), _pad_id(model), dtype=torch.long)
-    mask = torch.zeros((len(p_ids), width), dtype=torch.long)
-    for r, p in enumerate(p_ids):
-        tokens[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p):] = 1
+    tokens, mask = _left_padded(model, p_ids)
     cache = _kv_cache_class().init_cache(model.cfg, device, len(p_ids))
     step_mask = torch.ones((len(p_ids), 1), dtype=torch.long, device=device)
-    tokens, mask = tokens.to(device), mask.to(device)
     out = []
     for t in range(max_new_tokens):
         resid = model(tokens, attention_mask=mask, past_kv_cache=cache,

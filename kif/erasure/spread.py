@@ -101,17 +101,11 @@ def last_token_tail(model, ids: Sequence[Sequence[int]], layer: int
     its own first token) and the map runs one token through the layers after `layer` and one
     row of the unembedding: an optimisation step costs 1/n of the full-sequence forward and
     backward."""
-    n_layers, device = model.cfg.n_layers, model.cfg.device
-    width = max(len(r) for r in ids)
-    tokens = torch.full((len(ids), width), metrics._pad_id(model), dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, r in enumerate(ids):
-        tokens[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    tokens, mask = tokens.to(device), mask.to(device)
-    cache = metrics._kv_cache_class().init_cache(model.cfg, device, len(ids))
+    n_layers = model.cfg.n_layers
+    tokens, mask = metrics._left_padded(model, ids)
+    cache = metrics._kv_cache_class().init_cache(model.cfg, model.cfg.device, len(ids))
     with torch.no_grad():
-        if width > 1:
+        if tokens.shape[1] > 1:
             model(tokens[:, :-1], attention_mask=mask[:, :-1], past_kv_cache=cache,
                   stop_at_layer=n_layers)
         cache.freeze()

@@ -7,8 +7,8 @@ gate threshold in its z units (tau 12). The `auto` profile chooses them per mode
 site by how well the concept's gate separates (`suppress.best_capsule`), each person's gate
 threshold from its own z-scores (`suppress.calibrated_tau`), layers by attribution (STAMP) or by
 relative depth (RMU). What no model-side measurement replaces yet (STAMP's forget weight, the
-training baselines' learning rates, the meter's relearning attack and verdict thresholds) stays the
-fact world's in both profiles and is listed as such, so that a manifest says which numbers were
+training baselines' learning rates, the meter's verdict thresholds and the relearning attack's steps)
+stays the fact world's in both profiles and is listed as such, so that a manifest says which numbers were
 carried over from a model they were not tuned on.
 
 A profile is applied under the user's own settings (`--set`, a config object): it changes only the
@@ -46,14 +46,18 @@ _CARRIED = {
 }
 
 
-def meter_constants() -> dict[str, Any]:
+def meter_constants(skip: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """The meter's settings that were tuned on the fact world (read from the modules that use
-    them, so the record cannot drift from the code)."""
+    them, so the record cannot drift from the code), less the `kif.meter.config` fields in
+    `skip` (chosen on the model). The verdict thresholds act on calibrated scores and measured
+    chance bands, but their values were still set looking at the fact world's audits."""
     from kif.meter import calibrate, report
     from kif.meter.probes import relearning
 
-    return {"relearning": {"lr": relearning.LR, "steps": relearning.STEPS,
-                           "batch": relearning.BATCH},
+    attack = {"steps": relearning.STEPS, "batch": relearning.BATCH}
+    if "relearning_lr" not in skip:
+        attack["lr"] = relearning.LR
+    return {"relearning": attack,
             "verdict": {"intact_surface": report.INTACT_SURFACE,
                         "suppressed_latent": report.SUPPRESSED_LATENT,
                         "min_families": report.MIN_FAMILIES,
@@ -69,11 +73,13 @@ PROFILES: dict[str, Profile] = {
         "sites and thresholds chosen on the model: the capsule's and the kif signature's residual "
         "site by gate separation, each person's gate threshold from its own z-scores; STAMP (and "
         "the kif pipeline's start) spread over layers toward optimized targets, its forget weight "
-        "the smallest that erases the forget prompts",
+        "the smallest that erases the forget prompts; the meter's relearning rate the strongest "
+        "that keeps the base's facts",
         settings={"suppress": {"hook": None, "tau": None},
                   "stamp": {"target": "optimized", "forget_weight": None},
                   "kif": {"signature_hook": None, "stamp_target": "optimized",
-                          "stamp_forget_weight": None}},
+                          "stamp_forget_weight": None},
+                  "meter": {"relearning_lr": None}},
         carried=_CARRIED),
 }
 

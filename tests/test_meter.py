@@ -242,6 +242,54 @@ def test_first_edit_site_reads_weights_beyond_rounding_and_hooks(tiny):
     hooked.reset_hooks(including_permanent=True)
 
 
+def test_relearning_rate_is_chosen_on_the_base(tiny):
+    """Under `auto` the relearning attack runs at the strongest rate of the grid that keeps the
+    base's measured facts (within KEEP): every rate tried above the chosen one cost the base more
+    than that, the chosen one did not, and the base's weights are its own again afterwards. The
+    audit's report says the rate was chosen; under `fact-world` it is the constant."""
+    from kif.meter.probes.relearning import KEEP, LR, LR_GRID, choose_lr, split_facts
+
+    def found_the_edge(lr, trials):
+        acc0 = trials[0]["measured_acc"]
+        tried = {t["lr"]: t["measured_acc"] for t in trials[1:]}
+        assert trials[1]["lr"] == LR  # the walk starts at the fact world's rate
+        assert tried[lr] >= acc0 - KEEP
+        assert all(a < acc0 - KEEP for r, a in tried.items() if r > lr)
+        i = LR_GRID.index(lr)
+        assert i + 1 == len(LR_GRID) or LR_GRID[i + 1] in tried  # found, not assumed
+
+    base = tiny["base"]
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    shown, measured = split_facts([p for c in tiny["concepts"] for p in c.forget])
+    found_the_edge(*choose_lr(base, shown, measured))
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+    r = _trace(tiny, tiny["suppressed"], ["relearning"])  # the tiny model is not the zoo's
+    v = r.probes["relearning"].values
+    lr = v["lr"]
+    assert v["lr_chosen_on_the_model"]
+    found_the_edge(lr, v["lr_trials"])
+    constants = r.settings["constants"]
+    assert constants["profile"] == "auto" and constants["chosen_on_the_model"] == ["relearning_lr"]
+    assert "lr" not in constants["fact_world_constants"]["relearning"]
+    from kif.meter.summary import markdown
+
+    assert f"chosen on this base model: the strongest that keeps its facts (lr {lr:g})" in \
+        markdown(r)
+    fixed = trace(base, tiny["suppressed"], tiny["concepts"], probes=["relearning"],
+                  reference=tiny["reference"], retain=tiny["retain"], progress=False,
+                  profile="fact-world")
+    assert fixed.probes["relearning"].values["lr"] == LR
+    assert not fixed.probes["relearning"].values["lr_chosen_on_the_model"]
+    assert fixed.settings["constants"]["fact_world_constants"]["relearning"]["lr"] == LR
+
+
+def test_meter_config_refuses_a_rate_that_is_not_positive():
+    from kif.meter.config import MeterConfig
+
+    with pytest.raises(KifError, match="relearning_lr"):
+        MeterConfig(relearning_lr=0.0)
+
+
 def test_relearning_restricted_to_one_part(tiny):
     """`relearned(only=...)` trains the matching parameters and no other, and gives every weight
     back; `localize` runs the attack per scope (the fact world's figures are in results/)."""

@@ -29,6 +29,7 @@ from kif import metrics
 from kif.concepts import Concept
 from kif.errors import KifError
 from kif.data.probe import Probe
+from kif.meter.config import MeterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -335,6 +336,7 @@ class Audit:
     neighbour: tuple[Probe, ...] = ()
     shared: tuple[Probe, ...] = ()
     seed: int = 0
+    config: MeterConfig = MeterConfig()  # the profile's meter settings (`kif.meter.config`)
     memo: dict = dataclasses.field(default_factory=dict)
     timings: dict = dataclasses.field(default_factory=dict)
     bar: Any = None  # per-probe progress (`_Bar`), set by `trace`
@@ -562,7 +564,7 @@ def _mirror(world, facts: Sequence[Probe], people) -> list[Probe]:
 
 def build_audit(base, erased, concepts, oracle=None, *, world=None,
                 reference: Sequence[Probe] | None = None, retain: Sequence[Probe] | None = None,
-                seed: int = 0) -> Audit:
+                seed: int = 0, config: MeterConfig = MeterConfig()) -> Audit:
     given = [concepts] if isinstance(concepts, Concept) else concepts
     needs_world = isinstance(concepts, str) or not all(isinstance(c, Concept) for c in given)
     # Concepts that carry never-knew names (from files, any source) are audited without the
@@ -608,7 +610,7 @@ def build_audit(base, erased, concepts, oracle=None, *, world=None,
     return Audit(base=base, erased=erased, oracle=oracle, concepts=tuple(cs),
                  facts=tuple(forget + para), n_forget=len(forget), reference=tuple(reference),
                  retain=tuple(retain), world=world, neighbour=tuple(neighbour),
-                 shared=tuple(shared), seed=seed)
+                 shared=tuple(shared), seed=seed, config=config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,7 +667,7 @@ class _Bar:
 
 def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
           reference: Sequence[Probe] | None = None, retain: Sequence[Probe] | None = None,
-          seed: int = 0, progress: bool = True):
+          seed: int = 0, progress: bool = True, profile: str | None = None):
     """Measure whether `concepts` are intact, suppressed or deleted in `erased` (vs `base`).
 
     Args:
@@ -682,6 +684,9 @@ def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
             the concepts' questions); needed for concepts outside the fact world.
         retain: probes about other people, for training readers (default: 60 retain people).
         progress: show rich progress bars (one per probe) on stderr.
+        profile: the settings profile (`kif.profiles`): `fact-world` keeps the meter's constants
+            measured on the zoo's GPT-2, `auto` chooses the relearning attack's rate on `base`
+            (`kif.meter.config`); default: `fact-world` on the zoo's GPT-2 models, else `auto`.
 
     Under torch.distributed (`torchrun ... -m kif meter`, `kif.distributed`), every rank builds
     the same audit and runs its share of the probes; the results are gathered on every rank,
@@ -698,9 +703,13 @@ def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
     from kif.meter.report import ProbeResult, TraceReport
 
     t0, c0 = time.perf_counter(), time.process_time()
+    from kif import profiles
+
     names = resolve(probes)
+    prof = profiles.get(profile or profiles.default_for(base))
+    config = profiles.configure("meter", MeterConfig, prof, None)
     audit = build_audit(base, erased, concepts, oracle, world=world, reference=reference,
-                        retain=retain, seed=seed)
+                        retain=retain, seed=seed, config=config)
     mine = distributed.deal(names, cost=lambda n: PROBES[n].cost)
     results: dict[str, ProbeResult] = {}
     prog = None
@@ -746,7 +755,7 @@ def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
                 "derived": audit.derived, "kept_share": audit.kept_share("erased"),
                 "distance": audit.distance("erased"),
                 # the meter's own constants, which no model-side measurement chooses yet
-                "constants": _constants(base)}
+                "constants": _constants(base, prof, config)}
     timings = dict(audit.timings)
     if distributed.is_distributed():
         results, timings, ranks = _gather(names, results, timings)
@@ -756,13 +765,16 @@ def trace(base, erased, concepts, oracle=None, probes=None, *, world=None,
                              settings=settings, timings=timings)
 
 
-def _constants(base) -> dict[str, Any]:
-    """The meter's fact-world constants and whether `base` is the model they were tuned on
-    (the manifest's record, as `kif.profiles.describe` is an erasure's)."""
+def _constants(base, profile, config: MeterConfig) -> dict[str, Any]:
+    """The profile, what it chose on the model, the meter's fact-world constants and whether
+    `base` is the model they were tuned on (the manifest's record, as `kif.profiles.describe` is
+    an erasure's)."""
     from kif import profiles
 
-    return {"tuned_on_this_model": profiles.default_for(base) == "fact-world",
-            "fact_world_constants": profiles.meter_constants()}
+    chosen = sorted(k for k, v in dataclasses.asdict(config).items() if v is None)
+    return {"profile": profile.name, "chosen_on_the_model": chosen,
+            "tuned_on_this_model": profiles.default_for(base) == "fact-world",
+            "fact_world_constants": profiles.meter_constants(skip=chosen)}
 
 
 def _gather(names: Sequence[str], results: dict, timings: dict[str, float]

@@ -62,6 +62,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.add_argument("--seed", type=int, default=0, help="fact-world seed (default 0, the zoo's)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    from kif.profiles import PROFILES
+
+    p.add_argument("--profile", choices=list(PROFILES),
+                   help="settings profile: fact-world (the meter's constants measured on the "
+                        "zoo's GPT-2) or auto (the relearning attack's rate chosen on the base "
+                        "model); default: fact-world on the zoo's GPT-2, auto elsewhere")
     from kif.cli import add_model_options
 
     add_model_options(p)
@@ -140,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     with PeakMemory() as pm:
         report = trace(base, erased, concepts, oracle=oracle, probes=args.probes, world=world,
-                       seed=args.seed, progress=sys.stderr.isatty())
+                       seed=args.seed, progress=sys.stderr.isatty(), profile=args.profile)
     if not distributed.is_main():
         return 0  # under torchrun: rank 0 writes and prints the one report
     out.mkdir(parents=True, exist_ok=True)

@@ -95,11 +95,20 @@ def _constants(r: TraceReport) -> list[str]:
              "the fact world's 4-layer GPT-2 and carried over to this model as they are: a "
              "per-concept `suppressed` near the thresholds can be a false alarm here (`kif bench "
              "meter` measures the meter on a model that has oracles)")
+    if "lr" in rl:
+        attack = f"The relearning attack (lr {rl['lr']:g}, {rl['steps']} steps of {rl['batch']} rows)"
+        chosen = ""
+    else:  # the rate was chosen on the base (`kif.meter.config`)
+        probe = r.probes.get("relearning")
+        lr = probe.values.get("lr") if probe is not None and not probe.skipped else None
+        attack = f"The relearning attack's {rl['steps']} steps of {rl['batch']} rows"
+        chosen = (" The attack's rate was chosen on this base model: the strongest that keeps "
+                  "its facts" + (f" (lr {lr:g})." if lr is not None else "."))
     return ["## The meter's settings", "",
-            f"The relearning attack (lr {rl['lr']:g}, {rl['steps']} steps of {rl['batch']} rows) "
-            f"and the verdict's thresholds (surface above {v['intact_surface']} is intact; "
+            f"{attack} and the verdict's thresholds (surface above {v['intact_surface']} is intact; "
             f"latent at least {v['suppressed_latent']} in {v['min_families']} families, above "
-            f"a chance band at family-wise rate {v['family_alpha']}) were tuned on {where}.", ""]
+            f"a chance band at family-wise rate {v['family_alpha']}) were tuned on {where}.{chosen}",
+            ""]
 
 
 def markdown(r: TraceReport) -> str:

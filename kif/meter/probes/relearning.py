@@ -7,11 +7,17 @@ the person); a model that never knew them cannot.
 Facts (subject, relation) are split within each person, alternately in relation order: A is
 shown (every training phrasing), B measured (a statement and a question per fact).
 Fine-tuning: AdamW, the answer tokens' cross-entropy on every training phrasing of the A facts,
-`STEPS` steps of `BATCH` rows, seeded (the same batches for every attacked model), on the
+`STEPS` steps of `BATCH` rows at the audit's rate, seeded (the same batches for every attacked
+model), on the
 audited model itself, in place (`kif.inplace`: its weights are saved first and restored bit for
 bit after the measurement; every weight trains, so that is still one copy of the weights, less
 the buffers and module tree a deep copy also took); its permanent hooks stay on, so a hook-based
 erasure is attacked as deployed.
+
+The rate: the fact world's (`kif.meter.config.RELEARNING_LR`) under the `fact-world` profile; under
+`auto`, the strongest of `LR_GRID` at which the same attack on the *base* model keeps its accuracy
+on B within `KEEP` (`choose_lr`): a rate too weak hides what an erased model still holds, one too
+strong destroys knowledge and reads as deletion, and where that edge lies depends on the model.
 
 Score: x = the attacked model's accuracy on B; x_base = the base's accuracy on B (no attack);
 ref0 = the oracle under the same attack, or the base attacked on the unseen reference people's A
@@ -32,15 +38,19 @@ from kif.errors import KifError
 from kif.inplace import inplace_training
 from kif.meter.audit import ProbeSkipped, run_pass
 from kif.meter.calibrate import score_rows
+from kif.meter.config import RELEARNING_LR
 from kif.meter.report import ProbeResult
 
 STEPS = 30
 BATCH = 16
-LR = 1e-4
-"""On the fact world (30 steps of 16 rows): at 1e-4 the base keeps 100 % of the measured facts,
-the oracle reaches 1.7 % and a gradient-ascent model (forget accuracy 0.8 %) 96 % (the same
-figures as with 32 rows, at half the cost); at 1e-3 the attack itself destroys knowledge (the
-base falls to 54 % in 10 steps) and stops measuring recovery."""
+LR = RELEARNING_LR
+"""The fact world's rate (`kif.meter.config`; the same figures as with 32 rows, at half the
+cost)."""
+LR_GRID = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
+"""The rates `choose_lr` walks (a 1-2-5 series around the fact world's)."""
+KEEP = 0.02
+"""The most accuracy the base may lose on the measured facts under the chosen rate: the attack
+must add knowledge, not destroy it (the tolerance of every "base - 0.02" target)."""
 
 
 def split_facts(probes) -> tuple[list, list]:
@@ -131,14 +141,52 @@ def relearned(model, probes, *, steps: int = STEPS, batch: int = BATCH, lr: floa
         yield freeze(model)
 
 
-def _attack(audit, role: str, shown, measured, tag: str) -> np.ndarray:
+def _attack(audit, role: str, shown, measured, tag: str, lr: float) -> np.ndarray:
     def compute():
-        with relearned(audit.model(role), shown, seed=audit.seed, bar=audit.bar) as m:
+        with relearned(audit.model(role), shown, seed=audit.seed, bar=audit.bar, lr=lr) as m:
             return run_pass(m, measured, resid=False).scores.correct.astype(float)
 
-    key = ("relearn", tag, audit.set_key("forget"), audit.set_key("reference"), STEPS, LR,
+    key = ("relearn", tag, audit.set_key("forget"), audit.set_key("reference"), STEPS, lr,
            audit.seed)
     return audit.per_model(role, key, compute)
+
+
+def choose_lr(model, shown, measured, *, seed: int = 0) -> tuple[float, list[dict]]:
+    """The strongest rate of `LR_GRID` at which the attack, run on the *base* model with the
+    shown facts, keeps the base's accuracy on the measured ones within `KEEP`: the attack at its
+    most forceful that still adds to what the model knows. Walks the grid from the fact world's
+    rate, up while the base keeps its facts, down while it does not (the damage grows with the
+    rate). Returns the rate and every trial ({"lr", "measured_acc"}, the base's own first)."""
+    before = float(run_pass(model, measured, resid=False).scores.correct.mean())
+    trials = [{"lr": 0.0, "measured_acc": before}]
+
+    def keeps(i: int) -> bool:
+        with relearned(model, shown, seed=seed, lr=LR_GRID[i]) as m:
+            acc = float(run_pass(m, measured, resid=False).scores.correct.mean())
+        trials.append({"lr": LR_GRID[i], "measured_acc": acc})
+        return acc >= before - KEEP
+
+    i = LR_GRID.index(LR)
+    if keeps(i):
+        while i + 1 < len(LR_GRID) and keeps(i + 1):
+            i += 1
+        return LR_GRID[i], trials
+    while i > 0:
+        i -= 1
+        if keeps(i):
+            return LR_GRID[i], trials
+    raise ProbeSkipped(f"no relearning rate down to {LR_GRID[0]:g} keeps the base's facts "
+                       f"(base {before:.3f}, after the attack {trials[-1]['measured_acc']:.3f})")
+
+
+def attack_lr(audit, shown, measured) -> tuple[float, list[dict] | None]:
+    """The audit's relearning rate: its config's, or chosen on the base (`choose_lr`)."""
+    if audit.config.relearning_lr is not None:
+        return audit.config.relearning_lr, None
+    key = ("relearn-lr", audit.set_key("forget"), audit.set_key("forget_small"), STEPS,
+           audit.seed)
+    return audit.per_model("base", key, lambda: choose_lr(audit.model("base"), shown, measured,
+                                                          seed=audit.seed))
 
 
 def run_relearning(audit) -> ProbeResult:
@@ -148,27 +196,29 @@ def run_relearning(audit) -> ProbeResult:
     if not shown or not measured:
         raise ProbeSkipped("relearning needs at least two facts per concept")
     use_oracle = audit.oracle is not None
+    lr, trials = attack_lr(audit, shown, measured)
     audit.bar.total(STEPS * 2)
-    e = _attack(audit, "erased", shown, measured, "facts")
+    e = _attack(audit, "erased", shown, measured, "facts", lr)
     base_sc = audit.passes("base", "forget_small").scores.correct.astype(float)
     idx = {id(p): i for i, p in enumerate(small)}
     b = base_sc[[idx[id(p)] for p in measured]]
     groups = np.array([audit.subject_concept.get(p.subject, -1) for p in measured])
-    o = _attack(audit, "oracle", shown, measured, "facts") if use_oracle else None
+    o = _attack(audit, "oracle", shown, measured, "facts", lr) if use_oracle else None
     r_shown, _ = split_facts(list(audit.probe_set("reference_forget")))
     _, r_measured = split_facts(list(audit.probe_set("reference_small")))
     subj = list(dict.fromkeys(p.subject for p in audit.reference))
     r_groups = np.array([subj.index(p.subject) for p in r_measured])
-    r = None if use_oracle else _attack(audit, "base", r_shown, r_measured, "reference")
+    r = None if use_oracle else _attack(audit, "base", r_shown, r_measured, "reference", lr)
     # the chance band: the erased model attacked the same way on people it never saw
-    nul = _attack(audit, "erased", r_shown, r_measured, "reference")
+    nul = _attack(audit, "erased", r_shown, r_measured, "reference", lr)
     s = score_rows(e, b, groups=groups, names=audit.concept_names, oracle=o,
                    reference=r if r is not None else np.zeros(len(r_measured)),
                    reference_groups=r_groups, null=nul)
     unl = audit.passes("erased", "forget_small").scores.correct.astype(float)
     acc_unl = float(np.mean(unl[[idx[id(p)] for p in measured]]))
     den = s.x_base - acc_unl
-    values = {"erased_acc_before": acc_unl, "steps": STEPS, "lr": LR, "batch": BATCH,
+    values = {"erased_acc_before": acc_unl, "steps": STEPS, "lr": lr, "batch": BATCH,
+              "lr_chosen_on_the_model": trials is not None, "lr_trials": trials,
               "n_shown": len(shown), "n_measured": len(measured),
               "recovery": (s.x_erased - acc_unl) / den if den > 1e-9 else None}
     return ProbeResult.from_scored("relearning", "latent", s,

@@ -361,10 +361,10 @@ def score_candidates(
         raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
     flat_p = [p for p, c in zip(prompts, candidates) for _ in c]
     flat_a = [a for c in candidates for a in c]
-    cache_cls = _kv_cache_class()
-    if (fwd_hooks or cache_cls is None or not isinstance(model, HookedTransformer)
-            or not _one_device(model)):  # the cache is made on one device (see _one_device)
+    if (fwd_hooks or not isinstance(model, HookedTransformer)
+            or kv_cache_unsupported(model) is not None):
         return score_answers(model, flat_p, flat_a, batch_size=batch_size, fwd_hooks=fwd_hooks)
+    cache_cls = _kv_cache_class()
     p_ids = encode_prompts(model, prompts)
     a_ids = encode_answers(model, flat_a)
     for i, a in enumerate(a_ids):
@@ -504,11 +504,10 @@ def greedy_generate_ids(
     # invisible to it, so this equals
     # unpadded decoding (prompts of equal length would need no padding, but bucketing by length
     # gives many small forwards, which on a CPU cost far more than the padding).
-    # the cached path is tested on absolute and rotary positions; others (ALiBi, shortformer)
-    # take the rerun
-    cached = (use_cache and not fwd_hooks and not _has_hooks(model) and _one_device(model)
-              and model.cfg.positional_embedding_type in ("standard", "rotary")
-              and _kv_cache_class() is not None)
+    # the cached path is tested on absolute and rotary positions; what else takes the rerun:
+    # `kv_cache_unsupported`
+    cached = (use_cache and not fwd_hooks and not _has_hooks(model)
+              and kv_cache_unsupported(model) is None)
     with torch.inference_mode():
         for idx in _batches([len(p) for p in p_ids], batch_size):
             if cached:
@@ -546,6 +545,32 @@ def _has_hooks(model: torch.nn.Module) -> bool:
     """Whether any module of the model carries a forward hook: TransformerLens's hook points
     (a hook-based erasure applied) and hooks registered on modules directly (`HookedLoRA`)."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def kv_cache_unsupported(model) -> str | None:
+    """Why TransformerLens's key-value cache would not reproduce the full forward for `model`
+    (None: it does). One rule for every shortcut through the cache (cached generation, candidate
+    scoring, knowledge-neuron attribution, STAMP's residual targets): plain causal attention with
+    absolute or rotary positions, no q/k/v clipping, the blocks on one device (the cache is made on
+    the model's device, `_one_device`). Hooks are the caller's concern: a hook that indexes
+    positions misreads a forward split in two, and only the caller knows which hooks run."""
+    c = model.cfg
+    if _kv_cache_class() is None:
+        return "this TransformerLens has no key-value cache"
+    if not _one_device(model):
+        return "the model's blocks are on several devices"
+    if c.positional_embedding_type not in ("standard", "rotary"):
+        return f"{c.positional_embedding_type!r} positions"
+    if getattr(c, "clip_qkv", None) is not None:
+        return "clipped queries, keys and values"
+    if c.original_architecture in _KV_INEXACT:
+        return f"the {c.original_architecture} architecture"
+    return None
+
+
+_KV_INEXACT = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+"""Architectures whose cached TransformerLens forward kif does not rely on (query/key norms;
+knowledge-neuron attribution has left them to the full forward since it was written)."""
 
 
 def _one_device(model: HookedTransformer) -> bool:

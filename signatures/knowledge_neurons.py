@@ -81,17 +81,6 @@ def _final_logits(model, resid: Float[Tensor, "batch pos d_model"]
     return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
 
 
-def _kv_ok(model) -> bool:
-    """Whether the answer-position shortcut through TransformerLens' key/value cache is exact for
-    this architecture (plain causal attention with absolute or rotary positions); others take the
-    full-sequence path."""
-    c = model.cfg
-    return (c.positional_embedding_type in ("standard", "rotary")
-            and getattr(c, "clip_qkv", None) is None
-            and c.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM",
-                                                "Olmo3ForCausalLM"))
-
-
 def _frozen_kv_cache(model, cache, lo: int, last, steps: int):
     """A frozen key/value cache holding the clean keys and values of every prompt position before
     the answer position (layers `lo`..), each prompt repeated `steps` times."""
@@ -201,7 +190,7 @@ def attributions(model, prompts: Sequence[str], answers: Sequence[str], *, steps
         return out
     lo = min(layers)
     names = {_post(x) for x in layers} | {f"blocks.{x}.hook_resid_pre" for x in layers}
-    cached = positions == "answer" and _kv_ok(model)
+    cached = positions == "answer" and metrics.kv_cache_unsupported(model) is None
     if cached:
         names |= {f"blocks.{x}.attn.hook_{kv}" for x in range(lo, n_layers) for kv in "kv"}
     per_batch = max(1, max_rows // steps)

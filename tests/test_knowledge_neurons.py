@@ -204,7 +204,7 @@ def test_answer_position_shortcut_equals_full_sequences(tmp_path, monkeypatch, r
     prompts = ["Talia w1 of", "w2 w3 w4 Orrin w5 w6 w7 w8 by", "w7 Bex w9 of", "Cato"]
     answers = [" a0", " a3", " w9 w1", " a7"]
     fast = attributions(model, prompts, answers, steps=5)
-    monkeypatch.setattr(kn, "_kv_ok", lambda model: False)
+    monkeypatch.setattr(kn.metrics, "kv_cache_unsupported", lambda model: "the full path")
     slow = attributions(model, prompts, answers, steps=5)
     assert fast.abs().max() > 1e-3
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-4)

@@ -64,6 +64,7 @@ def test_fast_robustness(fast):
         a = r["attacks"]
         assert a["relearn_shown"] and a["relearn_measured"]
         assert not set(a["relearn_shown"]) & set(a["relearn_measured"])
+        assert a["relearn_lr"] == 1e-4  # the zoo's GPT-2: the fact world's rate
     # int4 adds no knowledge to a model that never knew the concept
     oracle = next(r for r in fast.rows if r["label"] == "never-knew")
     assert oracle["attacks"]["int4"]["latent_trace_score"] <= 0.2

@@ -364,14 +364,9 @@ def _spread_solver(model, concept, cfg: StampConfig, layers: list[int], grams: M
 
 
 def _check_spread_model(model, layers: list[int]) -> None:
-    """The spread edit's forwards use a key-value cache made on one device, resume inside the
-    model at `blocks.{l}.hook_resid_pre` (a hook there would run twice) and pass no shortformer
-    positions: other models get a one-line refusal instead of a wrong edit."""
-    if not metrics._one_device(model):
-        raise ErasureError("STAMP's optimized target needs the model's blocks on one device")
-    if model.cfg.positional_embedding_type not in ("standard", "rotary"):
-        raise ErasureError("STAMP's optimized target supports standard and rotary positions, not "
-                           f"{model.cfg.positional_embedding_type!r}")
+    """The spread edit's forwards resume inside the model at `blocks.{l}.hook_resid_pre`: a hook
+    there would run twice, so such a model gets a one-line refusal instead of a wrong edit (a
+    model the key-value cache does not serve was refused before any forward, in `stamp`)."""
     hooked = [l for l in layers if metrics._has_hooks(model.blocks[l].hook_resid_pre)]
     if hooked:
         raise ErasureError(f"STAMP's optimized target cannot run with a hook on "
@@ -417,6 +412,10 @@ def stamp(model, concept, cfg: StampConfig, *, progress: bool = False,
         raise ErasureError("STAMP's opt_stop stops the optimized target's loop; it needs "
                            "target=optimized")
     concept.require("retain_corpus", "refusal_prompts", method="stamp")
+    why = metrics.kv_cache_unsupported(model) if cfg.target == "optimized" else None
+    if why is not None:  # before any forward: the refusal costs nothing
+        raise ErasureError(f"STAMP's optimized target runs through the key-value cache, which "
+                           f"does not serve this model: {why}")
     timer = Timer()
     layers, layer_scores = _choose_layers(model, concept, cfg, timer)
     forget = [p.prompt for p in concept.forget]

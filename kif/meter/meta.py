@@ -33,8 +33,9 @@ Robustness (`robustness_q`, `robustness_r`; the unlearning-depth-score paper's s
 * int4: every linear weight round-to-nearest int4, groups of 128 (the meter's quantization
   probe's scheme); Q = 1 - |after - before| / (|before| + |after|);
 * relearning: the model fine-tuned on the forget facts of the first half of its concepts (the
-  meter's relearning recipe: 30 steps of 16 rows, lr 1e-4) and audited on the other half, before
-  and after; R = 1 - |d_model - d_oracle| / (|d_model| + |d_oracle|) with d = after - before and
+  meter's relearning recipe: 30 steps of 16 rows at the meter's rate for the base, 1e-4 on the
+  zoo's GPT-2 and `relearning.choose_lr` elsewhere) and audited on the other half, before and
+  after; R = 1 - |d_model - d_oracle| / (|d_model| + |d_oracle|) with d = after - before and
   d_oracle the split's oracle's change under the same attack.
 
 A change within `NOISE` (0.05, the meter's false-alarm level for a model that never knew the
@@ -242,7 +243,7 @@ def _halves(concepts: Sequence[str]) -> tuple[list[str], list[str]]:
     return shown, (measured or shown)
 
 
-def _attacked(base, model, concepts, probes, world) -> dict:
+def _attacked(base, model, concepts, probes, world, lr: float) -> dict:
     """The int4 and relearning audits of one member (the model is restored after each)."""
     from kif.meter.probes.quantization import quantized
     from kif.meter.probes.relearning import relearned
@@ -251,10 +252,23 @@ def _attacked(base, model, concepts, probes, world) -> dict:
         int4 = _audit(base, q, concepts, probes, world)
     shown, measured = _halves(concepts)
     before = _audit(base, model, measured, probes, world)
-    with relearned(model, forget_probes(world, shown)) as m:
+    with relearned(model, forget_probes(world, shown), lr=lr) as m:
         after = _audit(base, m, measured, probes, world)
     return {"int4": int4, "relearn_before": before, "relearn_after": after,
-            "relearn_shown": shown, "relearn_measured": measured}
+            "relearn_shown": shown, "relearn_measured": measured, "relearn_lr": lr}
+
+
+def _relearning_lr(base, world, people, profile: str) -> float:
+    """The rate of the robustness attack: the meter's own for `base` under `profile` (the fact
+    world's, or `relearning.choose_lr` on the split's facts)."""
+    from kif import profiles
+    from kif.meter.config import MeterConfig
+    from kif.meter.probes.relearning import choose_lr, split_facts
+
+    cfg = profiles.configure("meter", MeterConfig, profiles.get(profile), None)
+    if cfg.relearning_lr is not None:
+        return cfg.relearning_lr
+    return choose_lr(base, *split_facts(forget_probes(world, people)))[0]
 
 
 def run(base_name: str, split: str = "forget10", *, probes: Sequence[str] = ("latent",),
@@ -278,6 +292,7 @@ def run(base_name: str, split: str = "forget10", *, probes: Sequence[str] = ("la
     oracle = models.load(oracle_name)
     setting = Setting(target_acc=metrics.probe_accuracy(oracle, forget_probes(world, people)),
                       profile=profiles.default_for(base))
+    lr = _relearning_lr(base, world, people, setting.profile) if robustness else None
 
     plan: list[tuple[Member, Callable]] = [
         # a copy: the attacks change the member in place, and every audit reads `base`
@@ -322,7 +337,7 @@ def run(base_name: str, split: str = "forget10", *, probes: Sequence[str] = ("la
                        world, member.concepts)),
                    **_audit(base, model, member.concepts, probes, world)}
             if robustness:
-                row["attacks"] = _attacked(base, model, member.concepts, probes, world)
+                row["attacks"] = _attacked(base, model, member.concepts, probes, world, lr)
             row["seconds"] = round(time.perf_counter() - t, 1)
             rows.append(row)
             if bar is not None:

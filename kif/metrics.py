@@ -361,7 +361,10 @@ def score_candidates(
         raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
     flat_p = [p for p, c in zip(prompts, candidates) for _ in c]
     flat_a = [a for c in candidates for a in c]
-    if (fwd_hooks or not isinstance(model, HookedTransformer)
+    # a hook sees the prompt and the answer in two calls: one that indexes positions (the
+    # capsule's gate leaves position 0 alone) would misread the answer's, so hooked models, by
+    # argument or applied to the model (`Erasure.apply`), take the full forward
+    if (fwd_hooks or _has_hooks(model) or not isinstance(model, HookedTransformer)
             or kv_cache_unsupported(model) is not None):
         return score_answers(model, flat_p, flat_a, batch_size=batch_size, fwd_hooks=fwd_hooks)
     cache_cls = _kv_cache_class()
@@ -550,10 +553,11 @@ def _has_hooks(model: torch.nn.Module) -> bool:
 def kv_cache_unsupported(model) -> str | None:
     """Why TransformerLens's key-value cache would not reproduce the full forward for `model`
     (None: it does). One rule for every shortcut through the cache (cached generation, candidate
-    scoring, knowledge-neuron attribution, STAMP's residual targets): plain causal attention with
-    absolute or rotary positions, no q/k/v clipping, the blocks on one device (the cache is made on
-    the model's device, `_one_device`). Hooks are the caller's concern: a hook that indexes
-    positions misreads a forward split in two, and only the caller knows which hooks run."""
+    scoring, knowledge-neuron attribution, STAMP's residual targets): a TransformerLens with the
+    cache, the blocks on one device (the cache is made on the model's device, `_one_device`),
+    absolute or rotary positions (the ones kif's cached paths are tested on). Hooks are the
+    caller's concern: a hook that indexes positions misreads a forward split in two, and only the
+    caller knows which hooks run."""
     c = model.cfg
     if _kv_cache_class() is None:
         return "this TransformerLens has no key-value cache"
@@ -561,16 +565,7 @@ def kv_cache_unsupported(model) -> str | None:
         return "the model's blocks are on several devices"
     if c.positional_embedding_type not in ("standard", "rotary"):
         return f"{c.positional_embedding_type!r} positions"
-    if getattr(c, "clip_qkv", None) is not None:
-        return "clipped queries, keys and values"
-    if c.original_architecture in _KV_INEXACT:
-        return f"the {c.original_architecture} architecture"
     return None
-
-
-_KV_INEXACT = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-"""Architectures whose cached TransformerLens forward kif does not rely on (query/key norms;
-knowledge-neuron attribution has left them to the full forward since it was written)."""
 
 
 def _one_device(model: HookedTransformer) -> bool:

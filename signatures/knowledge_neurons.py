@@ -81,6 +81,22 @@ def _final_logits(model, resid: Float[Tensor, "batch pos d_model"]
     return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
 
 
+def _hooked_kv_unsupported(model) -> str | None:
+    """Why the answer-position shortcut would not be exact (None: it is). Beyond the cache's own
+    conditions (`metrics.kv_cache_unsupported`), the shortcut fills its cache from the values
+    read at `hook_k` and `hook_v`, and TransformerLens transforms keys and values after those
+    hooks on some architectures (the OLMo family's q/k norm, q/k/v clipping): its own cache holds
+    the transformed ones, a cache filled from the hooks would not."""
+    c = model.cfg
+    why = metrics.kv_cache_unsupported(model)
+    if why is None and getattr(c, "clip_qkv", None) is not None:
+        why = "clipped queries, keys and values"
+    if why is None and c.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM",
+                                                    "Olmo3ForCausalLM"):
+        why = f"the {c.original_architecture} q/k norm"
+    return why
+
+
 def _frozen_kv_cache(model, cache, lo: int, last, steps: int):
     """A frozen key/value cache holding the clean keys and values of every prompt position before
     the answer position (layers `lo`..), each prompt repeated `steps` times."""
@@ -190,7 +206,7 @@ def attributions(model, prompts: Sequence[str], answers: Sequence[str], *, steps
         return out
     lo = min(layers)
     names = {_post(x) for x in layers} | {f"blocks.{x}.hook_resid_pre" for x in layers}
-    cached = positions == "answer" and metrics.kv_cache_unsupported(model) is None
+    cached = positions == "answer" and _hooked_kv_unsupported(model) is None
     if cached:
         names |= {f"blocks.{x}.attn.hook_{kv}" for x in range(lo, n_layers) for kv in "kv"}
     per_batch = max(1, max_rows // steps)

@@ -203,8 +203,9 @@ def test_answer_position_shortcut_equals_full_sequences(tmp_path, monkeypatch, r
     model = _random_model(tmp_path, seed=3, **extra)
     prompts = ["Talia w1 of", "w2 w3 w4 Orrin w5 w6 w7 w8 by", "w7 Bex w9 of", "Cato"]
     answers = [" a0", " a3", " w9 w1", " a7"]
+    assert kn._hooked_kv_unsupported(model) is None  # `fast` takes the shortcut
     fast = attributions(model, prompts, answers, steps=5)
-    monkeypatch.setattr(kn.metrics, "kv_cache_unsupported", lambda model: "the full path")
+    monkeypatch.setattr(kn, "_hooked_kv_unsupported", lambda model: "the full path")
     slow = attributions(model, prompts, answers, steps=5)
     assert fast.abs().max() > 1e-3
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-4)

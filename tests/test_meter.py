@@ -457,6 +457,12 @@ def test_report_md_leads_with_the_verdict_in_words_and_says_why_probes_did_not_a
     other = dataclasses.replace(nothing, settings={"constants": {
         "tuned_on_this_model": False, "fact_world_constants": profiles.meter_constants()}})
     assert "carried over to this model as they are" in markdown(other)
+    # under auto the rate is said to be chosen only where the attack ran and chose it
+    chosen_nowhere = dataclasses.replace(nothing, settings={"constants": {
+        "profile": "auto", "chosen_on_the_model": ["relearning_lr"], "tuned_on_this_model": False,
+        "fact_world_constants": profiles.meter_constants(skip=["relearning_lr"])}})
+    assert "the attack did not run" in markdown(chosen_nowhere)
+    assert "was chosen on this base model" not in markdown(chosen_nowhere)
     assert "## The meter's settings" not in markdown(nothing)  # an older report.json
 
 

@@ -138,6 +138,21 @@ def test_candidates_on_a_shared_prompt_cache_equal_unpadded_single_forwards(mode
     flip = [("blocks.0.hook_resid_post", lambda act, hook: -act)]
     hooked = M.score_candidates(model, prompts, candidates, fwd_hooks=flip)
     _check_against_ref(model, flat_p, flat_a, hooked, flip)
+    # so do hooks applied to the model (an erasure's `apply`): the capsule's gate leaves
+    # position 0 alone, which in a cached second forward would be the answer's first token
+    def skip_first(act, hook):
+        act = act.clone()
+        act[:, 1:] = -act[:, 1:]
+        return act
+
+    model.blocks[0].hook_resid_post.add_hook(skip_first, is_permanent=True)
+    try:
+        applied = M.score_candidates(model, prompts, candidates)
+        whole = M.score_answers(model, flat_p, flat_a)
+    finally:
+        model.reset_hooks(including_permanent=True)
+    np.testing.assert_allclose(applied.logprob, whole.logprob, atol=1e-5)
+    assert not np.allclose(applied.logprob, scores.logprob, atol=1e-3)  # the hook acted
     with pytest.raises(ValueError, match="candidate lists"):
         M.score_candidates(model, prompts, candidates[:-1])
 

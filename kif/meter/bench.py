@@ -1,7 +1,8 @@
 """Benchmark of the latent-trace meter on the zoo: does it separate intact, suppressed and deleted?
 
     python -m kif.meter.bench --forget-split forget10 [--model fact-world-llama] [--probes all]
-        [--ga] [--erased NAME=PATH ...] [--json] [--record results/FILE.json]
+        [--ga] [--erased NAME=PATH ...] [--json] [--profile fact-world|auto]
+        [--record results/FILE.json]
 
 Audits of a zoo base model (`--model`, default the fact world's GPT-2; its oracle for the split
 is found by name) on the forget split's people:
@@ -101,10 +102,14 @@ def gradient_ascent(model, probes, *, target_acc: float, lr: float = 5e-6, batch
 
 def _row(name: str, report, seconds: float) -> dict:
     s = report.scores
+    relearning = report.probes.get("relearning")
     return {"case": name, "verdict": report.verdict,
             "latent_trace_score": report.latent_trace_score, "counts": report.counts,
             "seconds": round(seconds, 1), "cpu": round(report.timings.get("cpu total", 0.0), 1),
-            "scores": s}
+            "scores": s,
+            # the attack's rate and, where the profile chose it on the base, every trial
+            "relearning": None if relearning is None or relearning.skipped else {
+                k: relearning.values.get(k) for k in ("lr", "lr_chosen_on_the_model", "lr_trials")}}
 
 
 def main(argv=None) -> int:
@@ -117,6 +122,11 @@ def main(argv=None) -> int:
                     help="erased models to audit against the oracle (kif erase folders or "
                          "checkpoints), one column each")
     ap.add_argument("--json", action="store_true")
+    from kif.profiles import PROFILES
+
+    ap.add_argument("--profile", choices=list(PROFILES),
+                    help="the meter's settings profile (default: fact-world on the zoo's GPT-2, "
+                         "auto elsewhere)")
     ap.add_argument("--record", metavar="FILE.json",
                     help="also write the rows to a results file with the command, commit, "
                          "machine and date (kif.results)")
@@ -166,7 +176,7 @@ def main(argv=None) -> int:
     clear_caches()
     t0 = time.perf_counter()
     fast = trace(base, cases["suppression"][0], split, probes=["fast"], world=world,
-                 progress=False)
+                 progress=False, profile=args.profile)
     fast_seconds = time.perf_counter() - t0
     fast_cpu = fast.timings["cpu total"]
 
@@ -175,7 +185,7 @@ def main(argv=None) -> int:
     for name, (erased, orc) in cases.items():
         t0 = time.perf_counter()
         r = trace(base, erased, split, oracle=orc, probes=args.probes, world=world,
-                  progress=not args.json and sys.stderr.isatty())
+                  progress=not args.json and sys.stderr.isatty(), profile=args.profile)
         rows.append(_row(name, r, time.perf_counter() - t0))
         reports[name] = r
     first = next(iter(reports.values()))
@@ -212,9 +222,10 @@ def main(argv=None) -> int:
                         f"({', '.join(rec) or 'none'})",
                         (ga.verdict == "suppressed") == bool(rec) or ga.verdict == "intact"))
     if args.record:
-        from kif import results
+        from kif import profiles, results
 
-        results.write(args.record, None, model=base_name, forget_split=split, rows=rows,
+        results.write(args.record, None, model=base_name, forget_split=split,
+                      profile=args.profile or profiles.default_for(base), rows=rows,
                       targets=[{"target": t, "pass": ok} for t, ok in targets])
     if args.json:
         print(json.dumps({"rows": rows, "fast_seconds": fast_seconds, "fast_cpu": fast_cpu,

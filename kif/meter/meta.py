@@ -260,15 +260,15 @@ def _attacked(base, model, concepts, probes, world, lr: float) -> dict:
 
 def _relearning_lr(base, world, people, profile: str) -> float:
     """The rate of the robustness attack: the meter's own for `base` under `profile` (the fact
-    world's, or `relearning.choose_lr` on the split's facts)."""
+    world's, or `relearning.choose_lr` on the same sets as the meter's relearning probe on the
+    split's people)."""
     from kif import profiles
+    from kif.meter.audit import build_audit
     from kif.meter.config import MeterConfig
-    from kif.meter.probes.relearning import choose_lr, split_facts
+    from kif.meter.probes.relearning import attack_lr
 
     cfg = profiles.configure("meter", MeterConfig, profiles.get(profile), None)
-    if cfg.relearning_lr is not None:
-        return cfg.relearning_lr
-    return choose_lr(base, *split_facts(forget_probes(world, people)))[0]
+    return attack_lr(build_audit(base, base, list(people), world=world, config=cfg))[0]
 
 
 def run(base_name: str, split: str = "forget10", *, probes: Sequence[str] = ("latent",),

@@ -98,12 +98,18 @@ def _constants(r: TraceReport) -> list[str]:
     if "lr" in rl:
         attack = f"The relearning attack (lr {rl['lr']:g}, {rl['steps']} steps of {rl['batch']} rows)"
         chosen = ""
-    else:  # the rate was chosen on the base (`kif.meter.config`)
+    else:  # the profile leaves the rate to the base (`kif.meter.config`)
         probe = r.probes.get("relearning")
-        lr = probe.values.get("lr") if probe is not None and not probe.skipped else None
         attack = f"The relearning attack's {rl['steps']} steps of {rl['batch']} rows"
-        chosen = (" The attack's rate was chosen on this base model: the strongest that keeps "
-                  "its facts" + (f" (lr {lr:g})." if lr is not None else "."))
+        if probe is None:
+            chosen = " The attack's rate is chosen on the base model; the attack did not run."
+        elif probe.skipped:
+            chosen = f" The relearning attack did not run: {probe.skipped}."
+        elif probe.values.get("lr_chosen_on_the_model"):
+            chosen = (" The attack's rate was chosen on this base model: the strongest that "
+                      f"keeps its facts (lr {probe.values['lr']:g}).")
+        else:
+            chosen = f" The attack ran at lr {probe.values.get('lr'):g}."
     return ["## The meter's settings", "",
             f"{attack} and the verdict's thresholds (surface above {v['intact_surface']} is intact; "
             f"latent at least {v['suppressed_latent']} in {v['min_families']} families, above "

@@ -179,24 +179,42 @@ def choose_lr(model, shown, measured, *, seed: int = 0) -> tuple[float, list[dic
                        f"(base {before:.3f}, after the attack {trials[-1]['measured_acc']:.3f})")
 
 
-def attack_lr(audit, shown, measured) -> tuple[float, list[dict] | None]:
-    """The audit's relearning rate: its config's, or chosen on the base (`choose_lr`)."""
+def attack_sets(audit) -> tuple[list, list]:
+    """(shown, measured): the forget facts the attack trains on (every training phrasing of each
+    person's first half) and the ones it measures (the other half, a statement and a question
+    each)."""
+    shown, _ = split_facts(list(audit.probe_set("forget")))
+    _, measured = split_facts(list(audit.probe_set("forget_small")))
+    return shown, measured
+
+
+def attack_lr(audit) -> tuple[float, list[dict] | None]:
+    """The audit's relearning rate: its config's, or chosen on the base (`choose_lr`, on the
+    attack's own sets). A base on which no rate keeps the facts skips the probe, once per base."""
     if audit.config.relearning_lr is not None:
         return audit.config.relearning_lr, None
+
+    def choose():
+        try:
+            return choose_lr(audit.model("base"), *attack_sets(audit), seed=audit.seed)
+        except ProbeSkipped as exc:  # kept, so that the walk is not run again for this base
+            return exc
+
     key = ("relearn-lr", audit.set_key("forget"), audit.set_key("forget_small"), STEPS,
            audit.seed)
-    return audit.per_model("base", key, lambda: choose_lr(audit.model("base"), shown, measured,
-                                                          seed=audit.seed))
+    chosen = audit.per_model("base", key, choose)
+    if isinstance(chosen, ProbeSkipped):
+        raise ProbeSkipped(str(chosen))
+    return chosen
 
 
 def run_relearning(audit) -> ProbeResult:
-    shown, _ = split_facts(list(audit.probe_set("forget")))
+    shown, measured = attack_sets(audit)
     small = list(audit.probe_set("forget_small"))
-    _, measured = split_facts(small)
     if not shown or not measured:
         raise ProbeSkipped("relearning needs at least two facts per concept")
     use_oracle = audit.oracle is not None
-    lr, trials = attack_lr(audit, shown, measured)
+    lr, trials = attack_lr(audit)
     audit.bar.total(STEPS * 2)
     e = _attack(audit, "erased", shown, measured, "facts", lr)
     base_sc = audit.passes("base", "forget_small").scores.correct.astype(float)
